@@ -1,0 +1,109 @@
+"""What every DVC stage does first: find the repo, validate all of params.yaml, set up logging.
+
+Stages read only identifiers from the command line (which stage, which model); every
+hyperparameter comes from params.yaml so DVC tracks it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sunfish.config import Params, flatten, load_params
+from sunfish.tracking import main_repo_of, repo_root
+
+log = logging.getLogger("sunfish.pipeline")
+
+
+@dataclass
+class StageContext:
+    name: str
+    root: Path
+    params: Params
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / "data" / "prepared"
+
+    @property
+    def corpora(self) -> Path:
+        return self.root / "data" / "corpora"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def flat_params(self, *sections: str) -> dict[str, Any]:
+        dumped = self.params.model_dump()
+        if sections:
+            dumped = {k: v for k, v in dumped.items() if k in sections}
+        return flatten(dumped)
+
+    def tracking(self, flat_params: dict[str, Any] | None = None, **tags: Any):
+        from sunfish.tracking import stage_run  # imports mlflow lazily, only for stages that log
+
+        t = self.params.tracking
+        return stage_run(
+            self.name,
+            root=main_repo_of(self.root),
+            experiment=t.experiment,
+            configured_uri=t.uri,
+            enabled=t.enabled,
+            flat_params=flat_params,
+            tags=tags,
+        )
+
+
+def setup_logging() -> None:
+    level = os.environ.get("SUNFISH_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("alembic", "mlflow", "urllib3", "filelock", "httpx", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def open_stage(name: str, params_path: str | Path | None = None) -> StageContext:
+    """Validate the whole params file before any work (raises ParamsError naming the key)."""
+    setup_logging()
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    if params_path is None:
+        params_path = root / "params.yaml"
+    params = load_params(params_path)
+    # MLflow and artifacts go to the main repository, also from a `dvc exp run --queue` copy.
+    log.info("stage %s in %s", name, root)
+    return StageContext(name=name, root=root, params=params)
+
+
+def write_json(path: Path, data: Any) -> None:
+    from sunfish.training.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in fields})
+
+
+def tracking_root(ctx: StageContext) -> Path:
+    return repo_root(ctx.root)

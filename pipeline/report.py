@@ -1,0 +1,126 @@
+"""DVC stage `report`: one self-contained HTML file and a Markdown twin, logged to MLflow."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from pathlib import Path
+
+from pipeline.common import log, open_stage
+from pipeline.train_staged import DESCRIPTIONS
+from sunfish.config import MODEL_NAMES, STAGED_MODELS
+from sunfish.tracking import git_commit, main_repo_of, tracking_uri
+
+
+def _read_json(path: Path, default=None):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return default
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8") as fh:
+        rows = []
+        for row in csv.DictReader(fh):
+            rows.append({k: _num(v) for k, v in row.items()})
+        return rows
+
+
+def _num(v: str):
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return v if v != "" else None
+    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
+
+
+def build_summary(ctx) -> dict:
+    reports = ctx.reports
+    milestones = _read_json(reports / "milestones.json", {"models": {}})
+    root = main_repo_of(ctx.root)
+    summary = {
+        "title": ctx.params.report.title,
+        "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(ctx.root),
+        "params": ctx.flat_params(),
+        "mlflow": {"tracking_uri": tracking_uri(root, ctx.params.tracking.uri), "experiment": ctx.params.tracking.experiment,
+                   "runs": {}},
+        "data": _read_json(ctx.prepared / "meta.json", {}),
+        "diagnose": _read_json(reports / "diagnose.json", {}),
+        "models": {},
+        "stage_comparison": [],
+        "next_steps": [],
+    }
+    prep = _read_json(reports / "metrics" / "prepare.json", {})
+    summary["mlflow"]["runs"]["prepare"] = prep.get("mlflow_run_id")
+    summary["mlflow"]["runs"]["evaluate"] = milestones.get("mlflow_run_id")
+    previous_bpb = None
+    for name in MODEL_NAMES:
+        train_metrics = _read_json(reports / "metrics" / f"{name}.json", {})
+        evaluated = milestones.get("models", {}).get(name, {})
+        if not train_metrics and not evaluated:
+            continue
+        summary["mlflow"]["runs"][name] = train_metrics.get("mlflow_run_id")
+        entry = {
+            "kind": "diffusion" if name == "cfg" else "staged",
+            "description": train_metrics.get("description") or DESCRIPTIONS.get(int(name[-1]), "") if name in STAGED_MODELS
+            else train_metrics.get("description", ""),
+            "curves": {"train": _read_csv(reports / "curves" / name / "train.csv"),
+                       "val": _read_csv(reports / "curves" / name / "val.csv")},
+            "tokens_per_s": train_metrics.get("tokens_per_s"),
+            "train_seconds": train_metrics.get("train_seconds"),
+            **evaluated,
+        }
+        summary["models"][name] = entry
+        final_bpb = (evaluated.get("milestones") or [{}])[-1].get("val_bpb", train_metrics.get("val_bpb"))
+        if name in STAGED_MODELS:
+            summary["stage_comparison"].append({
+                "model": name, "val_bpb": final_bpb,
+                "delta_bpb_vs_previous": None if previous_bpb is None or final_bpb is None else final_bpb - previous_bpb,
+                "tokens_per_s": train_metrics.get("tokens_per_s"),
+            })
+            previous_bpb = final_bpb
+    summary["next_steps"] = next_steps(summary)
+    return summary
+
+
+def next_steps(summary: dict) -> list[str]:
+    """Plain advice derived from the measurements."""
+    tips = []
+    diag = summary.get("diagnose") or {}
+    if diag.get("status") in ("warn", "fail"):
+        bad = [c["name"] for c in diag.get("checks", []) if c.get("status") != "ok"]
+        tips.append(f"Diagnose flagged: {', '.join(bad)}. See the diagnose table below.")
+    for name, m in summary["models"].items():
+        failed = [c["name"] for c in m.get("checklist", []) if c.get("passed") is False]
+        if failed:
+            tips.append(f"{name}: not yet met: {', '.join(failed)}. Train longer "
+                        f"(dvc exp run -S train.max_steps=...) or use a larger preset.")
+    cfg = summary["models"].get("cfg")
+    if cfg and cfg.get("milestones"):
+        sweep = cfg["milestones"][-1].get("guidance") or []
+        if sweep:
+            best = max(sweep, key=lambda g: g["adherence"])
+            tips.append(f"Best prompt adherence {best['adherence']:.0%} at guidance {best['scale']:g}; "
+                        f"try dvc exp run -S cfg.guidance_scale={best['scale']:g}.")
+    if not tips:
+        tips.append("Every checklist item passed: scale up with -S staged.preset=micro and a longer run.")
+    return tips
+
+
+def run() -> None:
+    from sunfish.report.render import write_report
+
+    ctx = open_stage("report")
+    html_path, md_path = ctx.reports / "report.html", ctx.reports / "report.md"
+    with ctx.tracking(ctx.flat_params("report")) as run:
+        summary = build_summary(ctx)
+        summary["mlflow"]["runs"]["report"] = run.run_id
+        write_report(summary, html_path, md_path)
+        run.log_artifact(html_path)
+        run.log_artifact(md_path)
+        log.info("wrote %s and %s", html_path, md_path)

@@ -1,0 +1,81 @@
+"""DVC stages `train_stage_0` .. `train_stage_3`: the staged autoregressive model.
+
+Stage N starts from stage N-1's final weights with its new component zero-initialised, so the
+loss it starts at is the loss stage N-1 ended at (logged as warm_start/* and checked by a test).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from pipeline.common import open_stage
+from pipeline.training import read_meta, run_training
+
+DESCRIPTIONS = {
+    0: "MU semantic-matrix tokens + RoPE + causal attention",
+    1: "+ TEMPORAL learned per-token embeddings",
+    2: "+ K-1 hierarchical credit assignment on gradients",
+    3: "+ graph-routed sparse causal attention",
+}
+
+
+def run(stage: int) -> None:
+    from sunfish.data.dataset import TokenStream
+    from sunfish.data.tokenizer import TextTokenizer
+    from sunfish.models.staged import StagedLM, StagedLMConfig
+    from sunfish.training.checkpoint import load_checkpoint
+
+    ctx = open_stage(f"train_stage_{stage}")
+    p = ctx.params
+    name = f"stage_{stage}"
+    tcfg = p.training_for(name)
+    meta = read_meta(ctx)
+    tok = TextTokenizer.load(ctx.prepared / "tokenizer.json")
+    preset = p.preset_for(name)
+    config = StagedLMConfig.from_params(
+        p.staged, preset, vocab_size=preset.vocab_size or tok.vocab_size, stage=stage, eos_id=tok.eos_id
+    )
+    torch.manual_seed(tcfg.seed)
+    train_stream = TokenStream(ctx.prepared / "train.bin")
+    val_stream = TokenStream(ctx.prepared / "val.bin")
+
+    def sample_batch(gen: torch.Generator) -> dict:
+        return train_stream.sample_batch(tcfg.batch_size, tcfg.seq_len, gen)
+
+    def val_batches():
+        return itertools.islice(val_stream.eval_batches(tcfg.seq_len, tcfg.batch_size), tcfg.eval_batches)
+
+    start_metrics = {}
+    if stage == 0:
+        model = StagedLM(config)
+    else:
+        previous, _, _ = load_checkpoint(ctx.models / f"stage_{stage - 1}" / "final", expect_kind="staged")
+        model = StagedLM.warm_start(previous, config)
+        probe = sample_batch(torch.Generator().manual_seed(tcfg.seed + 1))
+        with torch.no_grad():
+            previous.eval()
+            model.eval()
+            start_metrics = {
+                "warm_start/previous_loss": float(previous.training_loss(probe)[0]),
+                "warm_start/initial_loss": float(model.training_loss(probe)[0]),
+            }
+        model.train()
+
+    after_clip = None
+    if stage >= 2:
+        from sunfish.training.k1 import make_k1_hook
+
+        after_clip = make_k1_hook(p.staged.k1.mode, p.staged.k1.path_mass, every=tcfg.log_every)
+
+    flat = {**ctx.flat_params("train", "staged"), "model.stage": stage,
+            **{f"presets.{p.staged.preset}.{k}": v for k, v in preset.model_dump().items()}}
+    run_training(
+        ctx, name, model, tcfg,
+        sample_batch=sample_batch, val_batches=val_batches,
+        tokens_per_batch=tcfg.batch_size * tcfg.seq_len,
+        bytes_per_token=meta["splits"]["val"]["bytes_per_token"],
+        flat_params=flat, after_clip=after_clip, start_metrics=start_metrics,
+        description=DESCRIPTIONS[stage],
+    )

@@ -1,0 +1,298 @@
+"""The `sunfish` command: pipeline stage commands (run by DVC) and user commands.
+
+Importing this module must stay cheap (no torch, no mlflow): heavy imports happen inside commands,
+so `sunfish --help` and params validation answer at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+EXIT_BAD_INPUT = 2
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from sunfish.config import ParamsError
+
+    errors: list[type[BaseException]] = [ParamsError]
+    try:
+        from sunfish.training.checkpoint import CheckpointError
+
+        errors.append(CheckpointError)
+    except ImportError:  # pragma: no cover - torch missing
+        pass
+    try:
+        from sunfish.data.corpora import CorpusError
+
+        errors.append(CorpusError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def friendly_errors(fn):
+    """Bad inputs (params, checkpoints, corpora) end with one clear message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            if isinstance(exc, _known_errors()) or isinstance(exc, (FileNotFoundError, UsageProblem)):
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(EXIT_BAD_INPUT)
+            raise
+
+    return wrapper
+
+
+class UsageProblem(ValueError):
+    """A request that cannot be served as asked (conflicting flags, wrong model kind)."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="sunfish")
+def main() -> None:
+    """SunFish: train, diagnose, sample and evaluate small language models.
+
+    The pipeline runs through DVC (`dvc repro`); every stage is a `sunfish stage ...` command.
+    """
+
+
+# ------------------------------------------------------------------------------------------------
+# pipeline stages (called by dvc.yaml; they take identifiers only, all settings come from params.yaml)
+
+
+@main.group()
+def stage() -> None:
+    """Pipeline stages, as dvc.yaml runs them. Settings come from params.yaml only."""
+
+
+@stage.command("validate")
+@friendly_errors
+def stage_validate() -> None:
+    """Validate all of params.yaml (fails naming the bad key)."""
+    from pipeline.validate import run
+
+    run()
+
+
+@stage.command("prepare")
+@friendly_errors
+def stage_prepare() -> None:
+    """Load the corpus, train the tokenizer, write token files and prompt/text pairs."""
+    from pipeline.prepare import run
+
+    run()
+
+
+@stage.command("diagnose")
+@friendly_errors
+def stage_diagnose() -> None:
+    """Check configuration, data, initialisation, gradient flow and memorisation before training."""
+    from pipeline.diagnose import run
+
+    run()
+
+
+@stage.command("train-staged")
+@click.option("--stage", "stage_index", type=click.IntRange(0, 3), required=True, help="which stage, 0..3")
+@friendly_errors
+def stage_train_staged(stage_index: int) -> None:
+    """Train one stage of the staged autoregressive model."""
+    from pipeline.train_staged import run
+
+    run(stage_index)
+
+
+@stage.command("train-cfg")
+@friendly_errors
+def stage_train_cfg() -> None:
+    """Train the prompt-conditioned diffusion model (classifier-free guidance)."""
+    from pipeline.train_cfg import run
+
+    run()
+
+
+@stage.command("evaluate")
+@friendly_errors
+def stage_evaluate() -> None:
+    """Score every milestone checkpoint and sample from it."""
+    from pipeline.evaluate import run
+
+    run()
+
+
+@stage.command("report")
+@friendly_errors
+def stage_report() -> None:
+    """Render reports/report.html and reports/report.md."""
+    from pipeline.report import run
+
+    run()
+
+
+# ------------------------------------------------------------------------------------------------
+# user commands
+
+
+@main.group()
+def config() -> None:
+    """Inspect the configuration."""
+
+
+@config.command("show")
+@click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml", show_default=True)
+@click.option("--model", type=click.Choice(["stage_0", "stage_1", "stage_2", "stage_3", "cfg"]), default=None,
+              help="also print the resolved training settings of this model")
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+@friendly_errors
+def config_show(params_path: Path, model: str | None, fmt: str) -> None:
+    """Print the validated config with every default filled in."""
+    import yaml
+
+    from sunfish.config import MODEL_NAMES, load_params
+
+    params = load_params(params_path)
+    data = params.model_dump()
+    models = [model] if model else list(MODEL_NAMES)
+    data["resolved_training"] = {m: params.training_for(m).model_dump(exclude={"model"}) for m in models}
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--prompt", default=None, help="text to continue (AR) or condition on (diffusion); none = unconditional")
+@click.option("--infill", default=None, help="diffusion only: text with [MASK] spans to fill, keeping the rest")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=60, show_default=True, help="AR only")
+@click.option("--temperature", type=click.FloatRange(0.0, 10.0), default=0.8, show_default=True,
+              help="AR sampling temperature; 0 = greedy")
+@click.option("--top-k", type=click.IntRange(0), default=40, show_default=True, help="AR only; 0 = off")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True)
+@click.option("--repetition-penalty", type=click.FloatRange(1.0, 10.0), default=1.1, show_default=True)
+@click.option("--guidance-scale", type=click.FloatRange(0.0, 100.0), default=None,
+              help="diffusion only; default: the checkpoint's cfg.guidance_scale (7.0)")
+@click.option("--num-samples", type=click.IntRange(1, 256), default=1, show_default=True)
+@click.option("--seq-len", type=click.IntRange(1, 65536), default=None, help="diffusion only: sample length in tokens")
+@click.option("--num-steps", type=click.IntRange(1, 100000), default=None, help="diffusion only: denoising steps")
+@click.option("--scheduler", type=click.Choice(["ddim", "ddpm"]), default=None, help="diffusion only")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@friendly_errors
+def sample(checkpoint: Path, prompt, infill, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+           guidance_scale, num_samples, seq_len, num_steps, scheduler, seed, fmt) -> None:
+    """Generate text from any SunFish checkpoint (a stage or the diffusion model).
+
+    CHECKPOINT is a checkpoint directory (models/stage_3/final), its model.safetensors, or a model
+    directory (models/stage_3, which uses final/).
+    """
+    from sunfish.sampling import sample_from_checkpoint
+
+    defaults = _project_sampling_defaults()
+    guidance_scale = guidance_scale if guidance_scale is not None else defaults.get("guidance_scale")
+    num_steps = num_steps or defaults.get("num_steps")
+    scheduler = scheduler or defaults.get("scheduler")
+    results = sample_from_checkpoint(
+        checkpoint, prompt=prompt, infill=infill, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, guidance_scale=guidance_scale,
+        num_samples=num_samples, seq_len=seq_len, num_steps=num_steps, scheduler=scheduler, seed=seed,
+    )
+    for r in results:
+        if fmt == "json":
+            click.echo(json.dumps(r, ensure_ascii=False))
+        else:
+            click.echo(r["text"])
+            if len(results) > 1:
+                click.echo("---")
+
+
+def _project_sampling_defaults() -> dict:
+    """cfg.guidance_scale / num_steps / scheduler from ./params.yaml when run inside the project."""
+    path = Path("params.yaml")
+    if not path.exists():
+        return {}
+    try:
+        from sunfish.config import load_params
+
+        cfg = load_params(path).cfg
+    except Exception:  # a broken params.yaml must not stop sampling from a checkpoint
+        return {}
+    return {"guidance_scale": cfg.guidance_scale, "num_steps": cfg.num_steps, "scheduler": cfg.scheduler}
+
+
+@main.command()
+@click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml", show_default=True)
+@click.option("--model", type=click.Choice(["stage_0", "stage_1", "stage_2", "stage_3", "cfg", "all"]),
+              default="all", show_default=True, help="which model to diagnose")
+@click.option("--preset", default=None, help="diagnose another preset than params.yaml's (e.g. micro)")
+@click.option("--json", "as_json", is_flag=True, help="print the JSON report instead of the table")
+@friendly_errors
+def diagnose(params_path: Path, model: str, preset: str | None, as_json: bool) -> None:
+    """Run the diagnose checks outside DVC (needs the prepared data of `dvc repro prepare`)."""
+    from pipeline.common import setup_logging
+    from sunfish.config import load_params
+    from sunfish.diagnostics import format_table, run_diagnostics
+
+    setup_logging()
+    overrides = {}
+    if preset:
+        overrides = {"staged.preset": preset, "cfg.preset": preset}
+    params = load_params(params_path, overrides=overrides)
+    prepared = params_path.resolve().parent / "data" / "prepared"
+    models = None if model == "all" else [model]
+    report = run_diagnostics(params, prepared, models=models)
+    click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+    if report["status"] == "fail":
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--root", type=click.Path(path_type=Path, file_okay=False), default=".", show_default=True)
+@friendly_errors
+def status(model: str | None, root: Path) -> None:
+    """Training progress from disk (works while training runs in another process)."""
+    from sunfish.status import format_status, read_status
+
+    rows = read_status(root, model)
+    if not rows:
+        raise UsageProblem(f"no training progress found under {root.resolve() / 'state'} "
+                           "(run `dvc repro` or a train stage first)")
+    click.echo(format_status(rows))
+
+
+@main.command("eval-text")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--seq-len", type=click.IntRange(8, 65536), default=None, help="window length; default: the model's")
+@click.option("--seed", type=int, default=0, show_default=True, help="diffusion ELBO: noise draws")
+@friendly_errors
+def eval_text(checkpoint: Path, files: tuple[Path, ...], seq_len: int | None, seed: int) -> None:
+    """Score text files with a checkpoint: loss, perplexity and bits per byte as JSON.
+
+    For the diffusion model the figures are its ELBO bound (an upper bound on the true NLL).
+    """
+    from sunfish.evaluation.score_text import score_files
+
+    click.echo(json.dumps(score_files(checkpoint, list(files), seq_len=seq_len, seed=seed), indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    logging.basicConfig(level=logging.INFO)
+    main()

@@ -1,0 +1,92 @@
+"""One entry point to sample text from a DiffusionLM, whatever its objective."""
+
+from __future__ import annotations
+
+import torch
+
+from sunfish.diffusion import continuous, masked
+
+
+def _prompt_rows(prompt_ids: list[list[int]], num_samples: int) -> list[list[int]]:
+    if len(prompt_ids) == num_samples:
+        return [list(p) for p in prompt_ids]
+    if len(prompt_ids) == 0 or num_samples % len(prompt_ids):
+        raise ValueError(
+            f"{len(prompt_ids)} prompts for {num_samples} samples: give one prompt, one per sample, "
+            "or a number of prompts that divides num_samples"
+        )
+    repeat = num_samples // len(prompt_ids)
+    return [list(p) for p in prompt_ids for _ in range(repeat)]
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt_ids: list[list[int]] | None,
+    *,
+    num_samples: int,
+    seq_len: int,
+    num_steps: int,
+    guidance_scale: float,
+    scheduler: str = "ddim",
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    infill: tuple[torch.Tensor, torch.Tensor] | None = None,
+    clamp: bool = False,
+) -> torch.Tensor:
+    """Draw ``num_samples`` texts of ``seq_len`` tokens -> LongTensor [num_samples, seq_len] (CPU).
+
+    prompt_ids: token ids in the prompt encoder's vocabulary (our tokenizer's for the own encoder;
+        GPT-2's for a GPT-2 encoder: see ``model.tokenize_prompts``). One list per sample, a single
+        list for all samples, or k lists each repeated num_samples/k times in a row. An empty list
+        is the null prompt for that row; ``None`` samples unconditionally.
+    guidance_scale: classifier-free guidance w (0 unconditional, 1 conditional, > 1 guided). With
+        w = 0 or 1 only one branch is run; otherwise both in one batched forward pass.
+    scheduler, eta: for the continuous objective "ddim" (eta 0 = deterministic, 1 = ancestral)
+        or "ddpm" (posterior sampling). For the masked objective both are ancestral samplers of
+        the same reverse process (token values always drawn from the model in float64):
+        "ddpm" reveals each masked position with probability (t - s)/t per step (MDLM); "ddim"
+        reveals exactly round(n_masked (t - s)/t) uniformly chosen positions per step, the same
+        schedule in expectation without the binomial count noise: the masked analogue of DDIM's
+        removal of sampling noise that does not change the marginals. We chose this over a
+        confidence-ordered ("most certain first") variant because that one changes the
+        distribution and makes small models repeat themselves. ``eta`` is ignored there.
+    generator: a torch.Generator (CPU recommended) for every random draw: same seed, same samples.
+    infill: (ids LongTensor [num_samples or 1, seq_len], keep BoolTensor [same]): kept positions are
+        fixed to the given ids; only the others are sampled.
+    clamp: continuous objective only: snap x0_hat to the nearest token embedding at every step.
+
+    Samples are full-length; the caller trims each at the first eos (``model.config.eos_id``).
+    """
+    if seq_len < 1 or seq_len > model.config.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} must be in 1..max_seq_len={model.config.max_seq_len}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps} must be >= 1")
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale={guidance_scale} must be >= 0")
+    was_training = model.training
+    model.eval()
+    try:
+        ids = mask = None
+        if prompt_ids is not None:
+            ids, mask = model.pad_prompt_ids(_prompt_rows(prompt_ids, num_samples))
+        if infill is not None:
+            kept_ids, keep = infill
+            kept_ids = torch.as_tensor(kept_ids, dtype=torch.long).expand(num_samples, seq_len)
+            keep = torch.as_tensor(keep, dtype=torch.bool).expand(num_samples, seq_len)
+            infill = (kept_ids, keep)
+        common = dict(
+            num_samples=num_samples,
+            seq_len=seq_len,
+            num_steps=num_steps,
+            guidance_scale=float(guidance_scale),
+            generator=generator,
+            infill=infill,
+        )
+        if model.config.objective == "masked":
+            out = masked.sample(model, ids, mask, exact_counts=scheduler == "ddim", **common)
+        else:
+            out = continuous.sample(model, ids, mask, scheduler=scheduler, eta=eta, clamp=clamp, **common)
+    finally:
+        model.train(was_training)
+    return out.cpu()

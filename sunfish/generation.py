@@ -1,0 +1,140 @@
+"""Autoregressive decoding with a KV cache and the usual sampling controls.
+
+Works with any model that has ``forward(input_ids, cache=None) -> logits [B, T, V]``,
+``init_cache()`` and ``config.max_seq_len`` (the staged LM). Order of operations on each step's
+logits: repetition penalty (CTRL) -> greedy argmax when ``temperature == 0`` -> temperature ->
+top-k -> top-p (nucleus) -> one draw from ``generator``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["generate", "apply_repetition_penalty", "filter_top_k", "filter_top_p", "choose_token"]
+
+
+def apply_repetition_penalty(logits: Tensor, previous_ids: Tensor, penalty: float) -> Tensor:
+    """CTRL repetition penalty on ``logits [V]`` for every id in ``previous_ids``: positive logits
+    are divided by ``penalty``, negative ones multiplied (both make the token less likely for
+    ``penalty > 1``). Returns a new tensor."""
+    if penalty == 1.0 or previous_ids.numel() == 0:
+        return logits
+    ids = torch.unique(previous_ids)
+    chosen = logits[ids]
+    penalised = torch.where(chosen > 0, chosen / penalty, chosen * penalty)
+    out = logits.clone()
+    out[ids] = penalised
+    return out
+
+
+def filter_top_k(logits: Tensor, top_k: int) -> Tensor:
+    """Keep the ``top_k`` largest logits (``0`` = all), set the rest to -inf."""
+    if top_k <= 0 or top_k >= logits.size(-1):
+        return logits
+    threshold = torch.topk(logits, top_k).values[-1]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def filter_top_p(logits: Tensor, top_p: float) -> Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches
+    ``top_p`` (the most likely token is always kept); ``1.0`` keeps all."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely tokens
+    drop_sorted = before >= top_p
+    drop_sorted[0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def choose_token(
+    logits: Tensor,
+    previous_ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> int:
+    """One next token from a logits vector ``[V]`` (see the module docstring for the order)."""
+    logits = apply_repetition_penalty(logits.float(), previous_ids, repetition_penalty)
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = filter_top_p(filter_top_k(logits / temperature, top_k), top_p)
+    probs = torch.softmax(logits, dim=-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+) -> list[int]:
+    """Continue ``prompt_ids``; returns the NEW tokens only (not the prompt).
+
+    - ``temperature=0`` is greedy. Sampling draws from ``generator`` (pass a seeded one for
+      reproducible output; ``None`` uses torch's global RNG).
+    - ``repetition_penalty`` (CTRL) applies to every id already in the context, prompt included.
+    - Stops after ``max_new_tokens`` or when ``eos_id`` is produced (the eos is not returned).
+    - An empty prompt starts from ``eos_id`` (or ``model.config.eos_id``): documents are joined with
+      eos, so it is the natural start-of-text.
+    - The context is cropped to the last ``model.config.max_seq_len`` tokens: when the cache is
+      full it is rebuilt from the last ``max_seq_len`` tokens, so every step matches an uncached
+      forward pass over that window exactly.
+    The model is put in eval mode for the call and restored afterwards.
+    """
+    max_len = int(model.config.max_seq_len)
+    context = list(prompt_ids)
+    if not context:
+        start = eos_id if eos_id is not None else getattr(model.config, "eos_id", None)
+        if start is None:
+            raise ValueError("an empty prompt needs eos_id (the start-of-text token)")
+        context = [int(start)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    new_tokens: list[int] = []
+    try:
+        cache = model.init_cache()
+        window = context[-max_len:]
+        logits = model(torch.tensor([window], device=device), cache=cache)[0, -1]
+        history = torch.tensor(context, device=device)
+        for step in range(max_new_tokens):
+            token = choose_token(
+                logits,
+                history,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                repetition_penalty=repetition_penalty,
+                generator=generator,
+            )
+            if eos_id is not None and token == eos_id:
+                break
+            new_tokens.append(token)
+            context.append(token)
+            history = torch.cat((history, torch.tensor([token], device=device)))
+            if step == max_new_tokens - 1:
+                break
+            if cache.length + 1 > max_len:  # full: rebuild from the last max_len tokens
+                cache = model.init_cache()
+                logits = model(torch.tensor([context[-max_len:]], device=device), cache=cache)[0, -1]
+            else:
+                logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
+    finally:
+        model.train(was_training)
+    return new_tokens

@@ -1,0 +1,428 @@
+"""The prompt-conditioned diffusion denoiser (the ``cfg`` model).
+
+A pre-norm transformer over the text positions. Each block: non-causal self-attention with RoPE
+(text key padding mask), cross-attention to the encoded prompt (prompt key padding mask; slot 0 of
+the memory is the learned null prompt and is always visible), then a GELU MLP. The network only
+predicts; the objectives in :mod:`sunfish.diffusion` score it and sample from it:
+
+- ``objective="masked"`` (default): the input is token ids where id ``vocab_size`` is [MASK] (one
+  extra embedding row); the output is logits over the ``vocab_size`` real tokens, from a head tied
+  to the input embedding, so [MASK] can never be predicted. No time input.
+- ``objective="continuous"``: the input is a noisy point z_t in the space of the normalised token
+  embeddings (each row scaled to norm sqrt(d_model)) plus a sinusoidal timestep embedding (and,
+  with self-conditioning, a projection of the previous x0 estimate); the output is x0_hat, read as
+  tokens by the rounding head (x0_hat against the unit-norm embedding matrix).
+
+Initialisation: N(0, 0.02) for linears and embeddings, and the output projection of every residual
+branch (self-attention, cross-attention, MLP) at zero, so every block starts as the identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sunfish.models.prompt_encoder import (
+    MLP,
+    Attention,
+    PromptEncoder,
+    RotaryEmbedding,
+    init_weights,
+    is_own,
+    pad_prompts,
+    pretrained_embedding_shape,
+    zero_residual_outputs,
+)
+
+OBJECTIVES = ("masked", "continuous")
+SCHEDULES = ("sqrt", "cosine")
+
+
+@dataclass
+class DiffusionConfig:
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    d_ff: int = 1024
+    max_seq_len: int = 256
+    objective: str = "masked"
+    timesteps: int = 1000
+    noise_schedule: str = "sqrt"
+    conditioning_dropout: float = 0.1
+    self_conditioning: bool = False
+    prompt_encoder: str = "own"
+    prompt_encoder_layers: int = 2
+    max_prompt_tokens: int = 32
+    dropout: float = 0.0
+    pad_id: int = 1
+    eos_id: int = 0
+
+    def __post_init__(self):
+        problems = []
+        if self.objective not in OBJECTIVES:
+            problems.append(f"objective {self.objective!r} is not one of {OBJECTIVES}")
+        if self.noise_schedule not in SCHEDULES:
+            problems.append(f"noise_schedule {self.noise_schedule!r} is not one of {SCHEDULES}")
+        if self.d_model % self.n_head:
+            problems.append(f"n_head={self.n_head} does not divide d_model={self.d_model}")
+        elif (self.d_model // self.n_head) % 2:
+            problems.append(f"head width {self.d_model // self.n_head} must be even for RoPE")
+        if not 0.0 <= self.conditioning_dropout <= 1.0:
+            problems.append(f"conditioning_dropout {self.conditioning_dropout} must be in [0, 1]")
+        if self.vocab_size < 2 or self.timesteps < 1 or self.max_seq_len < 1 or self.max_prompt_tokens < 1:
+            problems.append("vocab_size >= 2, timesteps >= 1, max_seq_len >= 1 and max_prompt_tokens >= 1 are required")
+        for name in ("pad_id", "eos_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                problems.append(f"{name}={getattr(self, name)} is outside the vocabulary (size {self.vocab_size})")
+        if problems:
+            raise ValueError("invalid DiffusionConfig: " + "; ".join(problems))
+
+    @property
+    def mask_id(self) -> int:
+        """The [MASK] token of the masked objective: one past the real vocabulary."""
+        return self.vocab_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DiffusionConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown DiffusionConfig keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_params(cls, cfg, preset, vocab_size: int, pad_id: int, eos_id: int) -> DiffusionConfig:
+        """From ``params.cfg`` (CfgConfig), the chosen ModelPreset and the tokenizer's vocabulary.
+
+        A preset that fixes ``vocab_size`` (micro, full: 8192, the original's) wins when it is at
+        least the tokenizer's; the unused rows simply learn never to be predicted.
+        """
+        vocab = vocab_size
+        if preset.vocab_size is not None:
+            if preset.vocab_size < vocab_size:
+                raise ValueError(
+                    f"the preset fixes vocab_size={preset.vocab_size}, smaller than the tokenizer's {vocab_size}"
+                )
+            vocab = preset.vocab_size
+        return cls(
+            vocab_size=vocab,
+            n_layer=preset.n_layer,
+            n_head=preset.n_head,
+            d_model=preset.d_model,
+            d_ff=preset.d_ff,
+            max_seq_len=preset.seq_len,
+            objective=cfg.objective,
+            timesteps=cfg.timesteps,
+            noise_schedule=cfg.noise_schedule,
+            conditioning_dropout=cfg.conditioning_dropout,
+            self_conditioning=cfg.self_conditioning,
+            prompt_encoder=cfg.prompt_encoder,
+            prompt_encoder_layers=cfg.prompt_encoder_layers,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            dropout=cfg.dropout,
+            pad_id=pad_id,
+            eos_id=eos_id,
+        )
+
+
+class TimestepEmbedding(nn.Module):
+    """Integer timestep t in 1..T -> sinusoidal features -> MLP -> [B, d_model]."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.d_model = d_model
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        half = self.d_model // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=timesteps.device, dtype=torch.float32) / half)
+        args = timesteps.float()[:, None] * freqs[None, :]
+        features = torch.cat([args.sin(), args.cos()], dim=-1)
+        if features.shape[-1] < self.d_model:
+            features = F.pad(features, (0, self.d_model - features.shape[-1]))
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class DenoiserBlock(nn.Module):
+    """Pre-norm: self-attention (RoPE, text mask) -> cross-attention to the prompt -> MLP."""
+
+    def __init__(self, d_model: int, n_head: int, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm_attention = nn.LayerNorm(d_model)
+        self.attention = Attention(d_model, n_head, dropout)
+        self.norm_cross = nn.LayerNorm(d_model)
+        self.cross_attention = Attention(d_model, n_head, dropout)
+        self.norm_mlp = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, d_ff, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, text_mask, rope, memory, memory_mask):
+        x = x + self.dropout(self.attention(self.norm_attention(x), key_mask=text_mask, rope=rope))
+        x = x + self.dropout(self.cross_attention(self.norm_cross(x), context=memory, key_mask=memory_mask))
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class DiffusionLM(nn.Module):
+    kind = "diffusion"
+
+    def __init__(self, config: DiffusionConfig | dict, *, _pretrained_embeddings: torch.Tensor | None = None):
+        super().__init__()
+        if isinstance(config, dict):
+            config = DiffusionConfig.from_dict(config)
+        self.config = config
+        c = config
+        masked = c.objective == "masked"
+        self.token_embedding = nn.Embedding(c.vocab_size + 1 if masked else c.vocab_size, c.d_model)
+        self.prompt_encoder = PromptEncoder(
+            d_model=c.d_model,
+            n_head=c.n_head,
+            d_ff=c.d_ff,
+            n_layers=c.prompt_encoder_layers,
+            max_prompt_tokens=c.max_prompt_tokens,
+            dropout=c.dropout,
+            source=c.prompt_encoder,
+            pretrained_embeddings=_pretrained_embeddings,
+        )
+        self.time_embedding = None if masked else TimestepEmbedding(c.d_model)
+        self.self_condition_projection = (
+            nn.Linear(c.d_model, c.d_model, bias=False) if (not masked and c.self_conditioning) else None
+        )
+        self.rope = RotaryEmbedding(c.d_model // c.n_head)
+        self.input_dropout = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(DenoiserBlock(c.d_model, c.n_head, c.d_ff, c.dropout) for _ in range(c.n_layer))
+        self.final_norm = nn.LayerNorm(c.d_model)
+        self.x0_head = None if masked else nn.Linear(c.d_model, c.d_model, bias=False)
+        init_weights(self)
+        zero_residual_outputs(self)
+        if self.self_condition_projection is not None:
+            nn.init.zeros_(self.self_condition_projection.weight)
+
+    # -- shapes and helpers ----------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_embedding.weight.device
+
+    @property
+    def mask_id(self) -> int:
+        return self.config.mask_id
+
+    def unit_embeddings(self) -> torch.Tensor:
+        """The real tokens' embedding rows at unit norm, [vocab, d_model] (continuous objective)."""
+        return F.normalize(self.token_embedding.weight[: self.config.vocab_size].float(), dim=-1)
+
+    def embed_clean(self, ids: torch.Tensor) -> torch.Tensor:
+        """e(x): embeddings normalised to the fixed norm sqrt(d_model) (the continuous x0 target)."""
+        return F.normalize(self.token_embedding(ids).float(), dim=-1) * math.sqrt(self.config.d_model)
+
+    # -- the network -----------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (memory [B, 1 + P, d], memory_mask [B, 1 + P]); an all-False mask is the null prompt."""
+        return self.prompt_encoder(prompt_ids, prompt_mask, self.token_embedding)
+
+    def hidden_states(
+        self,
+        inputs: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        self_condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, L, d].
+
+        ``inputs``: token ids [B, L] (masked objective, [MASK] = vocab_size) or z_t [B, L, d]
+        (continuous; then ``timesteps`` Long[B] in 1..T is required).
+        """
+        if self.config.objective == "masked":
+            x = self.token_embedding(inputs)
+        else:
+            if timesteps is None:
+                raise ValueError("the continuous objective needs timesteps")
+            x = inputs.to(self.token_embedding.weight.dtype)
+            x = x + self.time_embedding(timesteps)[:, None, :].to(x.dtype)
+            if self.self_condition_projection is not None and self_condition is not None:
+                x = x + self.self_condition_projection(self_condition.to(x.dtype))
+        length = x.shape[1]
+        if length > self.config.max_seq_len:
+            raise ValueError(f"sequence of {length} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        x = self.input_dropout(x)
+        rope = self.rope(length, x.device)
+        for block in self.blocks:
+            x = block(x, text_mask, rope, memory, memory_mask)
+        return self.final_norm(x)
+
+    def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Masked objective: logits over the real vocabulary (the [MASK] row is never a choice)."""
+        return hidden @ self.token_embedding.weight[: self.config.vocab_size].t()
+
+    def rounding_logits(self, x0: torch.Tensor) -> torch.Tensor:
+        """Continuous objective: x0 (embedding space) against the unit-norm embedding matrix."""
+        return x0.float() @ self.unit_embeddings().t()
+
+    def prediction(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the objective consumes: logits (masked) or x0_hat (continuous)."""
+        if self.config.objective == "masked":
+            return self.token_logits(hidden)
+        return self.x0_head(hidden)
+
+    def predict(
+        self,
+        inputs: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        self_condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        memory, memory_mask = self.encode_prompt(prompt_ids, prompt_mask)
+        hidden = self.hidden_states(inputs, memory, memory_mask, text_mask, timesteps, self_condition)
+        return self.prediction(hidden)
+
+    def encode_prompt_with_null(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory for the batched guidance pass: rows 0..B-1 the prompts, rows B..2B-1 the null prompt."""
+        ids = torch.cat([prompt_ids, prompt_ids], dim=0)
+        mask = torch.cat([prompt_mask.bool(), torch.zeros_like(prompt_mask, dtype=torch.bool)], dim=0)
+        return self.encode_prompt(ids, mask)
+
+    def predict_cond_uncond(
+        self,
+        inputs: torch.Tensor,
+        prompt_ids: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        self_condition: torch.Tensor | None = None,
+        memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditional, unconditional) predictions from ONE forward pass over a batch of 2B.
+
+        ``memory`` = :meth:`encode_prompt_with_null` output, to encode the prompts once per sample.
+        """
+        if memory is None:
+            memory = self.encode_prompt_with_null(prompt_ids, prompt_mask)
+
+        def twice(x):
+            return None if x is None else torch.cat([x, x], dim=0)
+
+        hidden = self.hidden_states(
+            twice(inputs), memory[0], memory[1], twice(text_mask), twice(timesteps), twice(self_condition)
+        )
+        out = self.prediction(hidden)
+        batch = inputs.shape[0]
+        return out[:batch], out[batch:]
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def tokenize_prompts(self, texts: list[str], tokenizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt texts -> (prompt_ids, prompt_mask) in the prompt encoder's vocabulary.
+
+        Own encoder: ``tokenizer`` (our TextTokenizer) is required. Pretrained (GPT-2) encoder: its
+        own tokenizer is used and ``tokenizer`` is ignored.
+        """
+        return self.prompt_encoder.tokenize(texts, tokenizer, device=self.device)
+
+    def pad_prompt_ids(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = self.config.pad_id if self.prompt_encoder.uses_own_tokenizer else 0
+        return pad_prompts(prompts, self.config.max_prompt_tokens, pad_id=pad, device=self.device)
+
+    def drop_conditioning(self, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditioning dropout: each row's prompt becomes the null prompt with p = conditioning_dropout.
+
+        Only in training mode. Returns (new mask, dropped rows Bool[B]).
+        """
+        batch = prompt_mask.shape[0]
+        p = self.config.conditioning_dropout if self.training else 0.0
+        if p <= 0.0:
+            return prompt_mask.bool(), torch.zeros(batch, dtype=torch.bool, device=prompt_mask.device)
+        dropped = torch.rand(batch, device=prompt_mask.device) < p
+        return prompt_mask.bool() & ~dropped[:, None], dropped
+
+    # -- the model contract ----------------------------------------------------------------------
+
+    def _on_device(self, batch: dict) -> dict:
+        device = self.device
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) and v.device != device else v) for k, v in batch.items()}
+
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Pair batch -> (loss, metrics). Applies conditioning dropout; padding never counts."""
+        from sunfish.diffusion import continuous, masked
+
+        batch = self._on_device(batch)
+        prompt_mask, dropped = self.drop_conditioning(batch["prompt_mask"])
+        memory, memory_mask = self.encode_prompt(batch["prompt_ids"], prompt_mask)
+        objective = masked if self.config.objective == "masked" else continuous
+        loss, metrics = objective.training_loss(self, batch, memory, memory_mask)
+        metrics["conditioning_dropped"] = float(dropped.float().mean())
+        return loss, metrics
+
+    def nll(self, batch: dict, generator: torch.Generator | None = None, draws: int = 1) -> tuple[torch.Tensor, int]:
+        """(ELBO upper bound on the NLL in nats summed over real text tokens, number of those tokens).
+
+        Conditioned on the batch's prompts (no dropout). ``draws`` averages several noise draws per
+        sequence to cut the variance of small evaluations.
+        """
+        from sunfish.diffusion import continuous, masked
+
+        batch = self._on_device(batch)
+        objective = masked if self.config.objective == "masked" else continuous
+        with torch.no_grad():
+            memory, memory_mask = self.encode_prompt(batch["prompt_ids"], batch["prompt_mask"].bool())
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            for _ in range(max(1, draws)):
+                total = total + objective.elbo(self, batch, memory, memory_mask, generator)
+        return (total / max(1, draws)).float(), int(batch["text_mask"].sum())
+
+    def health(self, generator: torch.Generator | None = None) -> dict[str, float]:
+        """Embedding health: mean pairwise cosine (+ rounding accuracy at the smallest noise level)."""
+        from sunfish.diffusion import continuous
+
+        return continuous.embedding_health(self, generator)
+
+    def component_of(self, name: str) -> str:
+        if name.startswith("token_embedding"):
+            return "embedding"
+        if name.startswith("prompt_encoder"):
+            return "prompt_encoder"
+        if name.startswith("time_embedding"):
+            return "timestep"
+        if name.startswith("self_condition_projection"):
+            return "self_conditioning"
+        if name.startswith("blocks."):
+            part = name.split(".")[2]
+            if part in ("attention", "norm_attention"):
+                return "attention"
+            if part in ("cross_attention", "norm_cross"):
+                return "cross_attention"
+            return "mlp"
+        return "head"  # final_norm, x0_head (the output head is tied to the embedding)
+
+
+def count_parameters(config: DiffusionConfig | dict) -> int:
+    """Trainable parameters of DiffusionLM(config), built on the meta device (allocates nothing).
+
+    Tied weights count once; a pretrained prompt encoder's frozen embeddings do not count (only
+    their projection does), and only its config is read.
+    """
+    if isinstance(config, dict):
+        config = DiffusionConfig.from_dict(config)
+    pretrained = None
+    if not is_own(config.prompt_encoder):
+        vocab, dim = pretrained_embedding_shape(config.prompt_encoder)
+        pretrained = torch.empty(vocab, dim, device="meta")
+    with torch.device("meta"):
+        model = DiffusionLM(config, _pretrained_embeddings=pretrained)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

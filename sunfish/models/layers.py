@@ -1,0 +1,387 @@
+"""Transformer building blocks shared by the staged LM and the diffusion denoiser.
+
+Everything here is a plain ``nn.Module`` or function with no knowledge of a particular model:
+
+- :class:`RMSNorm` — root-mean-square normalisation (no bias).
+- :class:`RotaryEmbedding` + :func:`apply_rotary` — RoPE, half-split (GPT-NeoX) convention.
+- :func:`attend` — ``F.scaled_dot_product_attention`` with the masks composed for you: causal
+  (bottom-right aligned, so it stays right when queries are the last tokens of a cached sequence),
+  a boolean ``attn_mask`` and a boolean ``key_padding_mask``.
+- :class:`Attention` — multi-head self- or cross-attention (``cross=True``) with RoPE and an optional
+  :class:`LayerCache` (KV cache).
+- :class:`MLP` — two-layer GELU MLP.
+- :class:`TransformerBlock` — pre-norm block: self-attention, optional cross-attention, MLP.
+- :class:`KVCache` / :class:`LayerCache` — the decoding cache.
+
+Mask conventions (the same everywhere, and the same as ``scaled_dot_product_attention``):
+boolean, **True = may attend**. ``attn_mask`` broadcasts to ``[B, H, Tq, Tk]`` (so ``[Tq, Tk]``,
+``[B, 1, Tq, Tk]`` ...). ``key_padding_mask`` is ``[B, Tk]`` with True = a real key (the data
+contract's ``text_mask`` / ``prompt_mask``). A query whose keys are all padding (the null prompt
+in cross-attention) gets an all-zero output instead of NaN.
+
+Tensor layout inside attention: ``[B, H, T, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "RMSNorm",
+    "RotaryEmbedding",
+    "apply_rotary",
+    "causal_mask",
+    "attend",
+    "Attention",
+    "MLP",
+    "TransformerBlock",
+    "LayerCache",
+    "KVCache",
+    "init_weights",
+    "scaled_residual_std",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# normalisation
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight`` over the last dimension (weight starts at 1)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# rotary position embedding
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables for one head width.
+
+    ``rope(positions)`` returns ``(cos, sin)``, each ``[T, head_dim // 2]`` (float32), for a 1-D
+    LongTensor of absolute positions; pass them to :func:`apply_rotary` or to
+    ``Attention(..., rope=(cos, sin))``. Tables are precomputed for ``max_seq_len`` positions and
+    computed on the fly beyond that. They are non-persistent buffers (not in checkpoints).
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head width, got {head_dim}")
+        self.head_dim = head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        t = torch.arange(max_seq_len, dtype=torch.float32)
+        angles = torch.outer(t, inv_freq)
+        self.register_buffer("cos_table", angles.cos(), persistent=False)
+        self.register_buffer("sin_table", angles.sin(), persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        positions = positions.to(self.cos_table.device)
+        if positions.numel() and int(positions.max()) >= self.cos_table.size(0):
+            angles = torch.outer(positions.float(), self.inv_freq)
+            return angles.cos(), angles.sin()
+        return self.cos_table[positions], self.sin_table[positions]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [..., T, D]`` by the angles of ``cos/sin [T, D/2]`` (half-split convention)."""
+    cos = cos.to(x.dtype)
+    sin = sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+
+
+def causal_mask(n_query: int, n_key: int, device: torch.device | str | None = None) -> Tensor:
+    """Boolean ``[n_query, n_key]`` causal mask, bottom-right aligned.
+
+    The queries are taken to be the *last* ``n_query`` positions of the ``n_key`` keys, so query i
+    (absolute position ``n_key - n_query + i``) sees keys ``0 .. n_key - n_query + i``.
+    """
+    offset = n_key - n_query
+    q = torch.arange(n_query, device=device).unsqueeze(1) + offset
+    k = torch.arange(n_key, device=device).unsqueeze(0)
+    return k <= q
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Scaled dot-product attention over ``[B, H, T, D]`` tensors with composed boolean masks.
+
+    - ``causal``: no query attends to a later key; with fewer queries than keys the queries are
+      the last positions (KV-cache decoding). Uses the fast ``is_causal`` path when it can.
+    - ``attn_mask``: boolean, True = may attend, broadcastable to ``[B, H, Tq, Tk]``.
+    - ``key_padding_mask``: boolean ``[B, Tk]``, True = real key. Queries with no real key at all
+      return zeros.
+    Returns ``[B, H, Tq, D]``.
+    """
+    n_query, n_key = q.size(-2), k.size(-2)
+    mask = attn_mask
+    is_causal = False
+    if causal:
+        if mask is None and key_padding_mask is None and n_query == n_key:
+            is_causal = True
+        elif n_query == 1 and mask is None:
+            pass  # the last position sees every key
+        else:
+            c = causal_mask(n_query, n_key, q.device)
+            mask = c if mask is None else mask & c
+    empty = None
+    if key_padding_mask is not None:
+        empty = ~key_padding_mask.any(dim=-1)  # [B]: rows with no real key at all
+        keep = (key_padding_mask | empty.unsqueeze(-1))[:, None, None, :]
+        mask = keep if mask is None else mask & keep
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+    if empty is not None:
+        out = out.masked_fill(empty[:, None, None, None], 0.0)
+    return out
+
+
+@dataclass
+class LayerCache:
+    """Keys and values of one attention layer, ``[B, H, T_cached, D]`` each (None when empty)."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.size(-2)
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the new keys/values and return all of them."""
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k = torch.cat((self.k, k), dim=-2)
+            self.v = torch.cat((self.v, v), dim=-2)
+        return self.k, self.v
+
+
+@dataclass
+class KVCache:
+    """A model's decoding cache: named :class:`LayerCache` entries plus free-form ``extras``.
+
+    ``length`` is the number of positions already processed; the model advances it at the end
+    of each forward call. Create an empty one and pass it to every forward call of a decode.
+    """
+
+    layers: dict[str, LayerCache] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    length: int = 0
+
+    def layer(self, name: str) -> LayerCache:
+        if name not in self.layers:
+            self.layers[name] = LayerCache()
+        return self.layers[name]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RoPE, composed masks and an optional KV cache.
+
+    Self-attention (default): one fused ``qkv`` projection of ``x``.
+    Cross-attention (``cross=True``): ``q`` from ``x``, ``kv`` from ``context`` (width
+    ``context_dim``, default ``d_model``); RoPE is not applied and there is no cache.
+
+    ``forward(x, context=None, *, rope=None, causal=False, attn_mask=None,
+    key_padding_mask=None, cache=None) -> [B, T, d_model]``.
+    The pieces are public (``project``, ``attend``, ``merge``) so a model can do something of its
+    own between them (the staged LM's graph-gated attention does).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        *,
+        dropout: float = 0.0,
+        cross: bool = False,
+        context_dim: int | None = None,
+        bias: bool = False,
+    ):
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"n_head={n_head} does not divide d_model={d_model}")
+        self.d_model = d_model
+        self.n_head = n_head
+        self.head_dim = d_model // n_head
+        self.dropout = dropout
+        self.cross = cross
+        if cross:
+            self.q = nn.Linear(d_model, d_model, bias=bias)
+            self.kv = nn.Linear(context_dim or d_model, 2 * d_model, bias=bias)
+        else:
+            self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.out = nn.Linear(d_model, d_model, bias=bias)
+
+    def _heads(self, x: Tensor) -> Tensor:  # [B, T, d] -> [B, H, T, hd]
+        return x.unflatten(-1, (self.n_head, self.head_dim)).transpose(1, 2)
+
+    def project(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache: LayerCache | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q ``[B, H, Tq, hd]`` and k, v ``[B, H, Tk, hd]`` (RoPE applied, cache extended)."""
+        if self.cross:
+            if context is None:
+                raise ValueError("cross-attention needs a context")
+            q = self._heads(self.q(x))
+            k, v = (self._heads(t) for t in self.kv(context).chunk(2, dim=-1))
+            return q, k, v
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if rope is not None:
+            q = apply_rotary(q, *rope)
+            k = apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        return q, k, v
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = False,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        p = self.dropout if self.training else 0.0
+        return attend(q, k, v, causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask, dropout_p=p)
+
+    def merge(self, heads: Tensor) -> Tensor:
+        """``[B, H, T, hd]`` -> output projection ``[B, T, d_model]``."""
+        return self.out(heads.transpose(1, 2).flatten(2))
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        rope: tuple[Tensor, Tensor] | None = None,
+        causal: bool = False,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        q, k, v = self.project(x, context, rope=rope, cache=cache)
+        heads = self.attend(q, k, v, causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
+        return self.merge(heads)
+
+
+# ----------------------------------------------------------------------------------------------
+# feed-forward and block
+
+
+class MLP(nn.Module):
+    """``Linear(d_model, d_ff) -> GELU -> Linear(d_ff, d_model) -> dropout``."""
+
+    def __init__(self, d_model: int, d_ff: int, *, dropout: float = 0.0, bias: bool = False):
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.down(F.gelu(self.up(x))))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x += attn(norm(x))``; [``x += cross(norm(x), context)``]; ``x += mlp(norm(x))``.
+
+    ``forward(x, *, rope=None, causal=False, attn_mask=None, key_padding_mask=None, context=None,
+    context_padding_mask=None, cache=None)``. ``key_padding_mask`` masks the block's own keys
+    (self-attention), ``context_padding_mask`` the context's (cross-attention).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        d_ff: int,
+        *,
+        dropout: float = 0.0,
+        cross_attention: bool = False,
+        context_dim: int | None = None,
+    ):
+        super().__init__()
+        self.norm_attn = RMSNorm(d_model)
+        self.attn = Attention(d_model, n_head, dropout=dropout)
+        self.norm_cross = RMSNorm(d_model) if cross_attention else None
+        self.cross = Attention(d_model, n_head, dropout=dropout, cross=True, context_dim=context_dim) if cross_attention else None
+        self.norm_mlp = RMSNorm(d_model)
+        self.mlp = MLP(d_model, d_ff, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        rope: tuple[Tensor, Tensor] | None = None,
+        causal: bool = False,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_padding_mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        x = x + self.drop(
+            self.attn(
+                self.norm_attn(x),
+                rope=rope,
+                causal=causal,
+                attn_mask=attn_mask,
+                key_padding_mask=key_padding_mask,
+                cache=cache,
+            )
+        )
+        if self.cross is not None:
+            x = x + self.drop(self.cross(self.norm_cross(x), context, key_padding_mask=context_padding_mask))
+        return x + self.mlp(self.norm_mlp(x))
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-style init: normal(0, std) for Linear/Embedding weights, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+
+
+def scaled_residual_std(n_layer: int, std: float = 0.02) -> float:
+    """Std for the output projections that write into the residual stream (GPT-2: std/sqrt(2L))."""
+    return std / math.sqrt(2 * n_layer)

@@ -1,0 +1,588 @@
+"""The staged autoregressive language model (pipeline stages train_stage_0 .. train_stage_3).
+
+One network grows by one component per stage and every stage starts exactly where the previous
+one ended (``StagedLM.warm_start``):
+
+========  ===================================================================================
+stage     adds
+========  ===================================================================================
+0         MU token representation (8x8 semantic matrix, refined causally), RoPE, causal attention
+1         TEMPORAL: a per-token table (zero-initialised) projected into the input stream
+2         nothing in the forward pass: K-1 credit assignment acts on gradients
+          (``sunfish.training.k1``; ``StagedLM.uses_k1`` says when the loop should call it)
+3         graph-routed sparse causal attention, blended in through a zero-initialised gate
+========  ===================================================================================
+
+Everything is causal: no position can see a later token, anywhere (MU refinement, graph
+similarity, attention). ``tests/test_models_staged.py`` checks it at every stage.
+
+MU layout
+---------
+A token's MU state has 64 values, read as an 8x8 matrix made of sixteen 2x2 blocks, named in
+row-major block order by :data:`MU_BLOCKS` (I S C1 C2 / R1 R2 T K / G M D F / P E A X). Inside the
+model the state is stored *block-major*: a ``[..., 16, 4]`` tensor (flattened to 64) whose row b is
+block ``MU_BLOCKS[b]`` and whose 4 values are the block's 2x2 entries in row-major order, so every
+per-block operation is a reshape, never a loop. :func:`mu_matrix` / :func:`mu_state` convert
+between this storage and the literal 8x8 matrix. This is the only definition of the layout.
+
+Stage 3: exact warm start
+-------------------------
+Each decoder layer computes q, k, v once and attends twice: full causal attention (what stage 2
+computed) and graph-routed attention (the same q, k, v under the sparse graph mask). The head
+outputs are blended per head, ``out = full + g_h * (graph - full)``, with ``g`` a per-layer,
+per-head parameter initialised to zero, so stage 3's first logits are bit-identical to stage 2's,
+and the gradient of ``g`` (``sum(dL/dout * (graph - full))``) is non-zero, so the model learns how
+much to route through the graph. The graph branch adds no other parameters.
+
+Graph mask (``graph_attention_mask``): boolean ``[B, Tq, Tk]``, built on the device, vectorised;
+``causal AND (local band OR shortcut OR semantic)``:
+
+- local band: the ``graph_window`` previous tokens and the token itself;
+- shortcuts: Fibonacci offsets 2, 3, 5, 8, 13, ... — the first ``graph_shortcuts`` of them that lie
+  *outside* the band (smaller ones are already in it, so they would add nothing);
+- semantic: the ``graph_top_k`` earlier tokens, not already linked, whose features are the most
+  similar by cosine (ties go to the most recent token; similarities are quantised to 2^-14 so the
+  choice is reproducible between the cached and uncached passes). Features: the I, R2 and K blocks
+  of the final MU state (12 values) when ``mu_full``; otherwise a fixed random projection (a
+  persistent buffer, ``graph_projection``) of the input stream (token embedding + TEMPORAL) to 12
+  values. Top-k has no gradient, so the features are not trained by routing.
+
+``model.last_graph_stats`` holds ``graph_edges_per_token`` (mean number of keys each query may
+attend to) and ``graph_density`` (that number over the causal count) of the last forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sunfish.models.layers import (
+    MLP,
+    Attention,
+    KVCache,
+    LayerCache,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    attend,
+    init_weights,
+    scaled_residual_std,
+)
+
+if TYPE_CHECKING:  # config stays importable without torch, and this module without pydantic at runtime
+    from sunfish.config import ModelPreset, StagedConfig
+
+# ----------------------------------------------------------------------------------------------
+# the MU layout: defined once
+
+MU_BLOCKS: tuple[str, ...] = ("I", "S", "C1", "C2", "R1", "R2", "T", "K", "G", "M", "D", "F", "P", "E", "A", "X")
+MU_BLOCK_SIDE = 2  # each block is 2x2
+MU_GRID = 4  # blocks per matrix row / column
+MU_MATRIX_SIDE = MU_GRID * MU_BLOCK_SIDE  # 8
+MU_N_BLOCKS = MU_GRID * MU_GRID  # 16
+MU_BLOCK_SIZE = MU_BLOCK_SIDE * MU_BLOCK_SIDE  # 4
+MU_DIM = MU_N_BLOCKS * MU_BLOCK_SIZE  # 64
+MU_BLOCK_INDEX: dict[str, int] = {name: i for i, name in enumerate(MU_BLOCKS)}
+GRAPH_SIMILARITY_BLOCKS: tuple[str, ...] = ("I", "R2", "K")
+GRAPH_FEATURE_DIM = len(GRAPH_SIMILARITY_BLOCKS) * MU_BLOCK_SIZE  # 12
+MU_AFFINITY_DIM = 16  # width of the per-token affinity vector that drives the sensitivity gate
+MU_CROSS_HEADS = 4  # heads of the cross-block attention (width 16 each)
+
+assert len(MU_BLOCKS) == MU_N_BLOCKS
+
+
+def mu_blocks(state: Tensor) -> Tensor:
+    """Block view of a (block-major) MU state: ``[..., 64]`` -> ``[..., 16, 4]`` (no copy)."""
+    return state.unflatten(-1, (MU_N_BLOCKS, MU_BLOCK_SIZE))
+
+
+def mu_matrix(state: Tensor) -> Tensor:
+    """The literal 8x8 semantic matrix of a block-major state ``[..., 64]`` -> ``[..., 8, 8]``.
+
+    Block b sits at block-row ``b // 4``, block-column ``b % 4``.
+    """
+    g = state.unflatten(-1, (MU_GRID, MU_GRID, MU_BLOCK_SIDE, MU_BLOCK_SIDE))  # [.., br, bc, i, j]
+    return g.transpose(-3, -2).reshape(*state.shape[:-1], MU_MATRIX_SIDE, MU_MATRIX_SIDE)
+
+
+def mu_state(matrix: Tensor) -> Tensor:
+    """Inverse of :func:`mu_matrix`: ``[..., 8, 8]`` -> block-major ``[..., 64]``."""
+    g = matrix.unflatten(-1, (MU_GRID, MU_BLOCK_SIDE)).unflatten(-3, (MU_GRID, MU_BLOCK_SIDE))  # [.., br, i, bc, j]
+    return g.transpose(-3, -2).reshape(*matrix.shape[:-2], MU_DIM)
+
+
+def fibonacci_offsets(count: int, beyond: int = 1) -> list[int]:
+    """The first ``count`` Fibonacci numbers (2, 3, 5, 8, ...) greater than ``beyond``."""
+    out: list[int] = []
+    a, b = 1, 2
+    while len(out) < count:
+        if b > beyond:
+            out.append(b)
+        a, b = b, a + b
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class StagedLMConfig:
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    d_ff: int = 1024
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    stage: int = 0
+    mu_full: bool = True
+    mu_layers: int = 1
+    temporal_dim: int = 64
+    k1_mode: str = "log"
+    k1_path_mass: float = 0.9
+    graph_window: int = 32
+    graph_top_k: int = 4
+    graph_shortcuts: int = 6
+    eos_id: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.stage <= 3:
+            problems.append(f"stage must be 0..3, got {self.stage}")
+        if self.d_model % self.n_head:
+            problems.append(f"n_head={self.n_head} does not divide d_model={self.d_model}")
+        elif (self.d_model // self.n_head) % 2:
+            problems.append(f"head width {self.d_model // self.n_head} must be even for RoPE")
+        if self.k1_mode not in ("log", "scale"):
+            problems.append(f"k1_mode must be 'log' or 'scale', got {self.k1_mode!r}")
+        if self.vocab_size < 2:
+            problems.append(f"vocab_size must be >= 2, got {self.vocab_size}")
+        if problems:
+            raise ValueError("invalid StagedLMConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StagedLMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown StagedLMConfig keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_params(
+        cls, staged: StagedConfig, preset: ModelPreset, vocab_size: int, stage: int, eos_id: int
+    ) -> StagedLMConfig:
+        """Config for ``stage`` from params.yaml's ``staged`` section and the chosen preset.
+
+        A preset with a fixed ``vocab_size`` (an original's) wins over the tokenizer's, which must fit.
+        """
+        vocab = preset.vocab_size or vocab_size
+        if vocab < vocab_size:
+            raise ValueError(f"preset vocab_size={preset.vocab_size} is smaller than the tokenizer's {vocab_size}")
+        return cls(
+            vocab_size=vocab,
+            n_layer=preset.n_layer,
+            n_head=preset.n_head,
+            d_model=preset.d_model,
+            d_ff=preset.d_ff,
+            max_seq_len=preset.seq_len,
+            dropout=staged.dropout,
+            tie_embeddings=staged.tie_embeddings,
+            stage=stage,
+            mu_full=staged.mu.full,
+            mu_layers=staged.mu.layers,
+            temporal_dim=staged.temporal.dim,
+            k1_mode=staged.k1.mode,
+            k1_path_mass=staged.k1.path_mass,
+            graph_window=staged.graph.window,
+            graph_top_k=staged.graph.top_k,
+            graph_shortcuts=staged.graph.shortcuts,
+            eos_id=eos_id,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# MU
+
+
+class BlockDiagonalLinear(nn.Module):
+    """A linear map applied to each of ``n_blocks`` blocks separately (its own weights per block).
+
+    ``[..., n_blocks * d_in] -> [..., n_blocks * d_out]`` as ONE matmul with a block-diagonal
+    weight assembled without a Python loop.
+    """
+
+    def __init__(self, n_blocks: int, d_in: int, d_out: int):
+        super().__init__()
+        self.n_blocks, self.d_in, self.d_out = n_blocks, d_in, d_out
+        self.weight = nn.Parameter(torch.empty(n_blocks, d_out, d_in))
+        nn.init.normal_(self.weight, 0.0, 0.02)
+        self.register_buffer("eye", torch.eye(n_blocks), persistent=False)
+
+    def dense_weight(self) -> Tensor:
+        w = torch.einsum("noi,nm->nomi", self.weight, self.eye.to(self.weight.dtype))
+        return w.reshape(self.n_blocks * self.d_out, self.n_blocks * self.d_in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dense_weight().to(x.dtype))
+
+
+class MURefinementLayer(nn.Module):
+    """One causal refinement of the MU states ``[B, T, 64]``.
+
+    1. per-block attention: the 16 blocks are 16 heads of width 4 (block-diagonal q/k/v/out), each
+       block attending causally over the sequence — one SDPA call;
+    2. the blocks are concatenated (they already are: the state is block-major) and go through a
+       cross-block causal attention (full 64-wide projections, 4 heads of width 16, so blocks mix)
+       and a GELU MLP; together: Y;
+    3. sensitivity blend: ``M' = M + sigma_b * (Y_b - M_b)`` with ``sigma = sigmoid(W a + c)`` per
+       token and per block, ``a`` the token's learned affinity vector.
+    """
+
+    def __init__(self, max_seq_len: int, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = dropout
+        self.norm_block = RMSNorm(MU_DIM)
+        self.block_qkv = BlockDiagonalLinear(MU_N_BLOCKS, MU_BLOCK_SIZE, 3 * MU_BLOCK_SIZE)
+        self.block_out = BlockDiagonalLinear(MU_N_BLOCKS, MU_BLOCK_SIZE, MU_BLOCK_SIZE)
+        self.norm_cross = RMSNorm(MU_DIM)
+        self.cross_block = Attention(MU_DIM, MU_CROSS_HEADS, dropout=dropout)
+        self.norm_mlp = RMSNorm(MU_DIM)
+        self.mlp = MLP(MU_DIM, 4 * MU_DIM, dropout=dropout)
+        self.sensitivity = nn.Linear(MU_AFFINITY_DIM, MU_N_BLOCKS)
+
+    def forward(
+        self,
+        state: Tensor,
+        affinity: Tensor,
+        rope_block: tuple[Tensor, Tensor],
+        rope_cross: tuple[Tensor, Tensor],
+        cache_block: LayerCache | None = None,
+        cache_cross: LayerCache | None = None,
+    ) -> Tensor:
+        b, t, _ = state.shape
+        qkv = self.block_qkv(self.norm_block(state)).view(b, t, MU_N_BLOCKS, 3, MU_BLOCK_SIZE)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, 16, T, 4]: blocks are heads
+        q = apply_rotary(q, *rope_block)
+        k = apply_rotary(k, *rope_block)
+        if cache_block is not None:
+            k, v = cache_block.append(k, v)
+        p = self.dropout if self.training else 0.0
+        o = attend(q, k, v, causal=True, dropout_p=p).transpose(1, 2).reshape(b, t, MU_DIM)
+        y = state + self.block_out(o)
+        y = y + self.cross_block(self.norm_cross(y), rope=rope_cross, causal=True, cache=cache_cross)
+        y = y + self.mlp(self.norm_mlp(y))
+        sigma = torch.sigmoid(self.sensitivity(affinity)).unsqueeze(-1)  # [B, T, 16, 1]
+        return (mu_blocks(state) + sigma * mu_blocks(y - state)).flatten(-2)
+
+
+class MUEncoder(nn.Module):
+    """Token ids -> refined MU states ``[B, T, 64]`` (block-major), causally."""
+
+    def __init__(self, vocab_size: int, n_layers: int, max_seq_len: int, dropout: float = 0.0):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, MU_DIM)
+        self.affinity = nn.Embedding(vocab_size, MU_AFFINITY_DIM) if n_layers else None
+        self.layers = nn.ModuleList(MURefinementLayer(max_seq_len, dropout) for _ in range(n_layers))
+        self.rope_block = RotaryEmbedding(MU_BLOCK_SIZE, max_seq_len)
+        self.rope_cross = RotaryEmbedding(MU_DIM // MU_CROSS_HEADS, max_seq_len)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache | None = None) -> Tensor:
+        state = self.embed(input_ids)
+        if not self.layers:
+            return state
+        affinity = self.affinity(input_ids)
+        rope_block = self.rope_block(positions)
+        rope_cross = self.rope_cross(positions)
+        for i, layer in enumerate(self.layers):
+            cb = cache.layer(f"mu.{i}.block") if cache is not None else None
+            cc = cache.layer(f"mu.{i}.cross") if cache is not None else None
+            state = layer(state, affinity, rope_block, rope_cross, cb, cc)
+        return state
+
+
+# ----------------------------------------------------------------------------------------------
+# graph routing
+
+
+def graph_attention_mask(
+    query_features: Tensor,
+    key_features: Tensor,
+    query_positions: Tensor,
+    key_positions: Tensor,
+    *,
+    window: int,
+    top_k: int,
+    offsets: Tensor,
+) -> Tensor:
+    """Boolean ``[B, Tq, Tk]`` graph mask (True = may attend); never links a query to a later key.
+
+    ``query_features [B, Tq, F]`` / ``key_features [B, Tk, F]`` must be L2-normalised (cosine =
+    dot product); ``*_positions`` are absolute positions (1-D); ``offsets`` a 1-D LongTensor of
+    shortcut offsets (> 0). See the module docstring for the three kinds of edge.
+    """
+    distance = query_positions.unsqueeze(1) - key_positions.unsqueeze(0)  # [Tq, Tk]
+    linked = (distance >= 0) & (distance <= window)
+    if offsets.numel():
+        linked = linked | torch.isin(distance, offsets)
+    b = query_features.size(0)
+    mask = linked.unsqueeze(0).expand(b, -1, -1)
+    if top_k > 0:
+        candidate = (distance > 0) & ~linked  # earlier and not already linked
+        sim = torch.matmul(query_features, key_features.transpose(1, 2)).float()
+        # integer keys: quantised similarity, ties to the most recent key; -1 = not a candidate
+        quantised = torch.round((sim.clamp(-1.0, 1.0) + 1.0) * 16384.0).long()
+        keys = quantised * (1 << 24) + key_positions.unsqueeze(0).unsqueeze(0)
+        keys = keys.masked_fill(~candidate, -1)
+        k = min(top_k, keys.size(-1))
+        top, index = keys.topk(k, dim=-1)
+        chosen = torch.zeros_like(mask).scatter_(-1, index, top >= 0)
+        mask = mask | chosen
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# decoder
+
+
+class StagedBlock(nn.Module):
+    """Pre-norm decoder layer; with ``graph=True`` its attention is the gated graph blend."""
+
+    def __init__(self, d_model: int, n_head: int, d_ff: int, dropout: float, graph: bool):
+        super().__init__()
+        self.norm_attn = RMSNorm(d_model)
+        self.attn = Attention(d_model, n_head, dropout=dropout)
+        self.norm_mlp = RMSNorm(d_model)
+        self.mlp = MLP(d_model, d_ff, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+        self.graph_gate = nn.Parameter(torch.zeros(n_head)) if graph else None
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        graph_mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
+        q, k, v = self.attn.project(self.norm_attn(x), rope=rope, cache=cache)
+        heads = self.attn.attend(q, k, v, causal=True)
+        if self.graph_gate is not None:
+            routed = self.attn.attend(q, k, v, attn_mask=graph_mask.unsqueeze(1))
+            gate = self.graph_gate.to(heads.dtype).view(1, -1, 1, 1)
+            heads = heads + gate * (routed - heads)
+        x = x + self.drop(self.attn.merge(heads))
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class StagedLM(nn.Module):
+    """The staged causal LM. See the module docstring for what each stage adds."""
+
+    kind = "staged"
+
+    def __init__(self, config: StagedLMConfig):
+        super().__init__()
+        self.config = c = config
+        if c.mu_full:
+            self.mu = MUEncoder(c.vocab_size, c.mu_layers, c.max_seq_len, c.dropout)
+            self.mu_norm = RMSNorm(MU_DIM)
+            self.mu_proj = nn.Linear(MU_DIM, c.d_model, bias=False)
+        else:
+            self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        if c.stage >= 1:
+            self.temporal = nn.Embedding(c.vocab_size, c.temporal_dim)
+            self.temporal_proj = nn.Linear(c.temporal_dim, c.d_model, bias=False)
+        self.drop = nn.Dropout(c.dropout)
+        self.rope = RotaryEmbedding(c.d_model // c.n_head, c.max_seq_len)
+        self.blocks = nn.ModuleList(
+            StagedBlock(c.d_model, c.n_head, c.d_ff, c.dropout, graph=c.stage >= 3) for _ in range(c.n_layer)
+        )
+        self.norm = RMSNorm(c.d_model)
+        self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.stage >= 3:
+            self.register_buffer("graph_offsets", torch.tensor(fibonacci_offsets(c.graph_shortcuts, c.graph_window), dtype=torch.long), persistent=False)
+            if not c.mu_full:
+                projection = torch.randn(c.d_model, GRAPH_FEATURE_DIM) / math.sqrt(c.d_model)
+                self.register_buffer("graph_projection", projection)
+        self._init_weights()
+        self.last_graph_stats: dict[str, float] = {}
+
+    # -- construction ----------------------------------------------------------------------------
+
+    def _init_weights(self) -> None:
+        c = self.config
+        init_weights(self)
+        residual_std = scaled_residual_std(c.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.out.weight, 0.0, residual_std)
+            nn.init.normal_(block.mlp.down.weight, 0.0, residual_std)
+        if c.stage >= 1:
+            # zero table: the branch outputs exactly 0 at the start of stage 1; the projection keeps
+            # its random init so the table receives gradient (both zero would never move)
+            nn.init.zeros_(self.temporal.weight)
+        if c.tie_embeddings:
+            if not c.mu_full:
+                self.head.weight = self.embed.weight
+            elif c.d_model == MU_DIM:
+                self.head.weight = self.mu.embed.weight
+
+    @property
+    def tied(self) -> bool:
+        """Whether the output head shares its weight with the input token table."""
+        table = self.mu.embed if self.config.mu_full else self.embed
+        return self.head.weight is table.weight
+
+    @property
+    def uses_k1(self) -> bool:
+        """Whether the training loop should apply K-1 (stage 2 on; ``config.k1_mode`` says how)."""
+        return self.config.stage >= 2
+
+    @classmethod
+    def warm_start(cls, previous: StagedLM, config: StagedLMConfig | dict) -> StagedLM:
+        """A model for ``config.stage`` holding every weight of ``previous``.
+
+        The new stage's components start so that its first logits equal ``previous``'s exactly
+        (zero TEMPORAL table, zero graph gates). Raises if the shapes differ or if ``previous`` has
+        weights the new model lacks (going back a stage).
+        """
+        if isinstance(config, dict):
+            config = StagedLMConfig.from_dict(config)
+        shared = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_seq_len", "tie_embeddings", "mu_full", "mu_layers")
+        if previous.config.stage >= 1 and config.stage >= 1:
+            shared += ("temporal_dim",)
+        diff = [f"{k}: {getattr(previous.config, k)} -> {getattr(config, k)}" for k in shared if getattr(previous.config, k) != getattr(config, k)]
+        if diff:
+            raise ValueError("warm start needs the same shapes; changed: " + ", ".join(diff))
+        if config.stage < previous.config.stage:
+            raise ValueError(f"cannot warm-start stage {config.stage} from stage {previous.config.stage}")
+        reference = next(previous.parameters())
+        model = cls(config).to(device=reference.device, dtype=reference.dtype)
+        missing, unexpected = model.load_state_dict(previous.state_dict(), strict=False)
+        if unexpected:
+            raise ValueError(f"previous model has weights the new one lacks: {unexpected}")
+        new_components = {model.component_of(name) for name in missing}
+        if not new_components <= {"temporal", "graph"}:
+            raise ValueError(f"weights missing from the previous model: {missing}")
+        model.train(previous.training)
+        return model
+
+    # -- groups ------------------------------------------------------------------------------------
+
+    def component_of(self, name: str) -> str:
+        """Module group of a parameter/buffer name: embedding, mu, temporal, attention, graph, mlp, head."""
+        for prefix in ("_orig_mod.", "module."):
+            while name.startswith(prefix):
+                name = name[len(prefix):]
+        if name.startswith(("mu.", "mu_norm.", "mu_proj.")):
+            return "mu"
+        if name.startswith("embed."):
+            return "embedding"
+        if name.startswith("temporal"):
+            return "temporal"
+        if name.startswith("graph_") or name.endswith("graph_gate"):
+            return "graph"
+        if name.startswith("blocks."):
+            part = name.split(".")[2]
+            return "attention" if part in ("attn", "norm_attn") else "mlp"
+        if name.startswith(("norm.", "head.")):
+            return "head"
+        return "other"
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def init_cache(self) -> KVCache:
+        """An empty decoding cache for ``forward(ids, cache=...)``."""
+        return KVCache()
+
+    def graph_features(self, state: Tensor | None, stream: Tensor) -> Tensor:
+        """L2-normalised similarity features ``[B, T, 12]`` for graph routing."""
+        if state is not None:
+            index = [MU_BLOCK_INDEX[n] for n in GRAPH_SIMILARITY_BLOCKS]
+            feats = mu_blocks(state)[:, :, index].flatten(-2)
+        else:
+            feats = stream @ self.graph_projection.to(stream.dtype)
+        return F.normalize(feats.detach().float(), dim=-1)
+
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits ``[B, T, vocab]``. With ``cache``, ``input_ids`` are the next tokens after the
+        cached ones (positions continue from ``cache.length``) and the cache is extended."""
+        c = self.config
+        b, t = input_ids.shape
+        offset = cache.length if cache is not None else 0
+        if offset + t > c.max_seq_len:
+            raise ValueError(f"sequence of {offset + t} tokens exceeds max_seq_len={c.max_seq_len}")
+        positions = torch.arange(offset, offset + t, device=input_ids.device)
+        state = None
+        if c.mu_full:
+            state = self.mu(input_ids, positions, cache)
+            x = self.mu_proj(self.mu_norm(state))
+        else:
+            x = self.embed(input_ids)
+        if c.stage >= 1:
+            x = x + self.temporal_proj(self.temporal(input_ids))
+        graph_mask = None
+        if c.stage >= 3:
+            graph_mask = self._graph_mask(state, x, positions, cache)
+        x = self.drop(x)
+        rope = self.rope(positions)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, graph_mask, cache.layer(f"block.{i}") if cache is not None else None)
+        logits = self.head(self.norm(x))
+        if cache is not None:
+            cache.length = offset + t
+        return logits
+
+    def _graph_mask(self, state: Tensor | None, stream: Tensor, positions: Tensor, cache: KVCache | None) -> Tensor:
+        c = self.config
+        feats = self.graph_features(state, stream)
+        key_feats = feats
+        if cache is not None:
+            previous = cache.extras.get("graph_features")
+            key_feats = feats if previous is None else torch.cat((previous, feats), dim=1)
+            cache.extras["graph_features"] = key_feats
+        key_positions = torch.arange(key_feats.size(1), device=positions.device)
+        with torch.no_grad():
+            mask = graph_attention_mask(
+                feats, key_feats, positions, key_positions,
+                window=c.graph_window, top_k=c.graph_top_k, offsets=self.graph_offsets,
+            )
+            edges = mask.sum(-1, dtype=torch.float32)  # [B, Tq]
+            causal_edges = (positions + 1).to(torch.float32)
+            self.last_graph_stats = {
+                "graph_edges_per_token": float(edges.mean()),
+                "graph_density": float((edges / causal_edges).mean()),
+            }
+        return mask
+
+    # -- objectives --------------------------------------------------------------------------------
+
+    def _summed_nll(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        logits = self(batch["input_ids"])
+        targets = batch["targets"]
+        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        return total, (targets != -100).sum()
+
+    def training_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """Mean next-token cross-entropy over the non-padding targets (-100 ignored)."""
+        total, n = self._summed_nll(batch)
+        loss = total / n.clamp(min=1)
+        metrics = {"loss": float(loss.detach()), "tokens": float(n)}
+        if self.config.stage >= 3:
+            metrics.update(self.last_graph_stats)
+        return loss, metrics
+
+    @torch.no_grad()
+    def nll(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+        """Exact summed NLL (nats, float64 scalar) over the non-padding targets, and their count."""
+        total, n = self._summed_nll(batch)
+        return total.double(), int(n)

@@ -1,0 +1,32 @@
+"""The training report: one self-contained HTML page and its Markdown twin.
+
+``render_html(summary)``, ``render_markdown(summary)`` and ``write_report(summary, html, md)``
+take the summary dict the report stage assembles:
+
+    {"title", "generated_at", "git_commit", "params": {dotted key: value},
+     "mlflow": {"tracking_uri", "experiment", "runs": {stage: run_id}},
+     "data": meta.json,
+     "diagnose": {"status", "checks": [{"name", "status", "value", "threshold", "message"}]},
+     "models": {name: {"kind", "description",
+                       "curves": {"train": [{"step", "loss", "lr", "tokens_per_s"}],
+                                  "val": [{"step", "loss", "ppl", "bpb"}]},
+                       "tokens_per_s", "train_seconds",
+                       "milestones": [{"step", "checkpoint", "val_loss", "val_ppl", "val_bpb", "tokens",
+                                       "samples": [{"prompt", "text"}],
+                                       "quality": {"real_word_share", "distinct_1", "distinct_2",
+                                                   "repetition_rate", "bigram_share"},
+                                       "guidance": [{"scale", "adherence", "n", "ci": [lo, hi],
+                                                     "quality": {...},
+                                                     "samples": [{"prompt", "text", "adherent"}]}]}],
+                       "best": {"step", "rule"},
+                       "checklist": [{"name", "passed", "value", "criterion", "step"}]}},
+     "stage_comparison": [{"model", "val_bpb", "delta_bpb_vs_previous", "tokens_per_s"}],
+     "next_steps": [str]}
+
+Any key may be missing or None. ``line_chart`` (sunfish.report.svg) is the SVG plot helper.
+"""
+
+from sunfish.report.render import render_html, render_markdown, write_report
+from sunfish.report.svg import line_chart
+
+__all__ = ["render_html", "render_markdown", "write_report", "line_chart"]

@@ -1,0 +1,987 @@
+"""Render the pipeline summary as one self-contained HTML page and as Markdown.
+
+The summary dict is described in sunfish/report/__init__.py. Any key may be missing or None (a
+stage that did not run, no guidance sweep for the autoregressive models): each section renders
+what exists and says what is missing, it never raises on a partial summary. All text coming from
+the summary (samples in particular) is escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+import shlex
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from sunfish.report.svg import line_chart
+
+__all__ = ["render_html", "render_markdown", "write_report"]
+
+_MODEL_ORDER = ("stage_0", "stage_1", "stage_2", "stage_3", "cfg")
+_QUALITY_ROWS = (
+    ("real_word_share", "real words"),
+    ("bigram_share", "bigram share"),
+    ("distinct_1", "distinct-1"),
+    ("distinct_2", "distinct-2"),
+    ("repetition_rate", "repetition"),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# tolerant access and formatting
+
+
+def _d(x: Any) -> dict:
+    return x if isinstance(x, dict) else {}
+
+
+def _l(x: Any) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else []
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x)
+
+
+def _finite(x: Any) -> float | None:
+    v = _num(x)
+    return v if v is not None and math.isfinite(v) else None
+
+
+def _int(x: Any) -> int | None:
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return x
+    if isinstance(x, float) and math.isfinite(x) and x == int(x):
+        return int(x)
+    return None
+
+
+def _f(x: Any, nd: int = 3) -> str:
+    """Fixed decimals for numbers; a dash for anything missing."""
+    v = _num(x)
+    if v is None:
+        return "–" if x is None else str(x)
+    if not math.isfinite(v):
+        return str(v)
+    if abs(v) >= 1e5:
+        return f"{v:,.0f}"
+    return f"{v:.{nd}f}"
+
+
+def _count(x: Any) -> str:
+    v = _num(x)
+    if v is None:
+        return "–" if x is None else str(x)
+    if not math.isfinite(v):
+        return str(v)
+    return f"{v:,.0f}" if v == int(v) else f"{v:,.1f}"
+
+
+def _value(x: Any) -> str:
+    """A checklist value or a parameter: numbers to 4 significant digits, dicts as k=v."""
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "true" if x else "false"
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        return f"{x:.4g}" if math.isfinite(x) else str(x)
+    if isinstance(x, dict):
+        return ", ".join(f"{k}: {_value(v)}" for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_value(v) for v in x) + "]"
+    return str(x)
+
+
+def _duration(seconds: Any) -> str:
+    s = _finite(seconds)
+    if s is None:
+        return "–"
+    if s < 90:
+        return f"{s:.1f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def _verdict(passed: Any) -> tuple[str, str]:
+    """(css class, label) for a checklist result."""
+    if passed is True:
+        return "pass", "✓ pass"
+    if passed is False:
+        return "fail", "✗ fail"
+    return "na", "– n/a"
+
+
+def _model_names(models: dict) -> list[str]:
+    known = [m for m in _MODEL_ORDER if m in models]
+    return known + sorted((str(m) for m in models if m not in _MODEL_ORDER), key=str)
+
+
+def _milestones(model: dict) -> list[dict]:
+    ms = [m for m in _l(model.get("milestones")) if isinstance(m, dict)]
+    return sorted(ms, key=lambda m: (_int(m.get("step")) is None, _int(m.get("step")) or 0))
+
+
+def _best_milestone(model: dict) -> dict | None:
+    ms = _milestones(model)
+    step = _int(_d(model.get("best")).get("step"))
+    for m in ms:
+        if step is not None and _int(m.get("step")) == step:
+            return m
+    return ms[-1] if ms else None
+
+
+def _guided_milestone(model: dict) -> dict | None:
+    """The milestone whose guidance sweep the report shows: the best one, else the latest swept."""
+    best = _best_milestone(model)
+    if best is not None and _guidance(best):
+        return best
+    swept = [m for m in _milestones(model) if _guidance(m)]
+    return swept[-1] if swept else None
+
+
+def _guidance(m: dict | None) -> list[dict]:
+    rows = [r for r in _l(_d(m).get("guidance")) if isinstance(r, dict) and _finite(r.get("scale")) is not None]
+    return sorted(rows, key=lambda r: _finite(r.get("scale")))
+
+
+def _checklist_rows(models: dict, names: list[str]) -> list[tuple[str, str]]:
+    """(item name, criterion) in order of first appearance across models."""
+    seen: dict[str, str] = {}
+    for name in names:
+        for item in _l(_d(models.get(name)).get("checklist")):
+            item = _d(item)
+            key = str(item.get("name", "?"))
+            if key not in seen or not seen[key]:
+                seen[key] = str(item.get("criterion") or "")
+    return list(seen.items())
+
+
+def _find_item(model: dict, name: str) -> dict | None:
+    for item in _l(model.get("checklist")):
+        if isinstance(item, dict) and str(item.get("name", "?")) == name:
+            return item
+    return None
+
+
+def _item_value(item: dict) -> tuple[str, str]:
+    """(measured value text, "step N" text) of a checklist item; empty strings when absent."""
+    if item.get("value") is None:
+        return "", ""
+    value = _value(item.get("value"))
+    step = f"step {item.get('step')}" if item.get("step") is not None else ""
+    if step and step in value:  # the value already names its steps
+        step = ""
+    return value, step
+
+
+def _samples_by_prompt(milestones: list[dict], key: str = "samples") -> tuple[list[str], dict]:
+    """Ordered prompts and {(prompt, step index): [text, ...]}."""
+    prompts: list[str] = []
+    cells: dict[tuple[str, int], list[dict]] = {}
+    for i, m in enumerate(milestones):
+        for s in _l(m.get(key)):
+            if not isinstance(s, dict):
+                continue
+            prompt = "" if s.get("prompt") is None else str(s.get("prompt"))
+            if prompt not in prompts:
+                prompts.append(prompt)
+            cells.setdefault((prompt, i), []).append(s)
+    return prompts, cells
+
+
+def _step_label(m: dict) -> str:
+    step = m.get("step")
+    return f"step {step}" if step is not None else "step ?"
+
+
+def _loss_points(rows: Any, key: str) -> list[tuple[Any, Any]]:
+    return [(r.get("step"), r.get(key)) for r in _l(rows) if isinstance(r, dict)]
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = """
+:root { --fg:#1d1d1f; --muted:#666; --line:#d9d9de; --bg-alt:#f6f6f8; --pass:#1a7f37; --fail:#c62828; --warn:#b26a00; }
+* { box-sizing: border-box; }
+body { margin:0; color:var(--fg); background:#fff; font:15px/1.55 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif; }
+main { max-width:1180px; margin:0 auto; padding:24px 28px 64px; }
+h1 { font-size:1.9rem; margin:0 0 4px; }
+h2 { font-size:1.35rem; margin:40px 0 12px; padding-bottom:4px; border-bottom:2px solid var(--line); }
+h3 { font-size:1.08rem; margin:24px 0 8px; }
+p.meta, .muted { color:var(--muted); }
+nav { margin:12px 0 0; font-size:.92rem; }
+nav a { margin-right:14px; color:#0b5cad; text-decoration:none; }
+nav a:hover { text-decoration:underline; }
+table { border-collapse:collapse; margin:8px 0 16px; font-size:.9rem; }
+th, td { border:1px solid var(--line); padding:5px 9px; text-align:left; vertical-align:top; }
+th { background:var(--bg-alt); font-weight:600; }
+td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
+tr:nth-child(even) td { background:#fcfcfd; }
+.wrap { overflow-x:auto; }
+.sample { white-space:pre-wrap; word-break:break-word; font:13px/1.45 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; min-width:220px; max-width:420px; }
+.sample + .sample { border-top:1px dashed var(--line); margin-top:6px; padding-top:6px; }
+.prompt { font-weight:600; }
+.best { color:#0b5cad; font-weight:600; }
+.pass { color:var(--pass); font-weight:600; }
+.fail { color:var(--fail); font-weight:600; }
+.na { color:var(--muted); }
+.status-ok { color:var(--pass); font-weight:600; }
+.status-warn { color:var(--warn); font-weight:600; }
+.status-fail { color:var(--fail); font-weight:600; }
+.charts { display:flex; flex-wrap:wrap; gap:16px; align-items:flex-start; }
+.charts svg { max-width:100%; height:auto; border:1px solid var(--line); border-radius:4px; }
+code, pre { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:.88rem; }
+pre.cmd { background:var(--bg-alt); border:1px solid var(--line); padding:8px 12px; overflow-x:auto; }
+.rule { background:var(--bg-alt); border-left:4px solid #0b5cad; padding:6px 12px; margin:8px 0; }
+details summary { cursor:pointer; color:#0b5cad; }
+footer { margin-top:48px; color:var(--muted); font-size:.85rem; }
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape("" if x is None else str(x), quote=True)
+
+
+def _table(header: list[str], rows: list[list[str]], *, cls: str = "", num_cols: Iterable[int] = ()) -> str:
+    """An HTML table; header and cell strings are already HTML (escape before)."""
+    nums = set(num_cols)
+
+    def cell(tag: str, i: int, content: str) -> str:
+        attr = ' class="num"' if i in nums else ""
+        return f"<{tag}{attr}>{content}</{tag}>"
+
+    table_attr = f' class="{cls}"' if cls else ""
+    out = [f'<div class="wrap"><table{table_attr}><thead><tr>']
+    out += [cell("th", i, h) for i, h in enumerate(header)]
+    out.append("</tr></thead><tbody>")
+    for row in rows:
+        out.append("<tr>" + "".join(cell("td", i, c) for i, c in enumerate(row)) + "</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+def _html_summary(s: dict, models: dict, names: list[str]) -> str:
+    out = ['<section id="summary"><h2>Summary</h2>']
+    if not names:
+        out.append('<p class="muted">No model results in this summary.</p>')
+    else:
+        rows = []
+        rules: dict[str, list[str]] = {}
+        for name in names:
+            model = _d(models.get(name))
+            if not model:
+                rows.append([f"<strong>{_e(name)}</strong>", "–", '<span class="na">did not run</span>'] + ["–"] * 5)
+                continue
+            best = _d(model.get("best"))
+            m = _best_milestone(model) or {}
+            items = [_d(i) for i in _l(model.get("checklist"))]
+            measured = [i for i in items if i.get("passed") is not None]
+            passed = [i for i in measured if i.get("passed") is True]
+            rule = best.get("rule")
+            if rule:
+                rules.setdefault(str(rule), []).append(name)
+            rows.append(
+                [
+                    f"<strong>{_e(name)}</strong>",
+                    _e(model.get("kind") or "–"),
+                    _e(model.get("description") or ""),
+                    _e(best.get("step") if best.get("step") is not None else m.get("step", "–")),
+                    _f(m.get("val_loss")),
+                    _f(m.get("val_ppl"), 2),
+                    _f(m.get("val_bpb")),
+                    f"{len(passed)}/{len(measured)}" + (f' <span class="muted">({len(items) - len(measured)} n/a)</span>' if len(items) > len(measured) else ""),
+                ]
+            )
+        out.append("<h3>Best checkpoint per model</h3>")
+        out.append(
+            _table(
+                ["Model", "Kind", "Description", "Best step", "Val loss", "Val ppl", "Val bpb", "Checklist passed"],
+                rows,
+                num_cols=(3, 4, 5, 6),
+            )
+        )
+        for rule, who in rules.items():
+            label = "Best-checkpoint rule" + ("" if len(rules) == 1 else f" ({', '.join(who)})")
+            out.append(f'<p class="rule"><strong>{_e(label)}:</strong> {_e(rule)}</p>')
+
+        items = _checklist_rows(models, names)
+        out.append("<h3>Checklist (measured)</h3>")
+        if items:
+            ran = [n for n in names if _d(models.get(n))]
+            header = ["Item", "Criterion"] + [_e(n) for n in ran]
+            rows = []
+            for item_name, criterion in items:
+                row = [f"<strong>{_e(item_name)}</strong>", _e(criterion)]
+                for n in ran:
+                    item = _find_item(_d(models.get(n)), item_name)
+                    if item is None:
+                        row.append('<span class="na">–</span>')
+                        continue
+                    cls, label = _verdict(item.get("passed"))
+                    value, step = _item_value(item)
+                    value = f"<br>{_e(value)}" if value else ""
+                    where = f'<br><span class="muted">{_e(step)}</span>' if step else ""
+                    row.append(f'<span class="{cls}">{label}</span>{value}{where}')
+                rows.append(row)
+            out.append(_table(header, rows, cls="checklist"))
+        else:
+            out.append('<p class="muted">No checklist was computed.</p>')
+
+    steps = [x for x in _l(s.get("next_steps")) if x is not None]
+    out.append("<h3>What to do next</h3>")
+    if steps:
+        out.append("<ol>" + "".join(f"<li>{_e(x)}</li>" for x in steps) + "</ol>")
+    else:
+        out.append('<p class="muted">No suggestions.</p>')
+    out.append("</section>")
+    return "".join(out)
+
+
+def _html_curves(models: dict, names: list[str]) -> str:
+    out = ['<section id="curves"><h2>Loss and perplexity curves</h2>']
+    shown = 0
+    for name in names:
+        model = _d(models.get(name))
+        curves = _d(model.get("curves"))
+        train, val = curves.get("train"), curves.get("val")
+        if not model or not (_l(train) or _l(val)):
+            continue
+        shown += 1
+        out.append(f"<h3>{_e(name)}</h3>")
+        if model.get("description"):
+            out.append(f'<p class="muted">{_e(model.get("description"))}</p>')
+        loss = line_chart(
+            {"train loss": _loss_points(train, "loss"), "val loss": _loss_points(val, "loss")},
+            title=f"{name}: loss",
+            x_label="step",
+            y_label="nats / token",
+        )
+        ppl_points = []
+        for r in _l(val):
+            r = _d(r)
+            ppl = r.get("ppl")
+            if ppl is None and _finite(r.get("loss")) is not None and r["loss"] < 700:
+                ppl = math.exp(r["loss"])
+            ppl_points.append((r.get("step"), ppl))
+        train_ppl = []
+        for r in _l(train):
+            r = _d(r)
+            v = _finite(r.get("loss"))
+            train_ppl.append((r.get("step"), math.exp(v) if v is not None and v < 700 else None))
+        ppl = line_chart(
+            {"train ppl": train_ppl, "val ppl": ppl_points},
+            title=f"{name}: perplexity",
+            x_label="step",
+            y_label="perplexity",
+            log_y=True,
+        )
+        out.append(f'<div class="charts">{loss}{ppl}</div>')
+        facts = []
+        if model.get("tokens_per_s") is not None:
+            facts.append(f"throughput {_count(model.get('tokens_per_s'))} tokens/s")
+        if model.get("train_seconds") is not None:
+            facts.append(f"training time {_duration(model.get('train_seconds'))}")
+        if facts:
+            out.append(f'<p class="muted">{_e(" · ".join(facts))}</p>')
+    if not shown:
+        out.append('<p class="muted">No training curves were recorded.</p>')
+    out.append("</section>")
+    return "".join(out)
+
+
+def _html_comparison(s: dict) -> str:
+    rows = [_d(r) for r in _l(s.get("stage_comparison")) if isinstance(r, dict)]
+    out = ['<section id="comparison"><h2>Stage comparison</h2>']
+    if rows:
+        body = []
+        for r in rows:
+            delta = _finite(r.get("delta_bpb_vs_previous"))
+            dtxt = "–" if delta is None else f"{delta:+.3f}"
+            body.append([_e(r.get("model", "?")), _f(r.get("val_bpb")), dtxt, _count(r.get("tokens_per_s"))])
+        out.append(_table(["Model", "Val bits/byte", "Δ bpb vs previous", "Tokens/s"], body, num_cols=(1, 2, 3)))
+        out.append('<p class="muted">Lower bits per byte is better; a negative Δ means the stage improved on the previous one.</p>')
+    else:
+        out.append('<p class="muted">No stage comparison available.</p>')
+    out.append("</section>")
+    return "".join(out)
+
+
+def _html_guidance(models: dict, names: list[str]) -> str:
+    out = ['<section id="guidance"><h2>Prompt adherence vs guidance</h2>']
+    shown = 0
+    for name in names:
+        model = _d(models.get(name))
+        judged = _guided_milestone(model)
+        if judged is None:
+            continue
+        shown += 1
+        rows = _guidance(judged)
+        out.append(f"<h3>{_e(name)} — {_e(_step_label(judged))}</h3>")
+        adherence_series = {}
+        for m in _milestones(model):
+            g = _guidance(m)
+            if not g:
+                continue
+            pts = []
+            for r in g:
+                ci = _l(r.get("ci"))
+                if m is judged and len(ci) == 2:
+                    pts.append((r.get("scale"), r.get("adherence"), ci[0], ci[1]))
+                else:
+                    pts.append((r.get("scale"), r.get("adherence")))
+            adherence_series[f"adherence, {_step_label(m)}"] = pts
+        chart_a = line_chart(
+            adherence_series, title=f"{name}: prompt adherence", x_label="guidance scale w",
+            y_label="share of samples following the prompt", y_min=0, y_max=1,
+        )
+        q_series = {
+            "distinct-2": [(r.get("scale"), _d(r.get("quality")).get("distinct_2")) for r in rows],
+            "real words": [(r.get("scale"), _d(r.get("quality")).get("real_word_share")) for r in rows],
+            "repetition": [(r.get("scale"), _d(r.get("quality")).get("repetition_rate")) for r in rows],
+        }
+        chart_q = line_chart(
+            q_series, title=f"{name}: sample quality ({_step_label(judged)})", x_label="guidance scale w",
+            y_label="share", y_min=0, y_max=1,
+        )
+        out.append(f'<div class="charts">{chart_a}{chart_q}</div>')
+        out.append('<p class="muted">Error bars: 95% Wilson interval of the adherence share.</p>')
+        body = []
+        for r in rows:
+            ci = _l(r.get("ci"))
+            q = _d(r.get("quality"))
+            body.append(
+                [
+                    _e(_value(r.get("scale"))),
+                    _f(r.get("adherence")),
+                    f"[{_f(ci[0])}, {_f(ci[1])}]" if len(ci) == 2 else "–",
+                    _count(r.get("n")),
+                    _f(q.get("distinct_2")),
+                    _f(q.get("real_word_share")),
+                    _f(q.get("repetition_rate")),
+                ]
+            )
+        out.append(
+            _table(["Guidance w", "Adherence", "95% CI", "n", "Distinct-2", "Real words", "Repetition"], body, num_cols=range(7))
+        )
+        # samples per guidance scale: rows = prompts, columns = scales
+        prompts: list[str] = []
+        cells: dict[tuple[str, int], list[dict]] = {}
+        for i, r in enumerate(rows):
+            for smp in _l(r.get("samples")):
+                if not isinstance(smp, dict):
+                    continue
+                p = "" if smp.get("prompt") is None else str(smp.get("prompt"))
+                if p not in prompts:
+                    prompts.append(p)
+                cells.setdefault((p, i), []).append(smp)
+        if prompts:
+            header = ["Prompt"] + [f"w = {_e(_value(r.get('scale')))}" for r in rows]
+            body = []
+            for p in prompts:
+                row = [f'<span class="prompt">{_e(p) or "<em>(null prompt)</em>"}</span>']
+                for i in range(len(rows)):
+                    row.append(_html_sample_cell(cells.get((p, i), []), adherence=True))
+                body.append(row)
+            out.append("<details><summary>Samples per guidance scale</summary>")
+            out.append(_table(header, body, cls="samples"))
+            out.append("</details>")
+    if not shown:
+        out.append('<p class="muted">No guidance sweep in this summary (only the diffusion model has one).</p>')
+    out.append("</section>")
+    return "".join(out)
+
+
+def _html_sample_cell(samples: list[dict], adherence: bool = False) -> str:
+    if not samples:
+        return '<span class="na">–</span>'
+    parts = []
+    for smp in samples:
+        mark = ""
+        if adherence and smp.get("adherent") is not None:
+            mark = '<span class="pass">✓ </span>' if smp.get("adherent") else '<span class="fail">✗ </span>'
+        parts.append(f'<div class="sample">{mark}{_e(smp.get("text", ""))}</div>')
+    return "".join(parts)
+
+
+def _html_samples(models: dict, names: list[str]) -> str:
+    out = ['<section id="samples"><h2>Samples per milestone</h2>']
+    shown = 0
+    for name in names:
+        model = _d(models.get(name))
+        ms = _milestones(model)
+        prompts, cells = _samples_by_prompt(ms)
+        if not ms:
+            continue
+        shown += 1
+        best_step = _int(_d(model.get("best")).get("step"))
+        out.append(f"<h3>{_e(name)}</h3>")
+        header = ["Prompt"]
+        for m in ms:
+            cls = ' class="best"' if best_step is not None and _int(m.get("step")) == best_step else ""
+            sub = f'<br><span class="muted">val loss {_f(m.get("val_loss"))}</span>'
+            best = " ★ best" if cls else ""
+            header.append(f"<span{cls}>{_e(_step_label(m))}{best}</span>{sub}")
+        body = []
+        for p in prompts:
+            row = [f'<span class="prompt">{_e(p) or "<em>(no prompt)</em>"}</span>']
+            for i in range(len(ms)):
+                row.append(_html_sample_cell(cells.get((p, i), [])))
+            body.append(row)
+        for key, label in _QUALITY_ROWS:
+            vals = [_d(m.get("quality")).get(key) for m in ms]
+            if any(v is not None for v in vals):
+                body.append([f'<span class="muted">{_e(label)}</span>'] + [_f(v) for v in vals])
+        if not prompts:
+            out.append('<p class="muted">No samples were recorded.</p>')
+        out.append(_table(header, body, cls="samples"))
+    if not shown:
+        out.append('<p class="muted">No milestones in this summary.</p>')
+    out.append("</section>")
+    return "".join(out)
+
+
+def _html_diagnose(s: dict) -> str:
+    diag = _d(s.get("diagnose"))
+    out = ['<section id="diagnose"><h2>Diagnostics</h2>']
+    if not diag:
+        out.append('<p class="muted">The diagnose stage did not run.</p></section>')
+        return "".join(out)
+    status = str(diag.get("status") or "unknown")
+    out.append(f'<p>Overall status: <span class="status-{_e(status)}">{_e(status.upper())}</span></p>')
+    rows = []
+    for c in _l(diag.get("checks")):
+        c = _d(c)
+        st = str(c.get("status") or "?")
+        rows.append(
+            [
+                _e(c.get("name", "?")),
+                f'<span class="status-{_e(st)}">{_e(st)}</span>',
+                _e(_value(c.get("value"))),
+                _e(_value(c.get("threshold"))),
+                _e(c.get("message") or ""),
+            ]
+        )
+    if rows:
+        out.append(_table(["Check", "Status", "Value", "Threshold", "Message"], rows))
+    out.append("</section>")
+    return "".join(out)
+
+
+def _html_data(s: dict) -> str:
+    data = _d(s.get("data"))
+    out = ['<section id="data"><h2>Data</h2>']
+    if not data:
+        out.append('<p class="muted">No data description.</p></section>')
+        return "".join(out)
+    out.append(f"<p>Source: <code>{_e(data.get('source', '–'))}</code> · vocabulary {_count(data.get('vocab_size'))} tokens</p>")
+    splits = _d(data.get("splits"))
+    pairs = _d(data.get("pairs"))
+    if splits:
+        rows = []
+        for split, info in splits.items():
+            info = _d(info)
+            rows.append(
+                [
+                    _e(split),
+                    _count(info.get("documents")),
+                    _count(info.get("bytes")),
+                    _count(info.get("tokens")),
+                    _f(info.get("bytes_per_token"), 2),
+                    _count(pairs.get(split)),
+                ]
+            )
+        out.append(_table(["Split", "Documents", "Bytes", "Tokens", "Bytes/token", "Prompt pairs"], rows, num_cols=range(1, 6)))
+    out.append("</section>")
+    return "".join(out)
+
+
+def _mlflow_command(uri: Any) -> str:
+    return f"mlflow ui --backend-store-uri {shlex.quote(str(uri))}" if uri else "mlflow ui"
+
+
+def _html_mlflow(s: dict) -> str:
+    ml = _d(s.get("mlflow"))
+    out = ['<section id="mlflow"><h2>MLflow runs</h2>']
+    if not ml:
+        out.append('<p class="muted">Tracking was disabled or did not record runs.</p></section>')
+        return "".join(out)
+    out.append(f"<p>Tracking URI: <code>{_e(ml.get('tracking_uri') or '–')}</code> · experiment <code>{_e(ml.get('experiment') or '–')}</code></p>")
+    out.append(f"<p>Open the UI:</p><pre class=\"cmd\">{_e(_mlflow_command(ml.get('tracking_uri')))}</pre>")
+    runs = _d(ml.get("runs"))
+    if runs:
+        out.append(_table(["Stage", "Run id"], [[_e(k), f"<code>{_e(v if v is not None else '–')}</code>"] for k, v in runs.items()]))
+    out.append("</section>")
+    return "".join(out)
+
+
+def _html_params(s: dict) -> str:
+    params = _d(s.get("params"))
+    out = ['<section id="params"><h2>Parameters</h2>']
+    if params:
+        rows = [[f"<code>{_e(k)}</code>", _e(_value(params[k]))] for k in sorted(params, key=str)]
+        out.append(f"<details><summary>{len(rows)} parameters</summary>{_table(['Key', 'Value'], rows)}</details>")
+    else:
+        out.append('<p class="muted">No parameters recorded.</p>')
+    out.append("</section>")
+    return "".join(out)
+
+
+def render_html(summary: dict) -> str:
+    """One self-contained HTML page (inline CSS and SVG, no external resources)."""
+    s = _d(summary)
+    models = _d(s.get("models"))
+    names = _model_names(models)
+    title = s.get("title") or "SunFish training report"
+    meta = []
+    if s.get("generated_at"):
+        meta.append(f"generated {_e(s.get('generated_at'))}")
+    if s.get("git_commit"):
+        meta.append(f"commit <code>{_e(s.get('git_commit'))}</code>")
+    if _d(s.get("data")).get("source"):
+        meta.append(f"data <code>{_e(_d(s.get('data')).get('source'))}</code>")
+    nav = [
+        ("summary", "Summary"),
+        ("curves", "Curves"),
+        ("comparison", "Stage comparison"),
+        ("guidance", "Guidance"),
+        ("samples", "Samples"),
+        ("diagnose", "Diagnostics"),
+        ("data", "Data"),
+        ("mlflow", "MLflow"),
+        ("params", "Parameters"),
+    ]
+    body = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title>",
+        f"<style>{_CSS}</style></head><body><main>",
+        f"<header><h1>{_e(title)}</h1>",
+        f'<p class="meta">{" · ".join(meta)}</p>' if meta else "",
+        "<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in nav) + "</nav></header>",
+    ]
+    sections: list[Callable[[], str]] = [
+        lambda: _html_summary(s, models, names),
+        lambda: _html_curves(models, names),
+        lambda: _html_comparison(s),
+        lambda: _html_guidance(models, names),
+        lambda: _html_samples(models, names),
+        lambda: _html_diagnose(s),
+        lambda: _html_data(s),
+        lambda: _html_mlflow(s),
+        lambda: _html_params(s),
+    ]
+    body += [section() for section in sections]
+    body.append(f"<footer>Generated by sunfish.report{(' · ' + _e(s.get('generated_at'))) if s.get('generated_at') else ''}</footer>")
+    body.append("</main></body></html>\n")
+    return "\n".join(x for x in body if x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+
+# Markdown syntax characters; "_" only where it could open or close emphasis (not inside words,
+# so that names such as stage_0 stay readable in the raw file).
+_MD_SPECIAL = re.compile(r"([\\`*\[\]|#~]|(?<!\w)_|_(?!\w))")
+
+
+def _m(x: Any) -> str:
+    """Text safe inside a Markdown table cell or paragraph: HTML and Markdown syntax neutralised."""
+    text = "" if x is None else str(x)
+    text = html.escape(text, quote=False)
+    text = _MD_SPECIAL.sub(r"\\\1", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.replace("\n", "<br>")
+
+
+def _code(x: Any) -> str:
+    """Inline code span for identifiers (run ids, URIs); backticks, pipes and newlines removed."""
+    text = re.sub(r"[`|\r\n]", "", str(x))
+    return f"`{text}`" if text else "–"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(c if c else " " for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(summary: dict) -> str:
+    """The same content as render_html, with tables instead of plots."""
+    s = _d(summary)
+    models = _d(s.get("models"))
+    names = _model_names(models)
+    out: list[str] = [f"# {_m(s.get('title') or 'SunFish training report')}", ""]
+    meta = []
+    if s.get("generated_at"):
+        meta.append(f"generated {_m(s.get('generated_at'))}")
+    if s.get("git_commit"):
+        meta.append(f"commit {_code(s.get('git_commit'))}")
+    if _d(s.get("data")).get("source"):
+        meta.append(f"data {_m(_d(s.get('data')).get('source'))}")
+    if meta:
+        out += [" · ".join(meta), ""]
+
+    # summary
+    out += ["## Summary", ""]
+    if names:
+        rows, rules = [], {}
+        for name in names:
+            model = _d(models.get(name))
+            if not model:
+                rows.append([f"**{_m(name)}**", "–", "did not run", "–", "–", "–", "–", "–"])
+                continue
+            best = _d(model.get("best"))
+            m = _best_milestone(model) or {}
+            items = [_d(i) for i in _l(model.get("checklist"))]
+            measured = [i for i in items if i.get("passed") is not None]
+            passed = [i for i in measured if i.get("passed") is True]
+            if best.get("rule"):
+                rules.setdefault(str(best["rule"]), []).append(name)
+            rows.append(
+                [
+                    f"**{_m(name)}**",
+                    _m(model.get("kind") or "–"),
+                    _m(model.get("description") or ""),
+                    _m(best.get("step") if best.get("step") is not None else m.get("step", "–")),
+                    _f(m.get("val_loss")),
+                    _f(m.get("val_ppl"), 2),
+                    _f(m.get("val_bpb")),
+                    f"{len(passed)}/{len(measured)}" + (f" ({len(items) - len(measured)} n/a)" if len(items) > len(measured) else ""),
+                ]
+            )
+        out += ["### Best checkpoint per model", ""]
+        out += [_md_table(["Model", "Kind", "Description", "Best step", "Val loss", "Val ppl", "Val bpb", "Checklist passed"], rows), ""]
+        for rule, who in rules.items():
+            label = "Best-checkpoint rule" + ("" if len(rules) == 1 else f" ({', '.join(who)})")
+            out += [f"> **{_m(label)}:** {_m(rule)}", ""]
+        items = _checklist_rows(models, names)
+        out += ["### Checklist (measured)", ""]
+        if items:
+            ran = [n for n in names if _d(models.get(n))]
+            rows = []
+            for item_name, criterion in items:
+                row = [f"**{_m(item_name)}**", _m(criterion)]
+                for n in ran:
+                    item = _find_item(_d(models.get(n)), item_name)
+                    if item is None:
+                        row.append("–")
+                        continue
+                    _, label = _verdict(item.get("passed"))
+                    value, step = _item_value(item)
+                    row.append(label + (f": {_m(value)}" if value else "") + (f" ({_m(step)})" if step else ""))
+                rows.append(row)
+            out += [_md_table(["Item", "Criterion"] + [_m(n) for n in ran], rows), ""]
+        else:
+            out += ["No checklist was computed.", ""]
+    else:
+        out += ["No model results in this summary.", ""]
+    out += ["### What to do next", ""]
+    steps = [x for x in _l(s.get("next_steps")) if x is not None]
+    out += [f"{i}. {_m(x)}" for i, x in enumerate(steps, 1)] or ["No suggestions."]
+    out.append("")
+
+    # curves as tables
+    out += ["## Loss and perplexity curves", ""]
+    any_curve = False
+    for name in names:
+        model = _d(models.get(name))
+        curves = _d(model.get("curves"))
+        val = [_d(r) for r in _l(curves.get("val"))]
+        train = [_d(r) for r in _l(curves.get("train"))]
+        if not (val or train):
+            continue
+        any_curve = True
+        out += [f"### {_m(name)}", ""]
+        facts = []
+        if model.get("tokens_per_s") is not None:
+            facts.append(f"throughput {_count(model.get('tokens_per_s'))} tokens/s")
+        if model.get("train_seconds") is not None:
+            facts.append(f"training time {_duration(model.get('train_seconds'))}")
+        if facts:
+            out += [" · ".join(facts), ""]
+        if val:
+            out += [
+                _md_table(
+                    ["Step", "Val loss", "Val ppl", "Val bpb"],
+                    [[_m(r.get("step")), _f(r.get("loss")), _f(r.get("ppl"), 2), _f(r.get("bpb"))] for r in val],
+                ),
+                "",
+            ]
+        if train:
+            # at most ~12 evenly spaced rows of the training log, always with the last one
+            stride = max(1, math.ceil(len(train) / 12))
+            picked = train[::stride]
+            if picked[-1] is not train[-1]:
+                picked.append(train[-1])
+            out += [
+                _md_table(
+                    ["Step", "Train loss", "LR", "Tokens/s"],
+                    [[_m(r.get("step")), _f(r.get("loss")), _m(_value(r.get("lr"))), _count(r.get("tokens_per_s"))] for r in picked],
+                ),
+                "",
+            ]
+    if not any_curve:
+        out += ["No training curves were recorded.", ""]
+
+    # stage comparison
+    out += ["## Stage comparison", ""]
+    comp = [_d(r) for r in _l(s.get("stage_comparison")) if isinstance(r, dict)]
+    if comp:
+        rows = []
+        for r in comp:
+            delta = _finite(r.get("delta_bpb_vs_previous"))
+            rows.append([_m(r.get("model", "?")), _f(r.get("val_bpb")), "–" if delta is None else f"{delta:+.3f}", _count(r.get("tokens_per_s"))])
+        out += [_md_table(["Model", "Val bits/byte", "Δ bpb vs previous", "Tokens/s"], rows), ""]
+    else:
+        out += ["No stage comparison available.", ""]
+
+    # guidance
+    out += ["## Prompt adherence vs guidance", ""]
+    shown = False
+    for name in names:
+        model = _d(models.get(name))
+        judged = _guided_milestone(model)
+        if judged is None:
+            continue
+        shown = True
+        rows = _guidance(judged)
+        out += [f"### {_m(name)} — {_m(_step_label(judged))}", ""]
+        body = []
+        for r in rows:
+            ci = _l(r.get("ci"))
+            q = _d(r.get("quality"))
+            body.append(
+                [
+                    _m(_value(r.get("scale"))),
+                    _f(r.get("adherence")),
+                    f"[{_f(ci[0])}, {_f(ci[1])}]" if len(ci) == 2 else "–",
+                    _count(r.get("n")),
+                    _f(q.get("distinct_2")),
+                    _f(q.get("real_word_share")),
+                    _f(q.get("repetition_rate")),
+                ]
+            )
+        out += [_md_table(["Guidance w", "Adherence", "95% CI (Wilson)", "n", "Distinct-2", "Real words", "Repetition"], body), ""]
+        prompts: list[str] = []
+        cells: dict[tuple[str, int], list[dict]] = {}
+        for i, r in enumerate(rows):
+            for smp in _l(r.get("samples")):
+                if isinstance(smp, dict):
+                    p = "" if smp.get("prompt") is None else str(smp.get("prompt"))
+                    if p not in prompts:
+                        prompts.append(p)
+                    cells.setdefault((p, i), []).append(smp)
+        if prompts:
+            out += ["Samples per guidance scale (✓ = followed the prompt):", ""]
+            header = ["Prompt"] + [f"w = {_m(_value(r.get('scale')))}" for r in rows]
+            body = [[_m(p) or "*(null prompt)*"] + [_md_sample_cell(cells.get((p, i), []), True) for i in range(len(rows))] for p in prompts]
+            out += [_md_table(header, body), ""]
+    if not shown:
+        out += ["No guidance sweep in this summary (only the diffusion model has one).", ""]
+
+    # samples
+    out += ["## Samples per milestone", ""]
+    shown = False
+    for name in names:
+        model = _d(models.get(name))
+        ms = _milestones(model)
+        if not ms:
+            continue
+        shown = True
+        best_step = _int(_d(model.get("best")).get("step"))
+        prompts, cells = _samples_by_prompt(ms)
+        out += [f"### {_m(name)}", ""]
+        header = ["Prompt"]
+        for m in ms:
+            star = " ★ best" if best_step is not None and _int(m.get("step")) == best_step else ""
+            header.append(f"{_m(_step_label(m))}{star} (val loss {_f(m.get('val_loss'))})")
+        body = [[_m(p) or "*(no prompt)*"] + [_md_sample_cell(cells.get((p, i), [])) for i in range(len(ms))] for p in prompts]
+        for key, label in _QUALITY_ROWS:
+            vals = [_d(m.get("quality")).get(key) for m in ms]
+            if any(v is not None for v in vals):
+                body.append([f"*{label}*"] + [_f(v) for v in vals])
+        out += [_md_table(header, body), ""]
+    if not shown:
+        out += ["No milestones in this summary.", ""]
+
+    # diagnose
+    out += ["## Diagnostics", ""]
+    diag = _d(s.get("diagnose"))
+    if diag:
+        out += [f"Overall status: **{_m(str(diag.get('status') or 'unknown').upper())}**", ""]
+        rows = [
+            [_m(_d(c).get("name", "?")), _m(_d(c).get("status", "?")), _m(_value(_d(c).get("value"))), _m(_value(_d(c).get("threshold"))), _m(_d(c).get("message") or "")]
+            for c in _l(diag.get("checks"))
+        ]
+        if rows:
+            out += [_md_table(["Check", "Status", "Value", "Threshold", "Message"], rows), ""]
+    else:
+        out += ["The diagnose stage did not run.", ""]
+
+    # data
+    out += ["## Data", ""]
+    data = _d(s.get("data"))
+    if data:
+        out += [f"Source: {_m(data.get('source', '–'))} · vocabulary {_count(data.get('vocab_size'))} tokens", ""]
+        splits, pairs = _d(data.get("splits")), _d(data.get("pairs"))
+        if splits:
+            rows = [
+                [_m(k), _count(_d(v).get("documents")), _count(_d(v).get("bytes")), _count(_d(v).get("tokens")), _f(_d(v).get("bytes_per_token"), 2), _count(pairs.get(k))]
+                for k, v in splits.items()
+            ]
+            out += [_md_table(["Split", "Documents", "Bytes", "Tokens", "Bytes/token", "Prompt pairs"], rows), ""]
+    else:
+        out += ["No data description.", ""]
+
+    # mlflow
+    out += ["## MLflow runs", ""]
+    ml = _d(s.get("mlflow"))
+    if ml:
+        out += [f"Tracking URI: {_code(ml.get('tracking_uri') or '–')} · experiment {_code(ml.get('experiment') or '–')}", ""]
+        out += ["Open the UI:", "", "```", _mlflow_command(ml.get("tracking_uri")), "```", ""]
+        runs = _d(ml.get("runs"))
+        if runs:
+            out += [_md_table(["Stage", "Run id"], [[_m(k), _code(v) if v is not None else "–"] for k, v in runs.items()]), ""]
+    else:
+        out += ["Tracking was disabled or did not record runs.", ""]
+
+    # params
+    out += ["## Parameters", ""]
+    params = _d(s.get("params"))
+    if params:
+        out += [_md_table(["Key", "Value"], [[_m(k), _m(_value(params[k]))] for k in sorted(params, key=str)]), ""]
+    else:
+        out += ["No parameters recorded.", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _md_sample_cell(samples: list[dict], adherence: bool = False) -> str:
+    if not samples:
+        return "–"
+    parts = []
+    for smp in samples:
+        mark = ""
+        if adherence and smp.get("adherent") is not None:
+            mark = "✓ " if smp.get("adherent") else "✗ "
+        parts.append(mark + _m(smp.get("text", "")))
+    return "<br>—<br>".join(parts)
+
+
+def write_report(summary: dict, html_path: str | Path, md_path: str | Path) -> tuple[Path, Path]:
+    """Render both formats and write them (UTF-8), creating parent folders; returns the paths."""
+    html_path, md_path = Path(html_path), Path(md_path)
+    for path, text in ((html_path, render_html(summary)), (md_path, render_markdown(summary))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return html_path, md_path

@@ -1,0 +1,70 @@
+"""`sunfish status`: training progress read from disk, also while training runs elsewhere.
+
+The training loop rewrites ``state/<model>/progress.json`` atomically at every log step; this
+module only reads those files, so it never disturbs a running job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def read_status(root: Path, model: str | None = None) -> list[dict[str, Any]]:
+    rows = []
+    state = Path(root) / "state"
+    if not state.is_dir():
+        return rows
+    for path in sorted(state.glob("*/progress.json")):
+        if model and path.parent.name != model:
+            continue
+        try:
+            rows.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return rows
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    filled = int(width * done / max(total, 1))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def format_status(rows: list[dict[str, Any]], now: float | None = None) -> str:
+    now = now or time.time()
+    lines = []
+    for r in rows:
+        step, target = r.get("step", 0), r.get("max_steps", 0)
+        rate = r.get("steps_per_min") or 0.0
+        remaining = target - step
+        eta = 0.0 if remaining <= 0 else (remaining / rate * 60 if rate else None)
+        upcoming = [m for m in r.get("milestones", []) if m > step]
+        next_ms = upcoming[0] if upcoming else None
+        eta_ms = None if next_ms is None else ((next_ms - step) / rate * 60 if rate else None)
+        state = r.get("state", "running")
+        if state == "running" and now - r.get("updated", now) > 600:
+            state = "stalled?"
+        lines.append(f"{r.get('model', '?')}: {state}  {_bar(step, target)}  step {step}/{target}")
+        val = r.get("val_loss")
+        lines.append(
+            f"  loss {r.get('loss', float('nan')):.4f}"
+            + (f"  val loss {val:.4f}" if val is not None else "")
+            + f"  speed {rate:.1f} steps/min  ETA {_duration(eta)}"
+        )
+        reached = r.get("milestones_reached", [])
+        lines.append(
+            f"  milestones reached: {', '.join(map(str, reached)) or 'none'}"
+            + (f"; next {next_ms} (ETA {_duration(eta_ms)})" if next_ms else "")
+        )
+    return "\n".join(lines)

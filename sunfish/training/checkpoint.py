@@ -1,0 +1,239 @@
+"""Checkpoints people can share: safetensors weights, JSON metadata, atomic writes, clear refusals.
+
+A checkpoint is a directory ``<dir>/`` with ``model.safetensors``, ``config.json`` and
+``tokenizer.json``, so ``sunfish sample <dir>`` needs nothing else. Weights are only ever read with
+safetensors (which cannot execute code); a file that is a pickle, truncated or damaged is refused
+with a message naming it. Directories are written to a temporary sibling, fsynced and renamed, so
+an interrupted write never leaves a half checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says which file and why."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb+") as fh:
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _dedup_shared(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """safetensors refuses tensors sharing memory (tied embeddings): keep one, record aliases."""
+    seen: dict[tuple[int, int, tuple], str] = {}
+    tensors: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen and tensor.numel() > 0:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors, aliases
+
+
+def save_checkpoint(
+    directory: Path,
+    model: Any,
+    *,
+    model_name: str,
+    step: int,
+    tokenizer_file: Path | None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write model weights + config (+ tokenizer) to ``directory`` atomically."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    tensors, aliases = _dedup_shared(model.state_dict())
+    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "sunfish_format_version": str(FORMAT_VERSION)})
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": model.kind,
+        "model_name": model_name,
+        "step": int(step),
+        "model_config": model.config.to_dict(),
+        "tied_weights": aliases,
+        "tokenizer": TOKENIZER if tokenizer_file else None,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    (tmp / CONFIG).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+    if tokenizer_file:
+        shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    _fsync_dir(tmp)
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    _fsync_dir(directory.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """Accept a checkpoint directory, its model.safetensors, or a model directory (uses final/)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.is_file():
+        p = p.parent
+    if not (p / CONFIG).exists() and (p / "final" / CONFIG).exists():
+        p = p / "final"
+    if not (p / CONFIG).exists():
+        raise CheckpointError(f"{p} is not a SunFish checkpoint: no {CONFIG} (expected {WEIGHTS} + {CONFIG})")
+    return p
+
+
+def read_checkpoint_meta(path: str | Path) -> tuple[Path, dict]:
+    directory = resolve_checkpoint_dir(path)
+    cfg_path = directory / CONFIG
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{cfg_path}: not a readable JSON checkpoint config ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{cfg_path}: checkpoint format version {version!r}, this SunFish reads version {FORMAT_VERSION}; "
+            "retrain or convert it with a SunFish release that reads both"
+        )
+    for key in ("kind", "model_config"):
+        if key not in meta:
+            raise CheckpointError(f"{cfg_path}: missing {key!r}")
+    return directory, meta
+
+
+def load_weights(file: Path) -> dict[str, Any]:
+    """Read a safetensors file; anything else (a pickle, a truncated file) is refused, never executed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing weights file")
+    if file.stat().st_size < 8:
+        raise CheckpointError(f"{file}: file is empty or truncated ({file.stat().st_size} bytes)")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{file}: not a valid safetensors file ({exc}); SunFish never loads pickled weights"
+        ) from None
+
+
+def load_checkpoint(path: str | Path, *, expect_kind: str | None = None, device: str = "cpu"):
+    """Build the model a checkpoint describes and load its weights; returns (model, meta, directory)."""
+    from sunfish.models import build_model
+
+    directory, meta = read_checkpoint_meta(path)
+    if expect_kind and meta["kind"] != expect_kind:
+        raise CheckpointError(
+            f"{directory}: holds a {meta['kind']!r} model, but this command needs a {expect_kind!r} model"
+        )
+    try:
+        model = build_model(meta["kind"], meta["model_config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory / CONFIG}: cannot build the model it describes ({exc})") from None
+    state = load_weights(directory / WEIGHTS)
+    for alias, source in (meta.get("tied_weights") or {}).items():
+        if source in state:
+            state[alias] = state[source]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+        if wrong_shape:
+            parts.append(f"shape mismatch: {'; '.join(wrong_shape[:3])}")
+        raise CheckpointError(
+            f"{directory / WEIGHTS}: weights do not match the architecture in {CONFIG}: " + "; ".join(parts)
+        )
+    model.load_state_dict(state, strict=True)
+    model.to(device)
+    model.eval()
+    return model, meta, directory
+
+
+def load_tokenizer_for(directory: Path, meta: dict):
+    from sunfish.data.tokenizer import TextTokenizer
+
+    name = meta.get("tokenizer") or TOKENIZER
+    file = directory / name
+    if not file.exists():
+        raise CheckpointError(f"{directory}: no {name} next to the weights; the checkpoint cannot decode text")
+    try:
+        return TextTokenizer.load(file)
+    except Exception as exc:
+        raise CheckpointError(f"{file}: not a readable tokenizer ({exc})") from None
+
+
+def list_milestones(model_dir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every milestone checkpoint under models/<model>/, sorted by step."""
+    out = []
+    if not model_dir.is_dir():
+        return out
+    for child in model_dir.iterdir():
+        if child.name.startswith("step_") and (child / CONFIG).exists():
+            try:
+                out.append((int(child.name.split("_", 1)[1]), child))
+            except ValueError:
+                continue
+    return sorted(out)

@@ -1,0 +1,102 @@
+"""params.yaml validation: every bad key is named with its value; derived views are right."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sunfish.config import MODEL_NAMES, ParamsError, flatten, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_committed_params_are_valid(raw):
+    params = parse_params(raw)
+    for model in MODEL_NAMES:
+        t = params.training_for(model)
+        assert t.milestones[-1] == t.max_steps
+        assert all(m <= t.max_steps for m in t.milestones)
+
+
+def _with(raw: dict, dotted: str, value) -> dict:
+    out = copy.deepcopy(raw)
+    node = out
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node[p]
+    node[parts[-1]] = value
+    return out
+
+
+BAD = [
+    ("train.lernig_rate", 0.1, "train.lernig_rate"),
+    ("train.lr", -1.0, "train.lr"),
+    ("train.lr", "fast", "train.lr"),
+    ("staged.dropout", 1.5, "staged.dropout"),
+    ("presets.tiny.n_head", 0, "presets.tiny.n_head"),
+    ("presets.tiny.n_head", 3, "presets.tiny.n_head"),
+    ("train.seq_len", 100000, "train.seq_len"),
+    ("train.milestones", [10, 5000], "train.milestones"),
+    ("cfg.guidance_scale", -2.0, "cfg.guidance_scale"),
+    ("cfg.num_steps", 5000, "cfg.num_steps"),
+    ("cfg.scheduler", "euler", "cfg.scheduler"),
+    ("staged.preset", "huge", "staged.preset"),
+    ("staged.stage_1.milestones", [50, 500], "staged.stage_1.milestones"),
+    ("tokenizer.vocab_size", 100, "tokenizer.vocab_size"),
+]
+
+
+@pytest.mark.parametrize("key,value,named", BAD, ids=[f"{k}={v}" for k, v, _ in BAD])
+def test_bad_value_names_key(raw, key, value, named):
+    with pytest.raises(ParamsError) as info:
+        parse_params(_with(raw, key, value))
+    assert named in str(info.value)
+
+
+def test_unknown_key_suggests_the_right_one(raw):
+    with pytest.raises(ParamsError) as info:
+        parse_params(_with(raw, "train.warmup_step", 3))
+    assert "did you mean 'warmup_steps'" in str(info.value)
+
+
+def test_empty_and_invalid_yaml(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ParamsError, match="empty"):
+        load_params(empty)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [lr: 1\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(broken)
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_budget_overrides_and_scaled_milestones(raw):
+    params = parse_params(_with(_with(raw, "staged.stage_2.max_steps", 40), "staged.stage_2.milestones", None))
+    t = params.training_for("stage_2")
+    assert t.max_steps == 40
+    base = params.train
+    assert t.milestones == sorted({max(1, round(m * 40 / base.max_steps)) for m in base.milestones})
+
+
+def test_flatten_gives_dotted_keys(raw):
+    flat = flatten(parse_params(raw))
+    assert flat["train.lr"] == raw["train"]["lr"]
+    assert flat["cfg.guidance_scale"] == raw["cfg"]["guidance_scale"]
+
+
+def test_importing_config_and_cli_does_not_import_torch():
+    code = "import sys, sunfish.config, sunfish.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

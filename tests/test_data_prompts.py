@@ -1,0 +1,153 @@
+"""Prompt/text pairs: determinism, natural prompts, checkable targets, and the adherence test."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sunfish.data.corpora import load_documents
+from sunfish.data.prompts import adherent, build_pairs, detokenize_title, document_style, plural, word_forms
+
+CORPORA = Path(__file__).resolve().parents[1] / "data" / "corpora"
+
+
+@pytest.fixture(scope="module")
+def stories() -> list[str]:
+    return load_documents("tinystories", CORPORA, max_documents=300)
+
+
+@pytest.fixture(scope="module")
+def story_pairs(stories) -> list[dict]:
+    return build_pairs(stories, "tinystories", seed=1337)
+
+
+def test_records_follow_the_contract(story_pairs, stories):
+    assert len(story_pairs) == len(stories)  # one pair per story by default
+    for pair, story in zip(story_pairs, stories):
+        assert set(pair) == {"prompt", "text", "target", "template"}
+        assert pair["text"] == story
+        assert isinstance(pair["target"], list) and pair["target"] and all(isinstance(t, str) and t for t in pair["target"])
+        assert pair["prompt"].strip() and pair["template"].startswith("story/")
+
+
+def test_deterministic_and_seeded(stories, story_pairs):
+    assert build_pairs(stories, "tinystories", seed=1337) == story_pairs
+    other = build_pairs(stories, "tinystories", seed=1)
+    assert [p["target"][0] for p in other] == [p["target"][0] for p in story_pairs]  # the word is the document's
+    assert sum(a["prompt"] != b["prompt"] for a, b in zip(other, story_pairs)) > len(stories) // 3  # the phrasing is the seed's
+
+
+def test_every_target_occurs_in_its_own_text(story_pairs):
+    assert all(adherent(p["text"], p["target"]) for p in story_pairs)
+
+
+def test_prompts_name_their_target(story_pairs):
+    for p in story_pairs:
+        assert adherent(p["prompt"], p["target"]), p
+
+
+def test_targets_are_content_words_not_filler(story_pairs):
+    filler = {"time", "day", "lot", "way", "thing", "little", "big", "the", "a", "was", "named", "happy"}
+    heads = Counter(p["target"][0] for p in story_pairs)
+    assert not filler & set(heads)
+    assert len(heads) > 150  # varied topics, not one word everywhere
+
+
+def test_prompts_look_like_user_requests(story_pairs):
+    natural = re.compile(
+        r"^(write a story about|tell me a story about|write a short story about|can you write a story about|"
+        r"a story with|write about|describe the|words:)\s|^[a-z]+\.?$",
+        re.IGNORECASE,
+    )
+    assert all(natural.match(p["prompt"]) for p in story_pairs), [p["prompt"] for p in story_pairs if not natural.match(p["prompt"])]
+    templates = Counter(p["template"] for p in story_pairs)
+    assert len(templates) >= 8 and max(templates.values()) < 0.3 * len(story_pairs)
+    assert any(p["prompt"][0].islower() for p in story_pairs) and any(p["prompt"][0].isupper() for p in story_pairs)
+
+
+def test_salient_word_and_article():
+    docs = [
+        "Once upon a time, there was a little girl. She had a big red ball. The ball was round and the girl "
+        "threw the ball every day.",
+        "One day, a boy saw two dogs in the park. The dogs ran. A dog barked at the boy.",
+        "There was an elephant. The elephant drank the water. The elephant was happy.",
+    ]
+    pairs = build_pairs(docs, "tinystories", seed=0)
+    assert [p["target"] for p in pairs] == [["ball", "balls"], ["dog", "dogs"], ["elephant", "elephants"]]
+    elephant = pairs[2]["prompt"].lower()
+    assert "an elephant" in elephant or "elephants" in elephant or "the elephant" in elephant or elephant.startswith(("elephant", "words"))
+
+
+def test_several_pairs_use_different_words_and_templates(stories):
+    pairs = build_pairs(stories[:50], "tinystories", seed=3, max_pairs_per_document=3)
+    by_doc: dict[str, list[dict]] = {}
+    for p in pairs:
+        by_doc.setdefault(p["text"], []).append(p)
+    assert len(pairs) > 100 and all(len(v) <= 3 for v in by_doc.values())
+    for group in by_doc.values():
+        assert len({p["template"] for p in group}) == len(group)
+        assert len({p["target"][0] for p in group}) == len(group)
+
+
+def test_shakespeare_pairs():
+    docs = load_documents("shakespeare", CORPORA, max_documents=200)
+    pairs = build_pairs(docs, "shakespeare", seed=0)
+    assert len(pairs) > 150
+    assert all(p["template"].startswith("speech/") and adherent(p["text"], p["target"]) for p in pairs)
+    by = [p for p in pairs if p["template"] == "speech/speech_by"]
+    assert by and all(re.match(r"^[Ww]rite a speech by [A-Z]", p["prompt"]) for p in by)
+    assert not any(p["target"] == ["All"] for p in pairs)  # "All:" blocks would check nothing
+    assert any("First Citizen" in p["prompt"] for p in pairs)
+
+
+def test_wikitext_pairs():
+    docs = load_documents("wikitext2", CORPORA)
+    pairs = build_pairs(docs, "wikitext2", seed=0)
+    assert len(pairs) == len(docs)
+    assert all(p["template"].startswith("article/") and adherent(p["text"], p["target"]) for p in pairs)
+    first = pairs[0]
+    assert "Valkyria Chronicles III" in first["prompt"] and "Valkyria" in first["target"]
+    gambia = next(p for p in pairs if "Gambia" in p["prompt"])
+    assert "Gambia women's national football team" in gambia["prompt"]
+
+
+def test_style_detection_for_other_sources():
+    assert document_style(" = Some Title = \n body", "my.txt") == "article"
+    assert document_style("ROMEO:\nBut soft, what light", "hf:x") == "speech"
+    assert document_style("The cat sat on the mat.", "hf:x") == "story"
+    pairs = build_pairs([" = Blue Whale = \n The blue whale is large .", "Tom had a kite. The kite flew high."], "notes.txt", 0)
+    assert pairs[0]["template"].startswith("article/") and "Blue" in pairs[0]["target"]
+    assert pairs[1]["target"] == ["kite", "kites"]
+
+
+def test_document_without_content_words_gets_no_pair():
+    pairs = build_pairs(["It was so. He was there.", "A cat sat on a mat with a cat."], "x.txt", 0)
+    assert len(pairs) == 1 and pairs[0]["text"].startswith("A cat") and pairs[0]["target"] == ["cat", "cats"]
+
+
+def test_word_forms_and_titles():
+    assert plural("box") == "boxes" and plural("puppy") == "puppies" and plural("boy") == "boys"
+    assert word_forms("mouse") == ["mouse", "mice"] and word_forms("fish") == ["fish"]
+    assert detokenize_title("USS Atlanta ( 1861 )") == "USS Atlanta (1861)"
+    assert detokenize_title("There 's Got to Be a Way") == "There's Got to Be a Way"
+
+
+@pytest.mark.parametrize(
+    "sample, target, expected",
+    [
+        ("The Boats sailed away.", ["boat", "boats"], True),
+        ("A BOAT!", ["boat"], True),
+        ("The boathouse was empty.", ["boat", "boats"], False),
+        ("a sailboat", ["boat"], False),
+        ("The dog's bone", ["dog"], True),
+        ("Speech by first   citizen: hello", ["First Citizen"], True),
+        ("first and citizen", ["First Citizen"], False),
+        ("anything", [], False),
+        ("WASP-44 is a star", ["WASP-44"], True),
+    ],
+)
+def test_adherent(sample, target, expected):
+    assert adherent(sample, target) is expected

@@ -1,0 +1,122 @@
+"""Byte-level BPE: special ids, exact round trip, determinism, file format, pretrained loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, models
+
+from sunfish.data.corpora import load_documents
+from sunfish.data.tokenizer import TextTokenizer, from_pretrained, train_bpe
+
+CORPORA = Path(__file__).resolve().parents[1] / "data" / "corpora"
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return load_documents("tinystories", CORPORA, max_documents=200)
+
+
+@pytest.fixture(scope="module")
+def tok(texts) -> TextTokenizer:
+    return train_bpe(texts, vocab_size=600, min_frequency=2)
+
+
+def test_special_tokens_and_vocab(tok):
+    assert (tok.eos_id, tok.pad_id) == (0, 1)
+    assert tok.tokenizer.id_to_token(0) == "<|endoftext|>" and tok.tokenizer.id_to_token(1) == "<|pad|>"
+    assert tok.vocab_size == 600
+    assert tok.encode("<|endoftext|>") == [0]
+    # the corpus is compressed: a story costs far fewer tokens than bytes
+    story = "Once upon a time, there was a little girl named Lily."
+    assert len(tok.encode(story)) < len(story.encode()) / 2
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(st.text(max_size=200))
+def test_round_trip_any_unicode(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize(
+    "text", ["", " leading space", "tabs\tand\nnewlines\r\n", "日本語と emoji 🐟🐠", "a<|endoftext|>b <|pad|>", "\x00\x7f\ud7ff"]
+)
+def test_round_trip_edge_cases(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_unseen_bytes_are_still_encodable(tok):
+    ids = tok.encode("ẞ€")
+    assert ids and max(ids) < tok.vocab_size
+
+
+def test_decode_can_drop_special_tokens(tok):
+    ids = tok.encode("hi") + [tok.eos_id, tok.pad_id]
+    assert tok.decode(ids, skip_special_tokens=True) == "hi"
+    assert tok.decode(ids) == "hi<|endoftext|><|pad|>"
+
+
+def test_encode_batch_matches_encode(tok, texts):
+    assert tok.encode_batch(texts[:5]) == [tok.encode(t) for t in texts[:5]]
+
+
+def test_training_is_deterministic(texts, tok):
+    again = train_bpe(texts, vocab_size=600, min_frequency=2)
+    assert again.tokenizer.to_str() == tok.tokenizer.to_str()
+
+
+def test_small_corpus_stops_short_of_vocab_size():
+    small = train_bpe(["ab ab ab", "cd cd"], vocab_size=5000, min_frequency=2)
+    assert 258 <= small.vocab_size < 5000
+
+
+def test_bad_vocab_size():
+    with pytest.raises(ValueError, match="vocab_size 70000"):
+        train_bpe(["a b"], vocab_size=70000, min_frequency=1)
+
+
+def test_save_load_and_transformers_agree(tok, texts, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    tok.save(path)
+    loaded = TextTokenizer.load(path)
+    assert (loaded.vocab_size, loaded.eos_id, loaded.pad_id) == (tok.vocab_size, 0, 1)
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    for text in texts[:20] + ["héllo 🐟 <|endoftext|>"]:
+        assert fast.encode(text, add_special_tokens=False) == tok.encode(text) == loaded.encode(text)
+        assert fast.decode(tok.encode(text)) == text
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prepare"):
+        TextTokenizer.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.json"):
+        TextTokenizer.load(tmp_path / "bad.json")
+
+
+def test_rejects_vocabulary_beyond_uint16():
+    vocab = {f"w{i}": i for i in range(65536)}
+    big = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    with pytest.raises(ValueError, match="uint16"):
+        TextTokenizer(big, eos_id=0, pad_id=0)
+
+
+def test_from_pretrained_local_folder(tok, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok.tokenizer, eos_token="<|endoftext|>")
+    fast.save_pretrained(tmp_path / "pre")
+    loaded = from_pretrained(str(tmp_path / "pre"))
+    assert loaded.eos_id == 0 and loaded.pad_id == 0  # no pad token: pad falls back to eos
+    assert loaded.encode("Once upon a time") == tok.encode("Once upon a time")
+
+
+def test_from_pretrained_offline_unknown_is_clear(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"sunfish-test/no-such-tokenizer.*tokenizer.kind: bpe"):
+        from_pretrained("sunfish-test/no-such-tokenizer")

@@ -1,0 +1,78 @@
+"""The shared training loop: schedule, learning, milestones, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sunfish.config import parse_params
+from sunfish.models.staged import StagedLM, StagedLMConfig
+from sunfish.training.loop import NonFiniteLoss, lr_at, train
+
+
+def _cfg(**over):
+    raw = {"train": {"max_steps": 30, "milestones": [10, 30], "warmup_steps": 5, "lr": 1e-2, "batch_size": 4,
+                     "seq_len": 16, "eval_every": 10, "eval_batches": 2, "log_every": 5, "threads": 1, **over}}
+    return parse_params(raw).training_for("stage_0")
+
+
+def _data(vocab=32, seq=16):
+    # a learnable stream: a fixed repeating pattern
+    pattern = torch.arange(vocab).repeat(64)
+
+    def sample(gen, bs=4):
+        starts = torch.randint(0, len(pattern) - seq - 1, (bs,), generator=gen)
+        x = torch.stack([pattern[s : s + seq] for s in starts])
+        y = torch.stack([pattern[s + 1 : s + seq + 1] for s in starts])
+        return {"input_ids": x, "targets": y}
+
+    return sample
+
+
+def _model():
+    torch.manual_seed(0)
+    return StagedLM(StagedLMConfig(vocab_size=32, n_layer=1, n_head=2, d_model=32, d_ff=64, max_seq_len=16))
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = _cfg()
+    lrs = [lr_at(s, cfg) for s in range(cfg.max_steps)]
+    assert lrs[0] < lrs[4]
+    assert lrs[4] == pytest.approx(cfg.lr)
+    assert lr_at(cfg.max_steps, cfg) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_loop_learns_saves_milestones_and_writes_progress(tmp_path):
+    cfg = _cfg()
+    sample = _data()
+    saved = []
+    val = lambda: [sample(torch.Generator().manual_seed(i)) for i in range(2)]  # noqa: E731
+    result = train(_model(), cfg, sample_batch=sample, val_batches=val, tokens_per_batch=64, bytes_per_token=1.0,
+                   save_milestone=lambda m, s: saved.append(s), progress=False,
+                   progress_file=tmp_path / "progress.json")
+    assert saved == [10, 30]
+    assert result.val[-1]["loss"] < 0.5 * result.val[0]["loss"]
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert progress["state"] == "finished" and progress["step"] == 30 and progress["milestones_reached"] == [10, 30]
+
+
+def test_nonfinite_losses_are_skipped_then_stop():
+    class Exploding(torch.nn.Module):
+        kind = "staged"
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def training_loss(self, batch):
+            return self.w * float("nan"), {}
+
+        def nll(self, batch, generator=None):
+            return self.w.sum() * 0, 1
+
+    with pytest.raises(NonFiniteLoss, match="lower train.lr"):
+        train(Exploding(), _cfg(), sample_batch=_data(), val_batches=lambda: [], tokens_per_batch=1,
+              bytes_per_token=1.0, save_milestone=lambda m, s: None, progress=False)

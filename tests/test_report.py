@@ -1,0 +1,335 @@
+"""The report renderer: a realistic summary renders to parseable HTML and Markdown with every part."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from html.parser import HTMLParser
+
+import pytest
+
+from sunfish.evaluation.checklist import BEST_RULE, best_checkpoint, checklist
+from sunfish.evaluation.text_quality import wilson_interval
+from sunfish.report import render_html, render_markdown, write_report
+from sunfish.report.svg import line_chart, nice_ticks
+
+NASTY = 'Tom said "<script>alert(1)</script>" & left | ok\n# not a heading *bold* `code`'
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class StrictParser(HTMLParser):
+    """Collects tags and checks that every non-void element is closed in order."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.tags: dict[str, int] = {}
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags[tag] = self.tags.get(tag, 0) + 1
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags[tag] = self.tags.get(tag, 0) + 1
+
+    def handle_endtag(self, tag):
+        if tag in VOID:
+            return
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"unexpected </{tag}>, open: {self.stack[-3:]}")
+            if tag in self.stack:
+                while self.stack and self.stack.pop() != tag:
+                    pass
+        else:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(doc: str) -> StrictParser:
+    p = StrictParser()
+    p.feed(doc)
+    p.close()
+    return p
+
+
+def _curve(steps, start, end):
+    return [start + (end - start) * (1 - math.exp(-3 * s / steps[-1])) for s in steps]
+
+
+def _model(name: str, kind: str, final_loss: float, guidance: bool = False) -> dict:
+    train_steps = list(range(10, 310, 10))
+    train = [
+        {"step": s, "loss": l, "lr": 1e-3, "tokens_per_s": 2500.0}
+        for s, l in zip(train_steps, _curve(train_steps, 8.3, final_loss - 0.1))
+    ]
+    val = [
+        {"step": s, "loss": l, "ppl": math.exp(l), "bpb": l / math.log(2) / 3.9}
+        for s, l in zip([100, 200, 300], [final_loss + 0.8, final_loss + 0.2, final_loss])
+    ]
+    milestones = []
+    for i, v in enumerate(val):
+        step = v["step"]
+        m = {
+            "step": step,
+            "checkpoint": f"models/{name}/step_{step}",
+            "val_loss": v["loss"],
+            "val_ppl": v["ppl"],
+            "val_bpb": v["bpb"],
+            "tokens": 40960,
+            "samples": [
+                {"prompt": "Once upon a time", "text": f"{name} s{step}: there was a little cat who liked to play."},
+                {"prompt": "The capital of India is", "text": NASTY if (i == 2 and name == "stage_0") else f"a big city {step}"},
+            ],
+            "quality": {
+                "real_word_share": (0.7, 0.85, 0.95)[i],
+                "distinct_1": 0.5 + 0.05 * i,
+                "distinct_2": 0.6 + 0.1 * i,
+                "repetition_rate": 0.2 - 0.05 * i,
+                "bigram_share": 0.4 + 0.15 * i,
+            },
+        }
+        if guidance:
+            rows = []
+            for w, k in ((0.0, 1), (1.0, 3), (3.0, 5), (7.0, 6)):
+                n = 8
+                lo, hi = wilson_interval(k, n)
+                rows.append(
+                    {
+                        "scale": w,
+                        "adherence": k / n,
+                        "n": n,
+                        "ci": [lo, hi],
+                        "quality": {"real_word_share": 0.9 - 0.02 * w, "distinct_2": 0.8 - 0.05 * w, "repetition_rate": 0.01 * w},
+                        "samples": [
+                            {"prompt": "a story about a dog", "text": f"the dog ran w={w}", "adherent": k > 2},
+                            {"prompt": "", "text": f"null prompt sample w={w}", "adherent": False},
+                        ],
+                    }
+                )
+            m["guidance"] = rows
+        milestones.append(m)
+    best = best_checkpoint(milestones)
+    return {
+        "kind": kind,
+        "description": f"{name} description",
+        "curves": {"train": train, "val": val},
+        "tokens_per_s": 2500.0,
+        "train_seconds": 321.5,
+        "milestones": milestones,
+        "best": {"step": best, "rule": BEST_RULE},
+        "checklist": checklist(milestones, kind=kind),
+    }
+
+
+def make_summary() -> dict:
+    models = {
+        "stage_0": _model("stage_0", "staged", 2.4),
+        "stage_1": _model("stage_1", "staged", 2.1),
+        "stage_2": _model("stage_2", "staged", 1.9),
+        "stage_3": None,  # did not run
+        "cfg": _model("cfg", "diffusion", 3.2, guidance=True),
+    }
+    return {
+        "title": "SunFish <test> report",
+        "generated_at": "2024-05-01T12:00:00+00:00",
+        "git_commit": "abc1234",
+        "params": {"train.max_steps": 300, "train.lr": 0.001, "eval.prompts": ["Once upon a time"], "cfg.self_conditioning": False},
+        "mlflow": {
+            "tracking_uri": "sqlite:///mlflow.db",
+            "experiment": "sunfish",
+            "runs": {"prepare": "r0", "stage_0": "run_stage0_id", "cfg": "run_cfg_id"},
+        },
+        "data": {
+            "source": "tinystories",
+            "vocab_size": 4096,
+            "splits": {
+                "train": {"documents": 900, "bytes": 800000, "tokens": 205000, "bytes_per_token": 3.9},
+                "val": {"documents": 100, "bytes": 90000, "tokens": 23000, "bytes_per_token": 3.91},
+            },
+            "pairs": {"train": 900, "val": 100},
+        },
+        "diagnose": {
+            "status": "warn",
+            "checks": [
+                {"name": "initial loss", "status": "ok", "value": 8.31, "threshold": 0.25, "message": "close to ln(V)"},
+                {"name": "memorize one batch", "status": "warn", "value": 0.4, "threshold": 0.1, "message": "slow <overfit>"},
+            ],
+        },
+        "models": models,
+        "stage_comparison": [
+            {"model": "stage_0", "val_bpb": 0.89, "delta_bpb_vs_previous": None, "tokens_per_s": 2500.0},
+            {"model": "stage_1", "val_bpb": 0.78, "delta_bpb_vs_previous": -0.11, "tokens_per_s": 2300.0},
+        ],
+        "next_steps": ["Train stage_3 longer", "Raise guidance scale <maybe>"],
+    }
+
+
+@pytest.fixture()
+def summary() -> dict:
+    return make_summary()
+
+
+def test_html_has_every_part_and_parses(summary):
+    doc = render_html(summary)
+    p = parse(doc)
+    assert not p.errors, p.errors[:5]
+    assert p.stack == [], p.stack
+    text = "".join(p.text)
+
+    # self-contained: no external resources
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", doc)
+    assert "<link" not in doc and "<script" not in doc.replace("&lt;script", "")
+    assert p.tags.get("style") == 1
+
+    # plots: 2 per model with curves (4 models) + 2 guidance charts
+    assert p.tags.get("svg", 0) == 4 * 2 + 2
+    assert "polyline" in p.tags
+
+    # summary on top: checklist with measured values, best checkpoint, rule, next steps
+    assert doc.index('id="summary"') < doc.index('id="curves"')
+    assert "Checklist" in text
+    for item in ("loss below 2.0", "real words", "word variety increasing", "phrases forming", "prompts have an effect", "coherent sentences"):
+        assert item in text
+    s2 = summary["models"]["stage_2"]
+    loss_item = next(i for i in s2["checklist"] if i["name"] == "loss below 2.0")
+    assert loss_item["passed"] is True
+    assert f"{loss_item['value']:.4g}" in text
+    assert BEST_RULE in text
+    assert "Train stage_3 longer" in text and "Raise guidance scale <maybe>" in text
+    assert "did not run" in text
+
+    # samples per milestone: columns per step, rows per prompt, text escaped
+    assert "step 100" in text and "step 200" in text and "step 300" in text
+    assert "stage_1 s200: there was a little cat" in text
+    assert NASTY.split("\n")[0] in text  # round-trips through the parser as text
+    assert "<script>alert" not in doc
+
+    # guidance curve and its table
+    assert "prompt adherence" in text
+    assert "guidance scale w" in text
+    assert "w = 7" in text and "null prompt sample w=3.0" in text
+
+    # stage comparison, diagnose, data, mlflow
+    assert "-0.110" in text
+    assert "memorize one batch" in text and "slow <overfit>" in text
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in text
+    assert "run_stage0_id" in text and "run_cfg_id" in text
+    assert "tinystories" in text
+    assert "train.max_steps" in text
+
+
+def test_markdown_has_the_same_content(summary):
+    md = render_markdown(summary)
+    assert md.startswith("# SunFish &lt;test&gt; report")
+    for needle in (
+        "## Summary",
+        "### Checklist (measured)",
+        "loss below 2.0",
+        "prompts have an effect",
+        "## Loss and perplexity curves",
+        "## Stage comparison",
+        "## Prompt adherence vs guidance",
+        "## Samples per milestone",
+        "## Diagnostics",
+        "## MLflow runs",
+        "mlflow ui --backend-store-uri sqlite:///mlflow.db",
+        "run_stage0_id",
+        "Train stage_3 longer",
+        "step 300",
+    ):
+        assert needle in md, needle
+    assert "<script>" not in md and "&lt;script&gt;" in md
+    # table rows keep their column count although a sample contains "|" and a newline
+    for block in re.findall(r"(?:^\|.*\|$\n?)+", md, flags=re.M):
+        rows = [r for r in block.strip().split("\n")]
+        counts = {len(re.findall(r"(?<!\\)\|", r)) for r in rows}
+        assert len(counts) == 1, rows[:3]
+
+
+def _variants(summary):
+    """The summary with one key removed or set to None at a time (top level, model, milestone)."""
+    yield {}
+    yield {"models": None}
+    yield {"models": {"stage_0": {}}}
+    for key in list(summary):
+        for replacement in (None, "garbage"):
+            v = copy.deepcopy(summary)
+            v[key] = replacement
+            yield v
+        v = copy.deepcopy(summary)
+        del v[key]
+        yield v
+    for key in summary["models"]["cfg"]:
+        v = copy.deepcopy(summary)
+        v["models"]["cfg"][key] = None
+        yield v
+    for key in summary["models"]["cfg"]["milestones"][0]:
+        v = copy.deepcopy(summary)
+        for m in v["models"]["cfg"]["milestones"]:
+            m[key] = None
+        yield v
+    for key in summary["models"]["cfg"]["milestones"][0]["guidance"][0]:
+        v = copy.deepcopy(summary)
+        for r in v["models"]["cfg"]["milestones"][-1]["guidance"]:
+            r[key] = None
+        yield v
+    v = copy.deepcopy(summary)
+    v["models"]["stage_0"]["curves"]["val"][0]["loss"] = float("nan")
+    v["models"]["stage_0"]["curves"]["train"][0]["loss"] = float("inf")
+    v["models"]["stage_0"]["milestones"][0]["step"] = None
+    yield v
+
+
+def test_partial_summaries_never_crash(summary):
+    for v in _variants(summary):
+        doc = render_html(v)
+        p = parse(doc)
+        assert not p.errors and not p.stack, (p.errors[:3], p.stack)
+        assert isinstance(render_markdown(v), str)
+
+
+def test_write_report(tmp_path, summary):
+    html_path, md_path = write_report(summary, tmp_path / "out" / "report.html", tmp_path / "out" / "report.md")
+    assert html_path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert "## Summary" in md_path.read_text(encoding="utf-8")
+
+
+def test_line_chart_basics():
+    svg = line_chart(
+        {"train <loss>": [(0, 3.0), (10, 2.0), (20, 1.5)], "val": [(10, 2.2, 2.0, 2.4), (20, float("nan"))]},
+        title='A & "B"',
+        x_label="step",
+        y_label="loss",
+    )
+    p = parse(svg)
+    assert not p.errors and not p.stack
+    assert p.tags["svg"] == 1 and p.tags["polyline"] == 1  # val has one finite point: marker only
+    text = "".join(p.text)
+    assert 'A & "B"' in text and "train <loss>" in text and "step" in text
+    assert "<loss>" not in svg
+
+
+def test_line_chart_log_and_empty():
+    svg = line_chart({"ppl": [(1, 1000.0), (2, 100.0), (3, 10.0), (4, -1.0)]}, log_y=True, title="ppl")
+    p = parse(svg)
+    assert not p.errors
+    labels = "".join(p.text)
+    assert "10" in labels and "100" in labels and "1000" in labels
+    empty = line_chart({"x": []}, title="nothing")
+    assert "no data" in empty
+    single = line_chart({"x": [(5, 5)]})
+    assert "<circle" in single
+
+
+def test_nice_ticks():
+    assert nice_ticks(0, 1) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert nice_ticks(0, 300, target=6) == pytest.approx([0, 50, 100, 150, 200, 250, 300])
+    t = nice_ticks(1.37, 8.3)
+    assert t[0] >= 1.37 and t[-1] <= 8.3 and len(t) >= 3
