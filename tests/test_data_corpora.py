@@ -50,13 +50,14 @@ def test_wikitext_articles_titles_and_markers():
 
 
 def test_wikitext_split_rules():
-    text = " = A = \n body a \n = = Section = = \n more a \n = Goals ; A = \n = B = \n 1 @,@ 000 @-@ x 3 @.@ 5 \n"
-    docs = split_wikitext(text)
-    assert docs == [" = A = \n body a \n = = Section = = \n more a \n = Goals ; A = ", " = B = \n 1,000-x 3.5 "]
+    first = " = A = \n body a \n = = Section = = \n more a \n = Goals ; A = "
+    text = first + "\n = B = \n 1 @,@ 000 @-@ x 3 @.@ 5 \n"
+    assert split_wikitext(text) == [first, " = B = \n 1,000-x 3.5 "]
 
 
 def test_max_documents_keeps_the_first():
-    assert load_documents("tinystories", CORPORA, max_documents=5) == load_documents("tinystories", CORPORA)[:5]
+    first_five = load_documents("tinystories", CORPORA, max_documents=5)
+    assert first_five == load_documents("tinystories", CORPORA)[:5]
 
 
 def test_missing_bundled_file_names_path(tmp_path):
@@ -145,7 +146,18 @@ def hf_folder(tmp_path, monkeypatch):
 def test_hf_local_folder(hf_folder, tmp_path):
     docs = load_documents(f"hf:{hf_folder}", tmp_path)
     assert docs == [f"story number {i}" for i in range(5)]  # the blank row is dropped
-    assert load_documents(f"hf:{hf_folder}", tmp_path, max_documents=2) == ["story number 0", "story number 1"]
+    two = load_documents(f"hf:{hf_folder}", tmp_path, max_documents=2)
+    assert two == ["story number 0", "story number 1"]
+
+
+def test_hf_wikitext_rows_become_articles(hf_folder, tmp_path):
+    folder = tmp_path / "my-wikitext"
+    folder.mkdir()
+    rows = ["", " = First = \n", "", " Body one @-@ two . \n", " = = Part = = \n", " More . \n", " = Second = \n",
+            " Body . \n"]
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows), encoding="utf-8")
+    docs = load_documents(f"hf:{folder}", tmp_path)
+    assert docs == [" = First = \n\n Body one-two . \n = = Part = = \n More . ", " = Second = \n Body . "]
 
 
 def test_hf_bad_field_and_split(hf_folder, tmp_path):

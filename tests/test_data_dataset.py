@@ -62,7 +62,9 @@ def test_sample_batch_reaches_both_ends(tmp_path):
         stream.sample_batch(1, 10, torch.Generator())
 
 
-@pytest.mark.parametrize("num_tokens, seq_len, batch_size", [(1000, 16, 4), (1000, 7, 3), (17, 16, 2), (2, 8, 5), (65, 8, 8)])
+@pytest.mark.parametrize(
+    "num_tokens, seq_len, batch_size", [(1000, 16, 4), (1000, 7, 3), (17, 16, 2), (2, 8, 5), (65, 8, 8)]
+)
 def test_eval_batches_cover_every_target_once(tmp_path, num_tokens, seq_len, batch_size):
     data = np.arange(num_tokens) + 100
     write_tokens(tmp_path / "e.bin", data)
@@ -109,9 +111,10 @@ def tok():
 
 def _records():
     return [
-        {"prompt": "Write a story about a dog", "text": "The dog ran.", "target": ["dog", "dogs"], "template": "story/story_about"},
+        {"prompt": "Write a story about a dog", "text": "The dog ran.", "target": ["dog"], "template": "s"},
         {"prompt": "", "text": "A ball.", "target": ["ball"], "template": "t"},
-        {"prompt": "Describe the park " * 10, "text": "The dog ran to the park and played with a ball. " * 5, "target": ["park"], "template": "t"},
+        {"prompt": "Describe the park " * 10, "text": "The dog ran to the park and played with a ball. " * 5,
+         "target": ["park"], "template": "t"},
     ]
 
 
@@ -149,7 +152,8 @@ def test_pair_dataset_tensors(tok):
     # the empty prompt is the null prompt; the long prompt is truncated
     assert not bool(batch["prompt_mask"][1].any()) and bool((batch["prompt_ids"][1] == tok.pad_id).all())
     assert bool(batch["prompt_mask"][2].all())
-    assert batch["prompt_ids"][0][batch["prompt_mask"][0]].tolist() == tok.encode("Write a story about a dog")[:5]
+    prompt0 = batch["prompt_ids"][0][batch["prompt_mask"][0]]
+    assert prompt0.tolist() == tok.encode("Write a story about a dog")[:5]
 
 
 def test_pair_dataset_sampling_and_order(tok):

@@ -29,15 +29,17 @@ def test_records_follow_the_contract(story_pairs, stories):
     for pair, story in zip(story_pairs, stories):
         assert set(pair) == {"prompt", "text", "target", "template"}
         assert pair["text"] == story
-        assert isinstance(pair["target"], list) and pair["target"] and all(isinstance(t, str) and t for t in pair["target"])
+        assert isinstance(pair["target"], list) and pair["target"]
+        assert all(isinstance(t, str) and t for t in pair["target"])
         assert pair["prompt"].strip() and pair["template"].startswith("story/")
 
 
 def test_deterministic_and_seeded(stories, story_pairs):
     assert build_pairs(stories, "tinystories", seed=1337) == story_pairs
     other = build_pairs(stories, "tinystories", seed=1)
-    assert [p["target"][0] for p in other] == [p["target"][0] for p in story_pairs]  # the word is the document's
-    assert sum(a["prompt"] != b["prompt"] for a, b in zip(other, story_pairs)) > len(stories) // 3  # the phrasing is the seed's
+    # the word is the document's, the phrasing the seed's
+    assert all(set(a["target"]) & set(b["target"]) for a, b in zip(other, story_pairs))
+    assert sum(a["prompt"] != b["prompt"] for a, b in zip(other, story_pairs)) > len(stories) // 3
 
 
 def test_every_target_occurs_in_its_own_text(story_pairs):
@@ -62,10 +64,11 @@ def test_prompts_look_like_user_requests(story_pairs):
         r"a story with|write about|describe the|words:)\s|^[a-z]+\.?$",
         re.IGNORECASE,
     )
-    assert all(natural.match(p["prompt"]) for p in story_pairs), [p["prompt"] for p in story_pairs if not natural.match(p["prompt"])]
+    assert [p["prompt"] for p in story_pairs if not natural.match(p["prompt"])] == []
     templates = Counter(p["template"] for p in story_pairs)
     assert len(templates) >= 8 and max(templates.values()) < 0.3 * len(story_pairs)
-    assert any(p["prompt"][0].islower() for p in story_pairs) and any(p["prompt"][0].isupper() for p in story_pairs)
+    assert any(p["prompt"][0].islower() for p in story_pairs)
+    assert any(p["prompt"][0].isupper() for p in story_pairs)
 
 
 def test_salient_word_and_article():
@@ -77,8 +80,10 @@ def test_salient_word_and_article():
     ]
     pairs = build_pairs(docs, "tinystories", seed=0)
     assert [p["target"] for p in pairs] == [["ball", "balls"], ["dog", "dogs"], ["elephant", "elephants"]]
-    elephant = pairs[2]["prompt"].lower()
-    assert "an elephant" in elephant or "elephants" in elephant or "the elephant" in elephant or elephant.startswith(("elephant", "words"))
+    prompts = [build_pairs(docs, "tinystories", seed=s)[2]["prompt"] for s in range(30)]
+    assert not any(re.search(r"\ba elephant", p, re.IGNORECASE) for p in prompts)
+    assert any(re.search(r"\ban elephant\b", p, re.IGNORECASE) for p in prompts)
+    assert any(re.search(r"\belephants\b", p) for p in prompts)  # "Write about elephants"
 
 
 def test_several_pairs_use_different_words_and_templates(stories):
@@ -89,7 +94,9 @@ def test_several_pairs_use_different_words_and_templates(stories):
     assert len(pairs) > 100 and all(len(v) <= 3 for v in by_doc.values())
     for group in by_doc.values():
         assert len({p["template"] for p in group}) == len(group)
-        assert len({p["target"][0] for p in group}) == len(group)
+        assert len({p["prompt"].lower() for p in group}) == len(group)
+    # pair j asks for the document's j-th noun: later pairs bring in other words
+    assert sum(len({w for p in group for w in p["target"]}) > 2 for group in by_doc.values()) > 40
 
 
 def test_shakespeare_pairs():
@@ -118,7 +125,8 @@ def test_style_detection_for_other_sources():
     assert document_style(" = Some Title = \n body", "my.txt") == "article"
     assert document_style("ROMEO:\nBut soft, what light", "hf:x") == "speech"
     assert document_style("The cat sat on the mat.", "hf:x") == "story"
-    pairs = build_pairs([" = Blue Whale = \n The blue whale is large .", "Tom had a kite. The kite flew high."], "notes.txt", 0)
+    docs = [" = Blue Whale = \n The blue whale is large .", "Tom had a kite. The kite flew high."]
+    pairs = build_pairs(docs, "notes.txt", 0)
     assert pairs[0]["template"].startswith("article/") and "Blue" in pairs[0]["target"]
     assert pairs[1]["target"] == ["kite", "kites"]
 
@@ -151,3 +159,23 @@ def test_word_forms_and_titles():
 )
 def test_adherent(sample, target, expected):
     assert adherent(sample, target) is expected
+
+
+def test_same_pairs_in_another_process_with_another_hash_seed(story_pairs):
+    """Set iteration order changes with PYTHONHASHSEED; the pairs (a DVC output) must not."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from pathlib import Path; from sunfish.data.corpora import load_documents; "
+        "from sunfish.data.prompts import build_pairs; "
+        f"d = load_documents('tinystories', Path({str(CORPORA)!r}), max_documents=300); "
+        "json.dump(build_pairs(d, 'tinystories', seed=1337), sys.stdout)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(root)}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert json.loads(out.stdout) == story_pairs

@@ -42,7 +42,9 @@ def test_round_trip_any_unicode(tok, text):
 
 
 @pytest.mark.parametrize(
-    "text", ["", " leading space", "tabs\tand\nnewlines\r\n", "日本語と emoji 🐟🐠", "a<|endoftext|>b <|pad|>", "\x00\x7f\ud7ff"]
+    "text",
+    ["", " leading space", "tabs\tand\nnewlines\r\n", "日本語と emoji 🐟🐠", "a<|endoftext|>b <|pad|>",
+     "\x00\x7f\ud7ff"],
 )
 def test_round_trip_edge_cases(tok, text):
     assert tok.decode(tok.encode(text)) == text
@@ -120,3 +122,20 @@ def test_from_pretrained_offline_unknown_is_clear(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"sunfish-test/no-such-tokenizer.*tokenizer.kind: bpe"):
         from_pretrained("sunfish-test/no-such-tokenizer")
+
+
+def test_training_is_deterministic_across_processes(tok):
+    """The Rust trainer uses hash maps seeded per process; the merges must not depend on them."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from sunfish.data.corpora import load_documents; "
+        "from sunfish.data.tokenizer import train_bpe; "
+        f"d = load_documents('tinystories', Path({str(CORPORA)!r}), max_documents=200); "
+        "sys.stdout.write(train_bpe(d, vocab_size=600, min_frequency=2).tokenizer.to_str())"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout == tok.tokenizer.to_str()

@@ -11,7 +11,9 @@ built from, so each source is cut where its own format puts boundaries:
   and ``@.@`` markers are undone (`` @-@ `` -> ``-`` etc.): they are an artefact of WikiText's
   tokenisation that would otherwise cost every number and hyphenated word three extra tokens.
 - ``hf:<name>[:<config>]``: ``datasets.load_dataset(name, config, split=hf_split)[hf_text_field]``,
-  one row per document; ``name`` may be a local data set folder (e.g. one holding train.jsonl).
+  one non-empty row per document; ``name`` may be a local data set folder (e.g. one holding
+  train.jsonl). Data sets whose name contains "wikitext" store one line per row, so their rows are
+  joined and cut into articles as above.
 - anything else is a local path: a ``.txt`` (or ``.txt.xz``) file, cut on ``<|endoftext|>`` lines
   when it has any and on blank lines otherwise, or a folder whose ``*.txt``/``*.txt.xz`` files
   (sorted by name) are each cut that way.
@@ -75,7 +77,8 @@ def load_documents(
                 "repository (git checkout -- data/corpora) or point corpora_dir at it"
             )
         text = _read_text(path)
-        docs = {"tinystories": split_eos, "shakespeare": split_blank_lines, "wikitext2": split_wikitext}[source](text)
+        splitter = {"tinystories": split_eos, "shakespeare": split_blank_lines, "wikitext2": split_wikitext}
+        docs = splitter[source](text)
     elif source.startswith("hf:"):
         docs = _load_hf(source, hf_split, hf_text_field, max_documents)
     else:
@@ -144,7 +147,9 @@ def _read_text(path: Path) -> str:
         else:
             raw = path.read_bytes()
     except lzma.LZMAError as exc:
-        raise CorpusError(f"{path}: not a valid .xz file ({exc}); recompress it with `xz -9` or give the .txt") from None
+        raise CorpusError(
+            f"{path}: not a valid .xz file ({exc}); recompress it with `xz -9` or give the .txt"
+        ) from None
     except OSError as exc:
         raise CorpusError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if not raw.strip():
@@ -165,7 +170,7 @@ def _read_text(path: Path) -> str:
 
 
 def _text_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and (p.name.endswith(".txt") or p.name.endswith(".txt.xz")))
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith((".txt", ".txt.xz")))
 
 
 def _load_path(path: Path) -> list[str]:
@@ -228,7 +233,9 @@ def _parse_hf(source: str) -> tuple[str, str | None]:
     rest = source[len("hf:"):]
     name, _, config = rest.partition(":")
     if not name:
-        raise CorpusError(f"data source {source!r}: give a data set after hf:, e.g. hf:roneneldan/TinyStories")
+        raise CorpusError(
+            f"data source {source!r}: give a data set after hf:, e.g. hf:roneneldan/TinyStories"
+        )
     return name, (config or None)
 
 
@@ -239,10 +246,9 @@ def _load_hf(source: str, split: str, field: str, max_documents: int | None) -> 
     try:
         import datasets  # lazy: importing datasets takes about a second
 
-        datasets.logging.set_verbosity_error()
         with _offline_mode() if offline else contextlib.nullcontext():
             ds = datasets.load_dataset(str(Path(name).expanduser()) if local else name, config, split=split)
-    except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
+    except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, ValueError, ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = (
             "the Hugging Face hub is unreachable or offline mode is set (HF_HUB_OFFLINE / "
@@ -261,16 +267,26 @@ def _load_hf(source: str, split: str, field: str, max_documents: int | None) -> 
             f"data source {source!r}: split {split!r} has no column {field!r}; set data.hf_text_field "
             f"to one of {ds.column_names}"
         )
-    docs: list[str] = []
-    for batch in ds.select_columns([field]).iter(batch_size=1000):  # stop early for max_documents
+    if "wikitext" in name.lower():
+        # WikiText rows are lines, not articles: rebuild the text and cut it like the bundled file
+        rows = _text_column(ds, source, field, None, strip=False)
+        lines = [row if row.endswith("\n") else row + "\n" for row in rows]
+        return split_wikitext("".join(lines))
+    return _text_column(ds, source, field, max_documents, strip=True)
+
+
+def _text_column(ds, source: str, field: str, max_documents: int | None, strip: bool) -> list[str]:
+    """The non-empty strings of a column, reading batches only until ``max_documents`` are found."""
+    values: list[str] = []
+    for batch in ds.select_columns([field]).iter(batch_size=1000):
         for value in batch[field]:
             if not isinstance(value, str):
                 raise CorpusError(
                     f"data source {source!r}: column {field!r} holds {type(value).__name__}, not text; "
                     "set data.hf_text_field to a text column"
                 )
-            if value.strip():
-                docs.append(value.strip())
-        if max_documents is not None and len(docs) >= max_documents:
+            if value.strip() or not strip:
+                values.append(value.strip() if strip else value)
+        if max_documents is not None and len(values) >= max_documents:
             break
-    return docs
+    return values

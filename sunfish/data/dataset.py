@@ -31,7 +31,9 @@ def write_tokens(path: str | Path, ids: np.ndarray) -> None:
     """Write token ids as raw uint16 (atomically: a reader never sees a half-written file)."""
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(TOKEN_DTYPE).max):
-        raise ValueError(f"{path}: token ids must lie in 0..65535 to be stored as uint16, got {ids.min()}..{ids.max()}")
+        raise ValueError(
+            f"{path}: token ids must lie in 0..65535 to be stored as uint16, got {ids.min()}..{ids.max()}"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -45,12 +47,19 @@ class TokenStream:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"token file {self.path} not found; run the prepare stage (dvc repro prepare)")
+            raise FileNotFoundError(
+                f"token file {self.path} not found; run the prepare stage (dvc repro prepare)"
+            )
         size = self.path.stat().st_size
         if size % np.dtype(TOKEN_DTYPE).itemsize:
-            raise ValueError(f"{self.path}: size {size} bytes is not a whole number of uint16 tokens; re-run prepare")
+            raise ValueError(
+                f"{self.path}: size {size} bytes is not a whole number of uint16 tokens; re-run prepare"
+            )
         if size < 2 * np.dtype(TOKEN_DTYPE).itemsize:
-            raise ValueError(f"{self.path}: holds fewer than 2 tokens; nothing to predict. Re-run prepare on a larger corpus")
+            raise ValueError(
+                f"{self.path}: holds fewer than 2 tokens; nothing to predict. "
+                "Re-run prepare on a larger corpus"
+            )
         self.tokens = np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r")
 
     @property
@@ -60,7 +69,9 @@ class TokenStream:
     def __len__(self) -> int:
         return self.num_tokens
 
-    def sample_batch(self, batch_size: int, seq_len: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def sample_batch(
+        self, batch_size: int, seq_len: int, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
         """``batch_size`` random windows of ``seq_len`` inputs and their next-token targets."""
         if self.num_tokens < seq_len + 1:
             raise ValueError(
@@ -69,9 +80,14 @@ class TokenStream:
             )
         starts = torch.randint(0, self.num_tokens - seq_len, (batch_size,), generator=generator).numpy()
         window = self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
-        return {"input_ids": torch.from_numpy(window[:, :-1].copy()), "targets": torch.from_numpy(window[:, 1:].copy())}
+        return {
+            "input_ids": torch.from_numpy(window[:, :-1].copy()),
+            "targets": torch.from_numpy(window[:, 1:].copy()),
+        }
 
-    def eval_batches(self, seq_len: int, batch_size: int, max_tokens: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    def eval_batches(
+        self, seq_len: int, batch_size: int, max_tokens: int | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Consecutive non-overlapping windows covering every target (positions 1..N-1) once.
 
         The last window is padded: padded inputs are 0 and padded targets are -100, so summing the
@@ -88,8 +104,10 @@ class TokenStream:
             pos = starts[:, None] + offsets  # input positions; the target of pos is pos + 1
             valid = pos < n_targets
             # cast before np.where: with uint16 operands -100 would wrap around to 65436
-            inputs = np.where(valid, self.tokens[np.minimum(pos, n_targets - 1)].astype(np.int64), 0)
-            targets = np.where(valid, self.tokens[np.minimum(pos + 1, n_targets)].astype(np.int64), IGNORE_INDEX)
+            inputs = self.tokens[np.minimum(pos, n_targets - 1)].astype(np.int64)
+            targets = self.tokens[np.minimum(pos + 1, n_targets)].astype(np.int64)
+            inputs = np.where(valid, inputs, 0)
+            targets = np.where(valid, targets, IGNORE_INDEX)
             yield {"input_ids": torch.from_numpy(inputs), "targets": torch.from_numpy(targets)}
 
 
@@ -113,9 +131,11 @@ def load_pairs(path: str | Path) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg}); re-run prepare") from None
-            missing = [k for k in PAIR_KEYS if k not in record] if isinstance(record, dict) else list(PAIR_KEYS)
+            missing = [k for k in PAIR_KEYS if not isinstance(record, dict) or k not in record]
             if missing:
-                raise ValueError(f"{path}:{line_no}: pair record lacks {missing}; expected keys {list(PAIR_KEYS)}")
+                raise ValueError(
+                    f"{path}:{line_no}: pair record lacks {missing}; expected keys {list(PAIR_KEYS)}"
+                )
             records.append(record)
     return records
 
@@ -139,7 +159,8 @@ class PairDataset:
         eos = tokenizer.eos_id
         texts = [ids[:seq_len] + ([eos] if len(ids) < seq_len else []) for ids in texts]
         self.text_ids, self.text_mask = _pad(texts, seq_len, tokenizer.pad_id)
-        self.prompt_ids, self.prompt_mask = _pad([p[:max_prompt_tokens] for p in prompts], max_prompt_tokens, tokenizer.pad_id)
+        prompts = [p[:max_prompt_tokens] for p in prompts]
+        self.prompt_ids, self.prompt_mask = _pad(prompts, max_prompt_tokens, tokenizer.pad_id)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
-def split_documents(documents: list[str], val_fraction: float, method: str, seed: int) -> tuple[list[str], list[str]]:
+def split_documents(
+    documents: list[str], val_fraction: float, method: str, seed: int
+) -> tuple[list[str], list[str]]:
     """Whole-document train/val split; each side gets at least one document.
 
     ``random``: a permutation drawn with ``seed`` picks the validation documents (each side keeps the
@@ -84,7 +86,10 @@ def make_tokenizer(tok_cfg: TokenizerConfig, train_documents: list[str]) -> Text
     """BPE trained on the training documents, or the configured pretrained tokenizer."""
     if tok_cfg.kind == "pretrained":
         if not tok_cfg.pretrained:
-            raise ValueError("tokenizer.pretrained: required when tokenizer.kind is pretrained (a hub name or local folder)")
+            raise ValueError(
+                "tokenizer.pretrained: required when tokenizer.kind is pretrained "
+                "(a hub name or a local folder)"
+            )
         return from_pretrained(tok_cfg.pretrained)
     return train_bpe(train_documents, tok_cfg.vocab_size, tok_cfg.min_frequency)
 
@@ -101,8 +106,10 @@ def prepare_corpus(data_cfg: DataConfig, tok_cfg: TokenizerConfig, out_dir: Path
         hf_text_field=data_cfg.hf_text_field,
         max_documents=data_cfg.max_documents,
     )
-    splits = dict(zip(("train", "val"), split_documents(documents, data_cfg.val_fraction, data_cfg.split, data_cfg.seed)))
-    log.info("split %d documents: %d train, %d val (%s)", len(documents), len(splits["train"]), len(splits["val"]), data_cfg.split)
+    train, val = split_documents(documents, data_cfg.val_fraction, data_cfg.split, data_cfg.seed)
+    splits = {"train": train, "val": val}
+    log.info("split %d documents: %d train, %d val (%s)", len(documents), len(train), len(val),
+             data_cfg.split)
 
     tokenizer = make_tokenizer(tok_cfg, splits["train"])
     tokenizer.save(out_dir / "tokenizer.json")
@@ -134,7 +141,8 @@ def prepare_corpus(data_cfg: DataConfig, tok_cfg: TokenizerConfig, out_dir: Path
         meta["pair_templates"][name] = dict(sorted(Counter(p["template"] for p in pairs).items()))
         log.info("%s: %s, %d pairs", name, meta["splits"][name], len(pairs))
     if meta["pairs"]["train"] == 0:
-        log.warning("no prompt/text pairs could be built from the training documents; the diffusion model needs some")
+        log.warning("no prompt/text pairs could be built from the training documents; "
+                    "the diffusion model needs them")
 
     tmp = out_dir / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

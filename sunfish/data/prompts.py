@@ -115,6 +115,7 @@ CHARACTERS = frozenset(
     bunny rabbit bear fox mouse duck frog fish lion tiger monkey elephant owl pig cow horse
     """.split()
 )
+_EXCLUDED = _STOP | GENERIC_NOUNS | ADJECTIVES  # never a salient noun
 _ING_NOUNS = frozenset(
     "king ring thing morning evening swing wing string spring building painting ceiling clothing "
     "sibling pudding wedding darling ding sling sting".split()
@@ -254,7 +255,7 @@ def salient_nouns(document: str, vocab: _Vocabulary) -> list[_Noun]:
                 continue
             surface = clause[head][0]
             base = vocab.canonical(surface)
-            if len(base) < 3 or base in _STOP or base in GENERIC_NOUNS or base in ADJECTIVES or not base.isalpha():
+            if len(base) < 3 or not base.isalpha() or base in _EXCLUDED:
                 continue
             noun = nouns.setdefault(base, _Noun(base))
             noun.with_a |= word in ("a", "an")
@@ -272,7 +273,8 @@ def salient_nouns(document: str, vocab: _Vocabulary) -> list[_Noun]:
             if noun is not None:
                 noun.count += 1
                 noun.first = min(noun.first, position)
-                capitalised[base] += 1 if capital and k > 0 else -1 if k > 0 else 0
+                if k > 0:  # the first word of a clause is capitalised anyway
+                    capitalised[base] += 1 if capital else -1
             position += 1
     scored = [
         (-n.count * vocab.idf(n.word) * (1.5 if n.first < 60 else 1.0), n.first, n.word, n)
@@ -286,14 +288,19 @@ def salient_nouns(document: str, vocab: _Vocabulary) -> list[_Noun]:
 # templates
 
 
-def _story_prompts(nouns: list[_Noun], j: int, rng: random.Random, used: set[str]) -> tuple[str, str, list[str]] | None:
-    """(template name, prompt, target) for the j-th pair of a story, or None when out of nouns."""
+# (template name, prompt, target), or None when a document has no further pair
+Made = tuple[str, str, list[str]] | None
+
+
+def _story_prompts(nouns: list[_Noun], j: int, rng: random.Random, used: set[str]) -> Made:
+    """The j-th pair of a story: about its j-th noun."""
     if j >= len(nouns):
         return None
     noun = nouns[j]
     w = noun.word
     others = [n for n in nouns if n is not noun]
-    character = next((n for n in sorted(others, key=lambda n: (-n.count, n.first, n.word)) if n.word in CHARACTERS), None)
+    by_count = sorted(others, key=lambda n: (-n.count, n.first, n.word))
+    character = next((n for n in by_count if n.word in CHARACTERS), None)
     options = {
         "story_about": (4, f"Write a story about {noun.phrase()}"),
         "tell_story": (3, f"Tell me a story about {noun.phrase()}"),
@@ -321,16 +328,18 @@ def _story_prompts(nouns: list[_Noun], j: int, rng: random.Random, used: set[str
     return name, _casual(prompt, rng), target
 
 
-def _speech_prompts(speaker: str, nouns: list[_Noun], j: int, rng: random.Random, used: set[str]) -> tuple[str, str, list[str]] | None:
+def _speech_prompts(speaker: str, nouns: list[_Noun], j: int, rng: random.Random, used: set[str]) -> Made:
     shown = _display_name(speaker)
     if j >= max(1, len(nouns)):
         return None
+    named = shown.lower() not in _STOP  # "All", "Both": not a name, and no check at all
     options: dict[str, tuple[int, str]] = {}
-    if shown.lower() not in _STOP:  # "All", "Both": the name would be no check at all
+    if named:
         options["speech_by"] = (2, f"Write a speech by {shown}")
     if nouns:
         noun = nouns[j]
-        options["speech_by_about"] = (3, f"Write a speech by {shown} about the {noun.word}")
+        if named:
+            options["speech_by_about"] = (3, f"Write a speech by {shown} about the {noun.word}")
         options["speech_about"] = (3, f"Write a speech about {noun.about()}")
         options["lines_about"] = (2, f"Write lines about the {noun.word}")
         if len(nouns) >= 3:
@@ -350,7 +359,7 @@ def _speech_prompts(speaker: str, nouns: list[_Noun], j: int, rng: random.Random
     return name, _casual(prompt, rng), target
 
 
-def _article_prompts(title: str, j: int, rng: random.Random, used: set[str]) -> tuple[str, str, list[str]] | None:
+def _article_prompts(title: str, j: int, rng: random.Random, used: set[str]) -> Made:
     target = title_words(title)
     if not target:
         return None
@@ -442,24 +451,26 @@ def build_pairs(documents: list[str], source: str, seed: int, max_pairs_per_docu
         rng = random.Random(f"{seed}:{source}:{index}")
         style = document_style(document, source)
         used: set[str] = set()
+        head, _, rest = document.partition("\n")
         if style == "article":
-            first, _, body = document.partition("\n")
-            title = detokenize_title(first.strip().strip("=").strip())
-            make = lambda j: _article_prompts(title, j, rng, used)  # noqa: E731
+            title = detokenize_title(head.strip().strip("=").strip())
         elif style == "speech":
-            first, _, speech = document.partition("\n")
-            speaker = first.strip().rstrip(":").strip()
-            nouns = salient_nouns(speech, vocab)
-            make = lambda j: _speech_prompts(speaker, nouns, j, rng, used)  # noqa: E731
+            speaker = head.strip().rstrip(":").strip()
+            nouns = salient_nouns(rest, vocab)
         else:
             nouns = salient_nouns(document, vocab)
-            make = lambda j: _story_prompts(nouns, j, rng, used)  # noqa: E731
         for j in range(max_pairs_per_document):
-            made = make(j)
+            if style == "article":
+                made = _article_prompts(title, j, rng, used)
+            elif style == "speech":
+                made = _speech_prompts(speaker, nouns, j, rng, used)
+            else:
+                made = _story_prompts(nouns, j, rng, used)
             if made is None:
                 break
             name, prompt, target = made
-            pairs.append({"prompt": prompt, "text": document, "target": target, "template": f"{style}/{name}"})
+            template = f"{style}/{name}"
+            pairs.append({"prompt": prompt, "text": document, "target": target, "template": template})
     return pairs
 
 

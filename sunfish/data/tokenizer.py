@@ -40,7 +40,8 @@ class TextTokenizer:
         if self.vocab_size > MAX_VOCAB:
             raise ValueError(
                 f"tokenizer vocabulary has {self.vocab_size} entries; token files store uint16 ids, "
-                f"so at most {MAX_VOCAB} are allowed; pick a tokenizer with a smaller vocabulary or use tokenizer.kind: bpe"
+                f"so at most {MAX_VOCAB} are allowed; pick a tokenizer with a smaller vocabulary or use "
+                "tokenizer.kind: bpe"
             )
 
     @property
@@ -68,7 +69,9 @@ class TextTokenizer:
         """Load a tokenizer.json; eos/pad are found by token name unless given (meta.json has them)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} not found; run the prepare stage (dvc repro prepare)")
+            raise FileNotFoundError(
+                f"tokenizer file {path} not found; run the prepare stage (dvc repro prepare)"
+            )
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # the Rust side raises a bare Exception for malformed files
@@ -98,7 +101,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     short of it (no pair left with ``min_frequency``), so read ``vocab_size`` back from the result.
     """
     if not 258 < vocab_size <= MAX_VOCAB:
-        raise ValueError(f"vocab_size {vocab_size} must be in 259..{MAX_VOCAB} (256 bytes + 2 specials + merges)")
+        raise ValueError(
+            f"vocab_size {vocab_size} must be in 259..{MAX_VOCAB} (256 bytes + 2 specials + merges)"
+        )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
@@ -135,7 +140,7 @@ def from_pretrained(name_or_path: str) -> TextTokenizer:
         )
     except Exception as exc:  # OSError, ValueError, EnvironmentError, ... depending on the failure
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        where = "the Hugging Face hub is unreachable or offline mode is set and it is not cached; " if offline else ""
+        where = "the hub is unreachable or offline mode is set and it is not cached; " if offline else ""
         raise ValueError(
             f"tokenizer.pretrained {name_or_path!r} cannot be loaded ({type(exc).__name__}: {reason}); "
             f"{where}give a local folder holding tokenizer.json (save_pretrained), download it where the hub "
@@ -143,7 +148,9 @@ def from_pretrained(name_or_path: str) -> TextTokenizer:
         ) from None
     backend = getattr(hf_tok, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError(f"tokenizer.pretrained {name_or_path!r} has no fast (tokenizers) backend; pick a fast tokenizer")
+        raise ValueError(
+            f"tokenizer.pretrained {name_or_path!r} has no fast (tokenizers) backend; pick a fast tokenizer"
+        )
     eos_id = hf_tok.eos_token_id
     if eos_id is None:
         raise ValueError(f"tokenizer.pretrained {name_or_path!r} defines no eos token; pick one that does")
