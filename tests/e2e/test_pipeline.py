@@ -1,0 +1,215 @@
+"""End to end: the real `dvc repro` of the whole pipeline on a tiny profile, in a temporary git repo.
+
+One module-scoped run of the pipeline serves every test here; the tests then check what a user
+sees: outputs on disk, what MLflow holds, what a second `dvc repro` reruns, what a guidance-only
+change reruns, that a params typo is refused with nothing lost, and that queued experiments log
+into the main store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+# A profile small enough for CI (2 cores): every stage runs for real, briefly.
+TINY = {
+    "data.max_documents": 300,
+    "tokenizer.vocab_size": 512,
+    "staged.preset": "nano",
+    "cfg.preset": "nano",
+    "train.max_steps": 12,
+    "train.milestones": [6, 12],
+    "train.warmup_steps": 2,
+    "train.batch_size": 4,
+    "train.seq_len": 64,
+    "train.eval_every": 6,
+    "train.eval_batches": 2,
+    "train.log_every": 3,
+    "staged.stage_1": {"max_steps": 4, "milestones": [4], "lr": None, "warmup_steps": 1},
+    "staged.stage_2": {"max_steps": 4, "milestones": [4], "lr": None, "warmup_steps": 1},
+    "staged.stage_3": {"max_steps": 4, "milestones": [4], "lr": None, "warmup_steps": 1},
+    "cfg.timesteps": 100,
+    "cfg.num_steps": 8,
+    "eval.max_eval_tokens": 2048,
+    "eval.max_new_tokens": 8,
+    "eval.guidance_scales": [0.0, 3.0],
+    "eval.cfg_prompts": 4,
+    "eval.cfg_seq_len": 32,
+    "diagnose.memorize_steps": 150,
+}
+
+
+def set_dotted(tree: dict, key: str, value) -> None:
+    node = tree
+    *parents, last = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[last] = value
+
+
+def project_files() -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    return [f for f in out.stdout.splitlines() if (ROOT / f).is_file()]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")
+    e.pop("MLFLOW_TRACKING_URI", None)
+    e.pop("DVC_ROOT", None)
+    e["SUNFISH_LOG_LEVEL"] = "WARNING"
+    e["GIT_AUTHOR_NAME"] = e["GIT_COMMITTER_NAME"] = "sunfish-test"
+    e["GIT_AUTHOR_EMAIL"] = e["GIT_COMMITTER_EMAIL"] = "test@example.invalid"
+    return e
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def ran_stages(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+def tree_digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for base in paths:
+        for f in sorted(p for p in base.rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(base)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("sunfish-e2e")
+    for rel in project_files():
+        dst = repo / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dst)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in TINY.items():
+        set_dotted(params, key, value)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q", "-b", "main"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "tiny profile"], repo)
+    start = time.perf_counter()
+    proc = run(["dvc", "repro"], repo)
+    print(f"tiny dvc repro: {time.perf_counter() - start:.0f}s")
+    assert "Running stage 'report'" in proc.stdout
+    # as a user would: keep the results in git so experiments have a baseline
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "tiny run"], repo)
+    return repo
+
+
+def test_repro_writes_reports_metrics_and_checkpoints(repo):
+    assert (repo / "reports" / "report.html").stat().st_size > 1000
+    assert (repo / "reports" / "report.md").exists()
+    for name in ("prepare", "stage_0", "stage_1", "stage_2", "stage_3", "cfg", "evaluate"):
+        assert (repo / "reports" / "metrics" / f"{name}.json").exists(), name
+    for model, steps in {"stage_0": [6, 12], "stage_3": [4], "cfg": [6, 12]}.items():
+        for step in steps:
+            assert (repo / "models" / model / f"step_{step}" / "model.safetensors").exists()
+            assert (repo / "models" / model / f"step_{step}" / "config.json").exists()
+    assert not (repo / "mlruns").exists()
+
+
+def test_mlflow_holds_one_run_per_training_stage(repo):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sunfish")
+    runs = client.search_runs([exp.experiment_id], max_results=200)
+    by_stage = {}
+    for r in runs:
+        by_stage.setdefault(r.data.tags.get("dvc.stage"), []).append(r)
+    for stage in ("train_stage_0", "train_stage_1", "train_stage_2", "train_stage_3", "train_cfg_micro"):
+        assert len(by_stage.get(stage, [])) == 1, stage
+        r = by_stage[stage][0]
+        assert {"train/loss", "val/loss", "val/ppl", "val/bpb"} <= set(r.data.metrics), stage
+        assert r.data.params["train.lr"]
+        assert r.data.tags.get("git.commit") and r.data.tags.get("params.hash")
+        assert r.info.status == "FINISHED"
+    history = client.get_metric_history(by_stage["train_stage_0"][0].info.run_id, "train/loss")
+    assert len(history) >= 4
+
+
+def test_second_repro_reruns_nothing(repo):
+    start = time.perf_counter()
+    proc = run(["dvc", "repro"], repo)
+    seconds = time.perf_counter() - start
+    assert ran_stages(proc.stdout) == []
+    print(f"no-op dvc repro: {seconds:.2f}s")
+
+
+def test_params_typo_fails_naming_the_key_and_keeps_outputs(repo):
+    before = tree_digest(repo / "models", repo / "reports")
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["train"]["lernig_rate_typo"] = 0.1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = run(["dvc", "repro"], repo, check=False)
+        assert proc.returncode != 0
+        assert "train.lernig_rate_typo" in proc.stdout + proc.stderr
+        assert tree_digest(repo / "models", repo / "reports") == before
+    finally:
+        (repo / "params.yaml").write_text(original)
+    run(["dvc", "repro"], repo)  # the stamp stage reruns; nothing downstream does
+
+
+def test_guidance_change_reruns_only_evaluate_and_report(repo):
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["cfg"]["guidance_scale"] = 3.0
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = run(["dvc", "repro"], repo)
+        stages = ran_stages(proc.stdout)
+        assert "evaluate" in stages and "report" in stages
+        assert set(stages) <= {"validate", "evaluate", "report"}, stages
+    finally:
+        (repo / "params.yaml").write_text(original)
+        run(["dvc", "repro"], repo)
+
+
+def test_queued_experiments_land_in_the_main_store(repo):
+    from mlflow.tracking import MlflowClient
+
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "--allow-empty", "-m", "baseline"], repo)
+    run(["dvc", "exp", "run", "--queue", "-n", "queued-w1", "-S", "cfg.guidance_scale=1"], repo)
+    run(["dvc", "queue", "start", "-j", "1"], repo)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert "Success" in status, status
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sunfish")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`dvc.exp_name` = 'queued-w1'")
+    stages = {r.data.tags["dvc.stage"] for r in runs}
+    assert {"evaluate", "report"} <= stages, stages
+    assert not stages & {"train_stage_0", "train_cfg_micro"}, stages
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
