@@ -61,6 +61,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != self.weight.dtype:  # e.g. bf16 activations under autocast: normalise in fp32
+            return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
@@ -278,7 +280,9 @@ class Attention(nn.Module):
         key_padding_mask: Tensor | None = None,
     ) -> Tensor:
         p = self.dropout if self.training else 0.0
-        return attend(q, k, v, causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask, dropout_p=p)
+        return attend(
+            q, k, v, causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask, dropout_p=p
+        )
 
     def merge(self, heads: Tensor) -> Tensor:
         """``[B, H, T, hd]`` -> output projection ``[B, T, d_model]``."""
@@ -339,7 +343,11 @@ class TransformerBlock(nn.Module):
         self.norm_attn = RMSNorm(d_model)
         self.attn = Attention(d_model, n_head, dropout=dropout)
         self.norm_cross = RMSNorm(d_model) if cross_attention else None
-        self.cross = Attention(d_model, n_head, dropout=dropout, cross=True, context_dim=context_dim) if cross_attention else None
+        self.cross = (
+            Attention(d_model, n_head, dropout=dropout, cross=True, context_dim=context_dim)
+            if cross_attention
+            else None
+        )
         self.norm_mlp = RMSNorm(d_model)
         self.mlp = MLP(d_model, d_ff, dropout=dropout)
         self.drop = nn.Dropout(dropout)

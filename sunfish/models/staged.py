@@ -25,6 +25,14 @@ block ``MU_BLOCKS[b]`` and whose 4 values are the block's 2x2 entries in row-maj
 per-block operation is a reshape, never a loop. :func:`mu_matrix` / :func:`mu_state` convert
 between this storage and the literal 8x8 matrix. This is the only definition of the layout.
 
+Stage 1: TEMPORAL
+-----------------
+``temporal`` is a ``[vocab, temporal_dim]`` table, zero-initialised, read per token and projected
+by ``temporal_proj`` (``temporal_dim -> d_model``) into the input stream; positions come from RoPE.
+The projection keeps a normal random init on purpose: with the table at zero the branch outputs
+exactly 0 (exact warm start) while the table still receives gradient. Zeroing both would leave the
+branch stuck at zero forever (each factor's gradient is proportional to the other).
+
 Stage 3: exact warm start
 -------------------------
 Each decoder layer computes q, k, v once and attends twice: full causal attention (what stage 2
@@ -81,7 +89,12 @@ if TYPE_CHECKING:  # config stays importable without torch, and this module with
 # ----------------------------------------------------------------------------------------------
 # the MU layout: defined once
 
-MU_BLOCKS: tuple[str, ...] = ("I", "S", "C1", "C2", "R1", "R2", "T", "K", "G", "M", "D", "F", "P", "E", "A", "X")
+MU_BLOCKS: tuple[str, ...] = (
+    "I", "S", "C1", "C2",
+    "R1", "R2", "T", "K",
+    "G", "M", "D", "F",
+    "P", "E", "A", "X",
+)  # fmt: skip
 MU_BLOCK_SIDE = 2  # each block is 2x2
 MU_GRID = 4  # blocks per matrix row / column
 MU_MATRIX_SIDE = MU_GRID * MU_BLOCK_SIDE  # 8
@@ -113,7 +126,8 @@ def mu_matrix(state: Tensor) -> Tensor:
 
 def mu_state(matrix: Tensor) -> Tensor:
     """Inverse of :func:`mu_matrix`: ``[..., 8, 8]`` -> block-major ``[..., 64]``."""
-    g = matrix.unflatten(-1, (MU_GRID, MU_BLOCK_SIDE)).unflatten(-3, (MU_GRID, MU_BLOCK_SIDE))  # [.., br, i, bc, j]
+    # [.., block row, i, block column, j]
+    g = matrix.unflatten(-1, (MU_GRID, MU_BLOCK_SIDE)).unflatten(-3, (MU_GRID, MU_BLOCK_SIDE))
     return g.transpose(-3, -2).reshape(*matrix.shape[:-2], MU_DIM)
 
 
@@ -189,7 +203,9 @@ class StagedLMConfig:
         """
         vocab = preset.vocab_size or vocab_size
         if vocab < vocab_size:
-            raise ValueError(f"preset vocab_size={preset.vocab_size} is smaller than the tokenizer's {vocab_size}")
+            raise ValueError(
+                f"preset vocab_size={preset.vocab_size} is smaller than the tokenizer's {vocab_size}"
+            )
         return cls(
             vocab_size=vocab,
             n_layer=preset.n_layer,
@@ -340,7 +356,8 @@ def graph_attention_mask(
     mask = linked.unsqueeze(0).expand(b, -1, -1)
     if top_k > 0:
         candidate = (distance > 0) & ~linked  # earlier and not already linked
-        sim = torch.matmul(query_features, key_features.transpose(1, 2)).float()
+        with torch.autocast(query_features.device.type, enabled=False):  # fp32 even under bf16 autocast
+            sim = torch.matmul(query_features.float(), key_features.float().transpose(1, 2))
         # integer keys: quantised similarity, ties to the most recent key; -1 = not a candidate
         quantised = torch.round((sim.clamp(-1.0, 1.0) + 1.0) * 16384.0).long()
         keys = quantised * (1 << 24) + key_positions.unsqueeze(0).unsqueeze(0)
@@ -410,7 +427,8 @@ class StagedLM(nn.Module):
         self.norm = RMSNorm(c.d_model)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.stage >= 3:
-            self.register_buffer("graph_offsets", torch.tensor(fibonacci_offsets(c.graph_shortcuts, c.graph_window), dtype=torch.long), persistent=False)
+            offsets = torch.tensor(fibonacci_offsets(c.graph_shortcuts, c.graph_window), dtype=torch.long)
+            self.register_buffer("graph_offsets", offsets, persistent=False)
             if not c.mu_full:
                 projection = torch.randn(c.d_model, GRAPH_FEATURE_DIM) / math.sqrt(c.d_model)
                 self.register_buffer("graph_projection", projection)
@@ -457,10 +475,17 @@ class StagedLM(nn.Module):
         """
         if isinstance(config, dict):
             config = StagedLMConfig.from_dict(config)
-        shared = ("vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_seq_len", "tie_embeddings", "mu_full", "mu_layers")
+        shared: tuple[str, ...] = (
+            "vocab_size", "n_layer", "n_head", "d_model", "d_ff", "max_seq_len", "tie_embeddings", "mu_full",
+            "mu_layers",
+        )
         if previous.config.stage >= 1 and config.stage >= 1:
             shared += ("temporal_dim",)
-        diff = [f"{k}: {getattr(previous.config, k)} -> {getattr(config, k)}" for k in shared if getattr(previous.config, k) != getattr(config, k)]
+        diff = [
+            f"{k}: {getattr(previous.config, k)} -> {getattr(config, k)}"
+            for k in shared
+            if getattr(previous.config, k) != getattr(config, k)
+        ]
         if diff:
             raise ValueError("warm start needs the same shapes; changed: " + ", ".join(diff))
         if config.stage < previous.config.stage:
@@ -542,7 +567,9 @@ class StagedLM(nn.Module):
             cache.length = offset + t
         return logits
 
-    def _graph_mask(self, state: Tensor | None, stream: Tensor, positions: Tensor, cache: KVCache | None) -> Tensor:
+    def _graph_mask(
+        self, state: Tensor | None, stream: Tensor, positions: Tensor, cache: KVCache | None
+    ) -> Tensor:
         c = self.config
         feats = self.graph_features(state, stream)
         key_feats = feats
@@ -569,7 +596,9 @@ class StagedLM(nn.Module):
     def _summed_nll(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         logits = self(batch["input_ids"])
         targets = batch["targets"]
-        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        total = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+        )
         return total, (targets != -100).sum()
 
     def training_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:

@@ -6,6 +6,8 @@ Call after ``loss.backward()`` and gradient clipping, before ``optimizer.step()`
     if cfg.k1_mode == "scale":
         stats.update(k1_scale_(model.named_parameters()))
 
+or let the training loop do it: ``after_clip = make_k1_hook(mode, path_mass, every=log_every)``.
+
 Definitions (n_p = the L2 norm of parameter tensor p's gradient; tensors without a gradient are
 ignored):
 
@@ -27,7 +29,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["gradient_norms", "k1_attribution", "k1_scale_"]
+__all__ = ["gradient_norms", "k1_attribution", "k1_scale_", "k1_metrics", "make_k1_hook"]
 
 
 def gradient_norms(named_params: Iterable[tuple[str, Tensor]]) -> tuple[list[str], list[Tensor], Tensor]:
@@ -80,7 +82,9 @@ def k1_attribution(
     path_set = set(on_path)
     components: dict[str, dict[str, float]] = {}
     for i, name in enumerate(names):
-        entry = components.setdefault(component_of(name), {"tensors": 0, "path_tensors": 0, "norm_share": 0.0})
+        entry = components.setdefault(
+            component_of(name), {"tensors": 0, "path_tensors": 0, "norm_share": 0.0}
+        )
         entry["tensors"] += 1
         entry["path_tensors"] += int(i in path_set)
         entry["norm_share"] += norm_list[i] / denominator
@@ -114,3 +118,42 @@ def k1_scale_(named_params: Iterable[tuple[str, Tensor]]) -> dict[str, float]:
         "k1_scaled_tensors": int((scales < 1).sum()),
         "k1_min_scale": float(scales.min()),
     }
+
+
+def k1_metrics(attribution: dict) -> dict[str, float]:
+    """The numeric part of a :func:`k1_attribution` result, flat, for MLflow:
+    ``k1_path_size``, ``k1_path_share``, ``k1_path_mass``, ``k1_grad_norm``, ``k1_tensors``,
+    ``k1_norm_share/<component>`` and ``k1_path_tensors/<component>``."""
+    out = {k: float(v) for k, v in attribution.items() if k.startswith("k1_")}
+    for component, entry in attribution.get("components", {}).items():
+        out[f"k1_norm_share/{component}"] = float(entry["norm_share"])
+        out[f"k1_path_tensors/{component}"] = float(entry["path_tensors"])
+    return out
+
+
+def make_k1_hook(
+    mode: str, path_mass: float, every: int = 1
+) -> Callable[[torch.nn.Module, int], dict[str, float]]:
+    """An ``after_clip(model, step) -> metrics`` hook for the training loop.
+
+    ``mode="scale"`` scales the gradients every step; ``"log"`` leaves them alone. The attribution
+    is computed on step 1 and every ``every`` steps (it needs a host sync), after which its flat
+    metrics (:func:`k1_metrics`) are returned; other steps return only the scaling figures (or
+    nothing). The latest full attribution, members included, is kept on ``hook.last_attribution``.
+    """
+    if mode not in ("log", "scale"):
+        raise ValueError(f"k1 mode must be 'log' or 'scale', got {mode!r}")
+
+    def hook(model: torch.nn.Module, step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if step == 1 or step % max(1, every) == 0:
+            component_of = getattr(model, "component_of", None)
+            attribution = k1_attribution(model.named_parameters(), path_mass, component_of)
+            hook.last_attribution = attribution
+            metrics.update(k1_metrics(attribution))
+        if mode == "scale":
+            metrics.update({k: float(v) for k, v in k1_scale_(model.named_parameters()).items()})
+        return metrics
+
+    hook.last_attribution = None
+    return hook
