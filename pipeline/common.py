@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sunfish.config import Params, flatten, load_params
-from sunfish.tracking import main_repo_of, repo_root
+from sunfish.tracking import repo_root
 
 log = logging.getLogger("sunfish.pipeline")
 
@@ -54,7 +54,7 @@ class StageContext:
         t = self.params.tracking
         return stage_run(
             self.name,
-            root=main_repo_of(self.root),
+            root=repo_root(self.root),
             experiment=t.experiment,
             configured_uri=t.uri,
             enabled=t.enabled,
@@ -73,7 +73,10 @@ def setup_logging() -> None:
 def open_stage(name: str, params_path: str | Path | None = None) -> StageContext:
     """Validate the whole params file before any work (raises ParamsError naming the key)."""
     setup_logging()
-    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    # Outputs are relative to where DVC runs the stage (the workspace: a temporary copy for
+    # `dvc exp run --queue`, whose DVC_ROOT still names the main repository); MLflow goes to
+    # the main repository (sunfish.tracking.repo_root).
+    root = Path.cwd().resolve()
     if params_path is None:
         params_path = root / "params.yaml"
     params = load_params(params_path)
@@ -103,7 +106,3 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in fields})
-
-
-def tracking_root(ctx: StageContext) -> Path:
-    return repo_root(ctx.root)

@@ -133,8 +133,8 @@ def run() -> None:
             model_summary = {"kind": "diffusion" if name == "cfg" else "staged", "milestones": entries,
                              "best": best, "checklist": checklist_for(entries)}
             summary["models"][name] = model_summary
-            best_entry = next((e for e in entries if e["step"] == best["step"]), entries[-1])
-            metrics[name] = {"best_step": best["step"], "best_val_bpb": best_entry["val_bpb"],
+            best_milestone = next((e for e in entries if e["step"] == best["step"]), entries[-1])
+            metrics[name] = {"best_step": best["step"], "best_val_bpb": best_milestone["val_bpb"],
                              "final_val_bpb": entries[-1]["val_bpb"], "final_val_loss": entries[-1]["val_loss"],
                              "final_val_ppl": entries[-1]["val_ppl"],
                              "checklist_passed": sum(1 for c in model_summary["checklist"] if c["passed"]),

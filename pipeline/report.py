@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.common import log, open_stage
 from pipeline.train_staged import DESCRIPTIONS
 from sunfish.config import MODEL_NAMES, STAGED_MODELS
-from sunfish.tracking import git_commit, main_repo_of, tracking_uri
+from sunfish.tracking import git_commit, repo_root, tracking_uri
 
 
 def _read_json(path: Path, default=None):
@@ -41,7 +41,7 @@ def _num(v: str):
 def build_summary(ctx) -> dict:
     reports = ctx.reports
     milestones = _read_json(reports / "milestones.json", {"models": {}})
-    root = main_repo_of(ctx.root)
+    root = repo_root(ctx.root)
     summary = {
         "title": ctx.params.report.title,
         "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
