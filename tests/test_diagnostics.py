@@ -392,6 +392,7 @@ def test_diagnose_stage_writes_report_and_stamp(tiny_setup, monkeypatch):
     root, raw, params, prepared = tiny_setup
     (root / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.chdir(root)
     monkeypatch.setattr(dg, "run_diagnostics", lambda p, d, models=None: _canned(p, d, "ok"))
     stage.run()
     stamp = root / "data" / "diagnose.ok"
