@@ -97,7 +97,7 @@ def run() -> None:
             for step, directory in milestones:
                 start = time.perf_counter()
                 loaded = load_checkpoint(directory)
-                model, cmeta = loaded[0], loaded[1]
+                model = loaded[0]
                 seq_len = min(model.config.max_seq_len, p.train.seq_len or model.config.max_seq_len)
                 if model.kind == "staged":
                     batches = val_stream.eval_batches(seq_len, p.train.batch_size, ev.max_eval_tokens)

@@ -44,7 +44,7 @@ def build_summary(ctx) -> dict:
     root = repo_root(ctx.root)
     summary = {
         "title": ctx.params.report.title,
-        "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(ctx.root),
         "params": ctx.flat_params(),
         "mlflow": {"tracking_uri": tracking_uri(root, ctx.params.tracking.uri), "experiment": ctx.params.tracking.experiment,

@@ -66,12 +66,12 @@ def _curve(steps, start, end):
 def _model(name: str, kind: str, final_loss: float, guidance: bool = False) -> dict:
     train_steps = list(range(10, 310, 10))
     train = [
-        {"step": s, "loss": l, "lr": 1e-3, "tokens_per_s": 2500.0}
-        for s, l in zip(train_steps, _curve(train_steps, 8.3, final_loss - 0.1))
+        {"step": s, "loss": loss, "lr": 1e-3, "tokens_per_s": 2500.0}
+        for s, loss in zip(train_steps, _curve(train_steps, 8.3, final_loss - 0.1))
     ]
     val = [
-        {"step": s, "loss": l, "ppl": math.exp(l), "bpb": l / math.log(2) / 3.9}
-        for s, l in zip([100, 200, 300], [final_loss + 0.8, final_loss + 0.2, final_loss])
+        {"step": s, "loss": loss, "ppl": math.exp(loss), "bpb": loss / math.log(2) / 3.9}
+        for s, loss in zip([100, 200, 300], [final_loss + 0.8, final_loss + 0.2, final_loss])
     ]
     milestones = []
     for i, v in enumerate(val):

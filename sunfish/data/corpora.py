@@ -30,8 +30,8 @@ import lzma
 import os
 import re
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ pads pair batches. The saved ``tokenizer.json`` is the plain Hugging Face format
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -65,7 +65,7 @@ class TextTokenizer:
         self.tokenizer.save(str(path))
 
     @classmethod
-    def load(cls, path: str | Path, eos_id: int | None = None, pad_id: int | None = None) -> "TextTokenizer":
+    def load(cls, path: str | Path, eos_id: int | None = None, pad_id: int | None = None) -> TextTokenizer:
         """Load a tokenizer.json; eos/pad are found by token name unless given (meta.json has them)."""
         path = Path(path)
         if not path.is_file():

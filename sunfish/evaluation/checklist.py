@@ -15,7 +15,8 @@ which compares the first and the last milestone.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "LOSS_THRESHOLD",

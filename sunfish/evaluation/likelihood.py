@@ -14,7 +14,8 @@ split's ``bytes / tokens`` from ``meta.json`` (sunfish.data).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["score_batches", "perplexity", "bits_per_byte"]
 

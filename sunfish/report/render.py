@@ -12,8 +12,9 @@ import html
 import math
 import re
 import shlex
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from sunfish.report.svg import line_chart
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 __all__ = ["line_chart", "nice_ticks", "PALETTE"]
 
@@ -245,7 +246,7 @@ def line_chart(
         if len(pts) > 1:
             coords = " ".join(f"{tx(x):.1f},{ty(y):.1f}" for x, y, _, _ in pts)
             parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2" stroke-linejoin="round"/>')
-        for x, y, lo, hi in pts:
+        for x, _y, lo, hi in pts:
             if lo is not None and hi is not None:
                 xx, ya, yb = tx(x), ty(lo), ty(hi)
                 parts.append(

@@ -98,7 +98,7 @@ def save_checkpoint(
         "model_config": model.config.to_dict(),
         "tied_weights": aliases,
         "tokenizer": TOKENIZER if tokenizer_file else None,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **(extra or {}),
     }
     (tmp / CONFIG).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
