@@ -11,7 +11,7 @@ import itertools
 import torch
 
 from pipeline.common import open_stage
-from pipeline.training import read_meta, run_training
+from pipeline.training import load_optimizer_state, read_meta, run_training
 
 DESCRIPTIONS = {
     0: "MU semantic-matrix tokens + RoPE + causal attention",
@@ -48,11 +48,13 @@ def run(stage: int) -> None:
         return itertools.islice(val_stream.eval_batches(tcfg.seq_len, tcfg.batch_size), tcfg.eval_batches)
 
     start_metrics = {}
+    optimizer_state = None
     if stage == 0:
         model = StagedLM(config)
     else:
-        previous, _, _ = load_checkpoint(ctx.models / f"stage_{stage - 1}" / "final", expect_kind="staged")
+        previous, _, previous_dir = load_checkpoint(ctx.models / f"stage_{stage - 1}" / "final", expect_kind="staged")
         model = StagedLM.warm_start(previous, config)
+        optimizer_state = load_optimizer_state(previous_dir)
         probe = sample_batch(torch.Generator().manual_seed(tcfg.seed + 1))
         with torch.no_grad():
             previous.eval()
@@ -77,5 +79,5 @@ def run(stage: int) -> None:
         tokens_per_batch=tcfg.batch_size * tcfg.seq_len,
         bytes_per_token=meta["splits"]["val"]["bytes_per_token"],
         flat_params=flat, after_clip=after_clip, start_metrics=start_metrics,
-        description=DESCRIPTIONS[stage],
+        description=DESCRIPTIONS[stage], optimizer_state=optimizer_state,
     )

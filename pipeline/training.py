@@ -14,6 +14,20 @@ from sunfish.config import ResolvedTraining
 from sunfish.training.checkpoint import save_checkpoint
 from sunfish.training.loop import TrainResult, train
 
+OPTIMIZER_STATE = "optimizer.pt"
+
+
+def load_optimizer_state(checkpoint_dir) -> dict | None:
+    """The named AdamW moments saved next to a final checkpoint, if any (never unpickles code)."""
+    path = checkpoint_dir / OPTIMIZER_STATE
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file only costs the warm optimizer, not the run
+        log.warning("ignoring unreadable optimizer state %s: %s", path, exc)
+        return None
+
 
 def read_meta(ctx: StageContext) -> dict:
     path = ctx.prepared / "meta.json"
@@ -36,6 +50,7 @@ def run_training(
     after_clip: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
     start_metrics: dict[str, float] | None = None,
     description: str = "",
+    optimizer_state: dict | None = None,
 ) -> TrainResult:
     out_dir = ctx.models / model_name
     if out_dir.exists():  # outside DVC a rerun must not mix old milestones with new ones
@@ -58,11 +73,14 @@ def run_training(
             tokens_per_batch=tokens_per_batch, bytes_per_token=bytes_per_token,
             save_milestone=save, log_metrics=run.log_metrics, after_clip=after_clip,
             progress_file=ctx.root / "state" / model_name / "progress.json",
+            optimizer_state=optimizer_state,
         )
         save_checkpoint(
             out_dir / "final", model, model_name=model_name, step=result.steps, tokenizer_file=tokenizer_file,
             extra={"train": tcfg.model_dump(), "mlflow_run_id": run.run_id},
         )
+        # the next stage continues with these AdamW moments (loads with torch.load(weights_only=True))
+        torch.save(result.optimizer_state, out_dir / "final" / OPTIMIZER_STATE)
         last_val = result.val[-1] if result.val else {}
         first_val_loss = result.val[0]["loss"] if result.val else math.nan
         metrics = {

@@ -76,3 +76,21 @@ def test_nonfinite_losses_are_skipped_then_stop():
     with pytest.raises(NonFiniteLoss, match="lower train.lr"):
         train(Exploding(), _cfg(), sample_batch=_data(), val_batches=lambda: [], tokens_per_batch=1,
               bytes_per_token=1.0, save_milestone=lambda m, s: None, progress=False)
+
+
+def test_adam_moments_carry_over_by_name_to_a_later_stage():
+    from sunfish.training.loop import load_named_optimizer_state, make_optimizer
+
+    cfg = _cfg(max_steps=3, milestones=[3])
+    first = _model()
+    result = train(first, cfg, sample_batch=_data(), val_batches=lambda: [], tokens_per_batch=64,
+                   bytes_per_token=1.0, save_milestone=lambda m, s: None, progress=False)
+    assert set(result.optimizer_state) == {n for n, p in first.named_parameters() if p.requires_grad}
+    later = StagedLM.warm_start(first, StagedLMConfig(vocab_size=32, n_layer=1, n_head=2, d_model=32, d_ff=64,
+                                                      max_seq_len=16, stage=1))
+    opt = make_optimizer(later, cfg, torch.device("cpu"))
+    carried = load_named_optimizer_state(later, opt, result.optimizer_state)
+    new = {n for n, _ in later.named_parameters()} - set(result.optimizer_state)
+    assert new and carried == sum(1 for _ in later.parameters()) - len(new)
+    name, p = next(iter(first.named_parameters()))
+    assert torch.equal(opt.state[dict(later.named_parameters())[name]]["exp_avg"], result.optimizer_state[name]["exp_avg"])

@@ -78,6 +78,28 @@ def make_optimizer(model: torch.nn.Module, cfg: ResolvedTraining, device: torch.
     return torch.optim.AdamW(groups, **kwargs)
 
 
+def named_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+    """AdamW moments keyed by parameter name, so a later stage with extra parameters can reuse them."""
+    out = {}
+    for name, p in model.named_parameters():
+        state = optimizer.state.get(p)
+        if state:
+            out[name] = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    return out
+
+
+def load_named_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, named: dict[str, dict]) -> int:
+    """Seed the optimizer with moments of same-named, same-shaped parameters; returns how many."""
+    carried = 0
+    for name, p in model.named_parameters():
+        state = named.get(name)
+        if not state or not p.requires_grad or state["exp_avg"].shape != p.shape:
+            continue
+        optimizer.state[p] = {k: (v.to(p.device).clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+        carried += 1
+    return carried
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -89,6 +111,7 @@ class TrainResult:
     milestones: list[int] = field(default_factory=list)
     skipped_nonfinite: int = 0
     first_loss: float | None = None
+    optimizer_state: dict[str, dict] = field(default_factory=dict)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -142,6 +165,7 @@ def train(
     max_nonfinite_in_a_row: int = 5,
     progress: bool = True,
     progress_file: Path | None = None,
+    optimizer_state: dict[str, dict] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimiser steps, saving every milestone."""
     from tqdm.auto import tqdm
@@ -154,6 +178,10 @@ def train(
     model.train()
     step_model: torch.nn.Module = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(model, cfg, device)
+    if optimizer_state:
+        carried = load_named_optimizer_state(model, optimizer, optimizer_state)
+        log.info("carried AdamW moments over for %d of %d parameter tensors", carried,
+                 sum(1 for p in model.parameters() if p.requires_grad))
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     milestones = set(cfg.milestones)
 
@@ -249,6 +277,7 @@ def train(
     bar.close()
     write_progress(cfg.max_steps, "finished")
     result.steps = cfg.max_steps
+    result.optimizer_state = named_optimizer_state(model, optimizer)
     result.train_seconds = time.perf_counter() - start
     total_tokens = tokens_per_batch * cfg.grad_accum_steps * cfg.max_steps
     result.tokens_per_s = total_tokens / max(result.train_seconds, 1e-9)
