@@ -67,6 +67,7 @@ def run() -> None:
     from sunfish.evaluation.likelihood import score_batches
     from sunfish.evaluation.text_quality import corpus_bigrams, corpus_vocabulary, quality
     from sunfish.training.checkpoint import list_milestones, load_checkpoint
+    from sunfish.training.loop import set_threads
 
     ctx = open_stage("evaluate")
     p, ev = ctx.params, ctx.params.eval
@@ -79,7 +80,7 @@ def run() -> None:
     vocabulary = corpus_vocabulary([train_text])
     bigrams = corpus_bigrams([train_text[:3_000_000]])
     val_records = load_pairs(ctx.prepared / "pairs_val.jsonl")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    set_threads(p.train.threads)
 
     summary: dict = {"models": {}}
     metrics: dict = {}
