@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from sunfish.diffusion.guidance import combine
-from sunfish.diffusion.masked import stratified_times, uniform
+from sunfish.diffusion.masked import stratified_times
 
 MAX_BETA = 0.999
 
@@ -139,7 +139,9 @@ def elbo(model, batch: dict, memory: torch.Tensor, memory_mask: torch.Tensor, ge
     return total[text_mask].sum()
 
 
-def ddim_step(z: torch.Tensor, x0: torch.Tensor, a_t: float, a_s: float, eta: float, noise: torch.Tensor | None):
+def ddim_step(
+    z: torch.Tensor, x0: torch.Tensor, a_t: float, a_s: float, eta: float, noise: torch.Tensor | None
+) -> torch.Tensor:
     """One DDIM step from t to s < t (abar values a_t, a_s); ``noise`` is needed when eta > 0."""
     eps = (z - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
     sigma = eta * math.sqrt((1 - a_s) / (1 - a_t)) * math.sqrt(1 - a_t / a_s)
@@ -147,7 +149,7 @@ def ddim_step(z: torch.Tensor, x0: torch.Tensor, a_t: float, a_s: float, eta: fl
     return out + sigma * noise if sigma > 0 else out
 
 
-def ddpm_step(z: torch.Tensor, x0: torch.Tensor, a_t: float, a_s: float, noise: torch.Tensor):
+def ddpm_step(z: torch.Tensor, x0: torch.Tensor, a_t: float, a_s: float, noise: torch.Tensor) -> torch.Tensor:
     """One draw from the Gaussian posterior q(z_s | z_t, x0) for s < t (strided DDPM)."""
     beta = 1.0 - a_t / a_s
     mean = (math.sqrt(a_s) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_s) / (1 - a_t)) * z
@@ -195,7 +197,10 @@ def sample(
     if unconditional:
         prompt_mask = torch.zeros_like(prompt_mask, dtype=torch.bool)
     guided = not unconditional and guidance_scale != 1.0
-    memory = model.encode_prompt_with_null(prompt_ids, prompt_mask) if guided else model.encode_prompt(prompt_ids, prompt_mask)
+    if guided:
+        memory = model.encode_prompt_with_null(prompt_ids, prompt_mask)
+    else:
+        memory = model.encode_prompt(prompt_ids, prompt_mask)
 
     keep = kept_embeddings = None
     if infill is not None:
@@ -209,10 +214,13 @@ def sample(
         s = steps[i + 1] if i + 1 < len(steps) else 0
         timesteps = torch.full((num_samples,), t, dtype=torch.long, device=device)
         if guided:
-            cond, uncond = model.predict_cond_uncond(z, timesteps=timesteps, self_condition=x0_previous, memory=memory)
+            cond, uncond = model.predict_cond_uncond(
+                z, timesteps=timesteps, self_condition=x0_previous, memory=memory
+            )
             x0 = combine(cond.float(), uncond.float(), guidance_scale)
         else:
-            x0 = model.x0_head(model.hidden_states(z, memory[0], memory[1], None, timesteps, x0_previous)).float()
+            hidden = model.hidden_states(z, memory[0], memory[1], None, timesteps, x0_previous)
+            x0 = model.x0_head(hidden).float()
         if clamp:
             x0 = model.embed_clean(model.rounding_logits(x0).argmax(-1))
         if keep is not None:
@@ -234,7 +242,9 @@ def sample(
 
 
 @torch.no_grad()
-def embedding_health(model, generator: torch.Generator | None = None, max_tokens: int = 1024) -> dict[str, float]:
+def embedding_health(
+    model, generator: torch.Generator | None = None, max_tokens: int = 1024
+) -> dict[str, float]:
     """Mean pairwise cosine between token embeddings (collapse -> 1); for the continuous objective
     also the rounding accuracy at the smallest noise level: e(x) noised to t = 1, read back by the
     rounding head (nearest unit embedding), compared with x."""
@@ -251,6 +261,7 @@ def embedding_health(model, generator: torch.Generator | None = None, max_tokens
     if cfg.objective == "continuous":
         ab = alpha_bars(cfg.timesteps, cfg.noise_schedule)
         a1 = float(ab[1])
-        z = math.sqrt(a1) * math.sqrt(cfg.d_model) * rows + math.sqrt(1 - a1) * normal(rows.shape, generator, rows.device)
+        noise = normal(rows.shape, generator, rows.device)
+        z = math.sqrt(a1) * math.sqrt(cfg.d_model) * rows + math.sqrt(1 - a1) * noise
         out["rounding_accuracy_t1"] = float(((z @ unit.t()).argmax(-1) == idx).float().mean())
     return out

@@ -21,7 +21,9 @@ def combine(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> 
     return uncond + guidance_scale * (cond - uncond)
 
 
-def guided_log_probs(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+def guided_log_probs(
+    cond_logits: torch.Tensor, uncond_logits: torch.Tensor, guidance_scale: float
+) -> torch.Tensor:
     """CFG on log-probabilities in float64, renormalised: log softmax(log p_u + w (log p_c - log p_u))."""
     log_cond = torch.log_softmax(cond_logits.double(), dim=-1)
     log_uncond = torch.log_softmax(uncond_logits.double(), dim=-1)

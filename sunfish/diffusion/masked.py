@@ -32,7 +32,9 @@ def uniform(shape, generator: torch.Generator | None, device: torch.device) -> t
     return torch.rand(shape, generator=generator, device=where).to(device)
 
 
-def stratified_times(batch: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+def stratified_times(
+    batch: int, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One t per row, evenly spread over [MIN_TIME, 1] with a shared random offset, in random order."""
     where = generator.device if generator is not None else torch.device("cpu")
     offset = torch.rand((), generator=generator, device=where)
@@ -131,17 +133,26 @@ def sample(
     if unconditional:
         prompt_mask = torch.zeros_like(prompt_mask, dtype=torch.bool)
     guided = not unconditional and guidance_scale != 1.0
-    memory = model.encode_prompt_with_null(prompt_ids, prompt_mask) if guided else model.encode_prompt(prompt_ids, prompt_mask)
+    if guided:
+        memory = model.encode_prompt_with_null(prompt_ids, prompt_mask)
+    else:
+        memory = model.encode_prompt(prompt_ids, prompt_mask)
 
-    def log_probs() -> torch.Tensor:
+    def network() -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states (conditional, unconditional or None) for the current x."""
         if guided:
-            cond, uncond = model.predict_cond_uncond(x, memory=memory)
-            return guided_log_probs(cond, uncond, guidance_scale)
-        hidden = model.hidden_states(x, memory[0], memory[1])
-        return torch.log_softmax(model.token_logits(hidden).double(), dim=-1)
+            return model.hidden_cond_uncond(x, memory=memory)
+        return model.hidden_states(x, memory[0], memory[1]), None
+
+    def log_probs(hidden: tuple[torch.Tensor, torch.Tensor | None], where: torch.Tensor) -> torch.Tensor:
+        """float64 log-probabilities at the positions ``where`` only (the head is the big matmul)."""
+        cond = model.token_logits(hidden[0][where])
+        if guided:
+            return guided_log_probs(cond, model.token_logits(hidden[1][where]), guidance_scale)
+        return torch.log_softmax(cond.double(), dim=-1)
 
     times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
-    cached: torch.Tensor | None = None
+    cached: tuple[torch.Tensor, torch.Tensor | None] | None = None
     for step in range(num_steps):
         still = x == model.mask_id
         if not bool(still.any()):
@@ -158,8 +169,9 @@ def sample(
         if not bool(reveal.any()):
             continue
         if cached is None:
-            cached = log_probs()
-        values = _sample_from(cached[reveal], uniform(int(reveal.sum()), generator, device).double())
+            cached = network()
+        draws = uniform(int(reveal.sum()), generator, device).double()
+        values = _sample_from(log_probs(cached, reveal), draws)
         x = x.masked_scatter(reveal, values)
         cached = None  # the input changed: the next step needs a fresh network output
     return x

@@ -142,8 +142,10 @@ class EncoderLayer(nn.Module):
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """Small normal init for linears and embeddings, zero biases, unit norms."""
+    """Small normal init for linears and embeddings, zero biases, unit norms (skipped on meta)."""
     for m in module.modules():
+        if any(p.is_meta for p in m.parameters(recurse=False)):
+            continue  # counting parameters: nothing to initialise
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)
             if m.bias is not None:
@@ -159,6 +161,8 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 def zero_residual_outputs(module: nn.Module) -> None:
     """Zero the output projection of every residual branch: each layer starts as the identity."""
     for m in module.modules():
+        if any(p.is_meta for p in m.parameters()):
+            continue
         if isinstance(m, Attention):
             nn.init.zeros_(m.out.weight)
         elif isinstance(m, MLP):
@@ -192,13 +196,16 @@ def load_pretrained_embeddings(name_or_path: str):
     try:
         from transformers import AutoModel, AutoTokenizer
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
-        raise ValueError(f"prompt_encoder {name_or_path!r} needs the transformers package ({exc}). {_remedy(name_or_path)}") from None
+        raise ValueError(
+            f"prompt_encoder {name_or_path!r} needs the transformers package ({exc}). {_remedy(name_or_path)}"
+        ) from None
 
     expanded = str(Path(name_or_path).expanduser())
     local = Path(expanded).is_dir()
     if not local and (name_or_path.startswith(("/", "./", "../", "~")) or Path(expanded).exists()):
         raise ValueError(
-            f"prompt_encoder {name_or_path!r}: no such directory (expected a model saved with save_pretrained). "
+            f"prompt_encoder {name_or_path!r}: no such directory "
+            "(expected a model saved with save_pretrained). "
             + _remedy("gpt2")
         )
     source = expanded if local else name_or_path
@@ -215,7 +222,8 @@ def load_pretrained_embeddings(name_or_path: str):
     else:
         raise ValueError(
             f"cannot load prompt_encoder {name_or_path!r} "
-            f"({type(last).__name__}: {str(last).splitlines()[0] if str(last) else ''}). " + _remedy(name_or_path)
+            f"({type(last).__name__}: {str(last).splitlines()[0] if str(last) else ''}). "
+            + _remedy(name_or_path)
         ) from None
     weight = model.get_input_embeddings().weight.detach().to(torch.float32).clone()
     del model
@@ -229,8 +237,10 @@ def pretrained_embedding_shape(name_or_path: str) -> tuple[int, int]:
     try:
         config = AutoConfig.from_pretrained(str(Path(name_or_path).expanduser()), local_files_only=True)
     except Exception as exc:
-        raise ValueError(f"cannot read the config of prompt_encoder {name_or_path!r} ({exc}). {_remedy(name_or_path)}") from None
-    dim = getattr(config, "n_embd", None) or getattr(config, "hidden_size")
+        raise ValueError(
+            f"cannot read the config of prompt_encoder {name_or_path!r} ({exc}). {_remedy(name_or_path)}"
+        ) from None
+    dim = getattr(config, "n_embd", None) or config.hidden_size
     return int(config.vocab_size), int(dim)
 
 
@@ -277,7 +287,8 @@ class PromptEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(d_model, n_head, d_ff, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         init_weights(self)
-        nn.init.normal_(self.null, std=0.02)
+        if not self.null.is_meta:
+            nn.init.normal_(self.null, std=1.0)  # the scale of the (own) token vectors
         zero_residual_outputs(self)
 
     @property
@@ -309,7 +320,8 @@ class PromptEncoder(nn.Module):
         tokens = self.token_vectors(prompt_ids, own_embedding)
         null = self.null.to(tokens.dtype).expand(batch, 1, -1)
         x = torch.cat([null, tokens], dim=1)
-        mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=prompt_mask.device), prompt_mask], dim=1)
+        null_mask = torch.ones(batch, 1, dtype=torch.bool, device=prompt_mask.device)
+        mask = torch.cat([null_mask, prompt_mask], dim=1)
         rope = self.rope(x.shape[1], x.device)
         for layer in self.layers:
             x = layer(x, mask, rope)
