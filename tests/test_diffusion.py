@@ -12,14 +12,6 @@ from sunfish.diffusion import combine, continuous, guided_log_probs, sample
 from sunfish.models.denoiser import DiffusionConfig, DiffusionLM
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(objective="masked", **kw) -> DiffusionLM:
     settings = dict(
         vocab_size=24, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=16, objective=objective,

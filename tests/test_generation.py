@@ -9,25 +9,15 @@ import pytest
 import torch
 
 from sunfish.generation import apply_repetition_penalty, filter_top_k, filter_top_p, generate
-from sunfish.models.staged import StagedLM, StagedLMConfig
+from sunfish.models.staged import StagedLM
+from tests.test_models_staged import make_model
 
 VOCAB = 40
 
 
 def live_model(stage: int, mu_full: bool, max_seq_len: int = 16) -> StagedLM:
-    torch.manual_seed(stage + 10 * mu_full)
-    config = StagedLMConfig(
-        vocab_size=VOCAB, n_layer=2, n_head=2, d_model=16, d_ff=32, max_seq_len=max_seq_len, stage=stage,
-        mu_full=mu_full, mu_layers=1, temporal_dim=8, graph_window=2, graph_top_k=2, graph_shortcuts=2,
-    )
-    model = StagedLM(config).eval()
-    with torch.no_grad():
-        if stage >= 1:
-            model.temporal.weight.normal_(0.0, 0.5)
-        for block in model.blocks:
-            if block.graph_gate is not None:
-                block.graph_gate.fill_(0.9)
-    return model
+    """A tiny model whose zero-initialised branches are switched on (shared with the model tests)."""
+    return make_model(stage, mu_full, seed=stage + 10 * mu_full, vocab_size=VOCAB, max_seq_len=max_seq_len)
 
 
 # ----------------------------------------------------------------------------------------------

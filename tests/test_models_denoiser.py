@@ -11,14 +11,6 @@ from sunfish.models.denoiser import DiffusionConfig, DiffusionLM, count_paramete
 from sunfish.models.prompt_encoder import PromptEncoder, pad_prompts
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_config(**kw) -> DiffusionConfig:
     settings = dict(vocab_size=40, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=16,
                     prompt_encoder_layers=1, max_prompt_tokens=8, timesteps=20)
