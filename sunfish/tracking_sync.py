@@ -1,0 +1,323 @@
+"""The local fallback of MLflow logging: its JSONL format, safe appends, and replay (`sunfish tracking sync`).
+
+When the tracking store cannot be reached, :class:`sunfish.tracking.StageRun` appends every record
+to ``<repo>/state/mlflow_fallback/<stage>.jsonl``, one JSON object per line::
+
+    {"run_id": "...", "time": 1700000000.0, "uri": "http://...", "stage": "train_stage_0",
+     "experiment": "sunfish", "metrics": [["train/loss", 2.31, 120, 1700000000123], ...]}
+
+Each metric is ``[key, value, step, timestamp_ms]`` (the timestamp is when it was logged, so a
+replay is idempotent: MLflow drops a metric it already holds). Other records carry ``params``,
+``tags``, ``artifact`` (a copy kept next to the file, original path in ``source``) or ``status``
+with ``end_time`` (the run's end). A run that could not even be created has ``run_id: null`` and a
+``local_id``; :func:`sync_fallback` creates one run per local id. Records that MLflow refused as
+invalid (``rejected``) are kept for reference and not replayed.
+
+Several processes may append to one file (queued experiments of the same stage): appends take an
+``flock`` and write each batch with one ``write``; replay renames the file away under that lock
+first, so nothing appended during a sync is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:  # POSIX; elsewhere appends are unlocked (one writer per file in practice)
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+FALLBACK_DIR = Path("state") / "mlflow_fallback"
+
+# Bounded MLflow HTTP retries: a dead server costs seconds, not MLflow's default minutes
+# (7 retries, backoff factor 2, 120 s timeout). MLflow reads these at every request
+# (mlflow.utils.rest_utils.http_request), so setting them before the first call is enough.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def bound_http_retries() -> None:
+    """Apply :data:`HTTP_DEFAULTS` unless the user set these variables."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+@contextmanager
+def store_init_lock(uri: str) -> Iterator[None]:
+    """Serialise opening a SQLite store across processes.
+
+    MLflow creates a new store's tables when the first client opens it; two experiments starting at
+    once would both try ("table experiments already exists"). The lock is a side file in the temp
+    directory, never the database itself (closing any descriptor of the database would drop
+    SQLite's own POSIX locks in this process).
+    """
+    if fcntl is None or not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = os.path.abspath(uri[len("sqlite:///") :].split("?", 1)[0])
+    name = f"sunfish-mlflow-{hashlib.sha1(db.encode()).hexdigest()[:16]}.lock"
+    fd = os.open(os.path.join(tempfile.gettempdir(), name), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def open_client(uri: str):
+    """An MlflowClient for ``uri`` (creating a new SQLite store safely)."""
+    bound_http_retries()
+    from mlflow.tracking import MlflowClient
+
+    with store_init_lock(uri):
+        return MlflowClient(tracking_uri=uri)
+
+
+class SyncError(RuntimeError):
+    """A fallback file could not be replayed (completely)."""
+
+
+# -- writing --------------------------------------------------------------------------------------
+def append_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Append records as JSON lines, atomically with respect to other writers and to a sync."""
+    data = "".join(json.dumps(r, default=str) + "\n" for r in records).encode()
+    if not data:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(20):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if not _same_file(fd, path):  # a sync renamed it away while we waited: reopen
+                continue
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            return
+        finally:
+            os.close(fd)  # also releases the lock
+    raise OSError(f"could not append to {path}: it keeps being replaced")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def fallback_files(root: Path) -> list[Path]:
+    return sorted((root / FALLBACK_DIR).glob("*.jsonl"))
+
+
+def project_root(fallback_file: Path) -> Path:
+    """The project a fallback file belongs to: ``<root>/state/mlflow_fallback/<stage>.jsonl``."""
+    folder = fallback_file.resolve().parent
+    if folder.parts[-2:] == FALLBACK_DIR.parts:
+        return folder.parent.parent
+    from sunfish.tracking import repo_root
+
+    return repo_root(folder)
+
+
+# -- replay ---------------------------------------------------------------------------------------
+@dataclass
+class SyncResult:
+    path: Path
+    records: int = 0  # JSONL records sent
+    metrics: int = 0  # metric values among them
+    skipped: int = 0  # rejected before, unreadable, or artifact file gone
+    uris: set[str] = field(default_factory=set)
+    moved_to: Path | None = None
+
+
+def sync_fallback(path: str | Path, uri: str | None = None) -> int:
+    """Re-send a fallback file's records to their runs; returns how many records were sent.
+
+    ``uri`` overrides the tracking URI recorded with each record. On success the file is renamed
+    to ``<name>.synced-<timestamp>``. On failure the records not yet sent go back into ``path`` and
+    :class:`SyncError` is raised; running it again resumes.
+    """
+    return sync_file(Path(path), uri).records
+
+
+def sync_file(path: Path, uri: str | None = None) -> SyncResult:
+    if not path.is_file():
+        raise FileNotFoundError(f"no fallback file {path}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = path.with_name(f"{path.name}.syncing-{stamp}")
+    lines = _take(path, work)
+    result = SyncResult(path)
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash mid-write
+            log.warning("%s:%d is not a JSON record; skipped", path, number)
+            result.skipped += 1
+
+    bound_http_retries()
+    replayer = _Replayer(uri, path)
+    for i, record in enumerate(records):
+        try:
+            sent = replayer.replay(record)
+        except Exception as exc:
+            replayer.name_created_runs(records[i:])  # a second sync must not create them again
+            append_records(path, records[i:])
+            where = ""
+            if i:
+                _rewrite(work, records[:i])
+                where = f"; the {i} sent are in {_archive(work, path, stamp)}"
+            else:
+                work.unlink()
+            raise SyncError(
+                f"{path}: sent {i} of {len(records)} records to {replayer.last_uri}, then failed: {exc}. "
+                f"The rest are back in {path}{where}; run `sunfish tracking sync` again when the store is up"
+            ) from exc
+        if sent:
+            result.records += 1
+            result.metrics += len(record.get("metrics") or ())
+        else:
+            result.skipped += 1
+    result.uris = replayer.uris
+    result.moved_to = _archive(work, path, stamp)
+    return result
+
+
+def _take(path: Path, work: Path) -> list[str]:
+    """Rename ``path`` to ``work`` under the writers' lock and return its lines."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.replace(path, work)
+        with os.fdopen(os.dup(fd), "r", encoding="utf-8", errors="replace") as fh:
+            return fh.read().splitlines()
+    finally:
+        os.close(fd)
+
+
+def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r, default=str) + "\n" for r in records), encoding="utf-8")
+
+
+def _archive(work: Path, path: Path, stamp: str) -> Path:
+    target = path.with_name(f"{path.name}.synced-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.synced-{stamp}-{n}")
+    os.replace(work, target)
+    return target
+
+
+class _Replayer:
+    def __init__(self, uri: str | None, path: Path):
+        self.uri = uri
+        self.path = path
+        self.clients: dict[str, Any] = {}
+        self.created: dict[tuple[str, str], str] = {}  # (uri, local_id) -> run id made by this sync
+        self.uris: set[str] = set()
+        self.last_uri: str | None = uri
+
+    def client(self, uri: str):
+        if uri not in self.clients:
+            self.clients[uri] = open_client(uri)
+        return self.clients[uri]
+
+    def target_uri(self, record: dict[str, Any]) -> str:
+        if self.uri:
+            return self.uri
+        if record.get("uri"):
+            return record["uri"]
+        from sunfish.tracking import tracking_uri
+
+        return tracking_uri(project_root(self.path))
+
+    def replay(self, record: dict[str, Any]) -> bool:
+        """Send one record; False when it is not to be sent (rejected before, artifact gone)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        from sunfish.tracking import _with_retry
+
+        if record.get("rejected"):
+            return False
+        uri = self.last_uri = self.target_uri(record)
+        client = self.client(uri)
+        run_id = record.get("run_id") or self._created_run(client, uri, record)
+        self.uris.add(uri)
+        if record.get("metrics"):
+            default_ts = int(float(record.get("time") or time.time()) * 1000)
+            metrics = [
+                Metric(m[0], float(m[1]), int(m[3]) if len(m) > 3 else default_ts, int(m[2]))
+                for m in record["metrics"]
+            ]
+            for i in range(0, len(metrics), 1000):
+                _with_retry(client.log_batch, run_id, metrics=metrics[i : i + 1000], synchronous=True)
+        if record.get("params"):
+            params = [Param(k, str(v)) for k, v in record["params"].items()]
+            _with_retry(client.log_batch, run_id, params=params, synchronous=True)
+        if record.get("tags"):
+            tags = [RunTag(k, str(v)) for k, v in record["tags"].items()]
+            _with_retry(client.log_batch, run_id, tags=tags, synchronous=True)
+        if record.get("artifact"):
+            local = Path(record["artifact"])
+            if not local.exists():
+                log.warning("%s: artifact %s no longer exists; skipped", self.path, local)
+                return False
+            method = client.log_artifacts if local.is_dir() else client.log_artifact
+            _with_retry(method, run_id, str(local), record.get("artifact_path"))
+        if record.get("status"):
+            _with_retry(client.set_terminated, run_id, record["status"], record.get("end_time"))
+        return True
+
+    def name_created_runs(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            key = (self.target_uri(record), record.get("local_id") or f"{self.path.name}:unknown")
+            if not record.get("run_id") and key in self.created:
+                record["run_id"] = self.created[key]
+
+    def _created_run(self, client, uri: str, record: dict[str, Any]) -> str:
+        """The run for records whose stage could not create one (store down from the start)."""
+        from sunfish.tracking import _with_retry
+
+        local_id = record.get("local_id") or f"{self.path.name}:unknown"
+        key = (uri, local_id)
+        if key not in self.created:
+            name = record.get("experiment") or "sunfish"
+            exp = _with_retry(client.get_experiment_by_name, name)
+            if exp is not None:
+                exp_id = exp.experiment_id
+            else:
+                from sunfish.tracking import artifact_location
+
+                location = artifact_location(project_root(self.path))
+                exp_id = _with_retry(client.create_experiment, name, artifact_location=location)
+            stage = record.get("stage") or self.path.stem
+            tags = {"sunfish.stage": stage, "dvc.stage": stage, "sunfish.replayed_from": self.path.name,
+                    "sunfish.local_id": local_id}
+            start = int(float(record.get("time") or time.time()) * 1000)
+            run = _with_retry(client.create_run, exp_id, start_time=start, run_name=stage, tags=tags)
+            self.created[key] = run.info.run_id
+            log.info("created MLflow run %s for %s (its stage could not reach the store)",
+                     run.info.run_id, local_id)
+        return self.created[key]

@@ -1,0 +1,449 @@
+"""Asynchronous MLflow logging: never blocks training, survives a dead server, loses no metric.
+
+Keep the top-level imports light: the two-process test re-imports this module in spawned children.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sunfish.tracking import StageRun, stage_run
+from sunfish.tracking_sync import HTTP_DEFAULTS, SyncError, bound_http_retries, sync_fallback
+
+SUMMARY = "metric records could not reach MLflow at"
+
+
+@pytest.fixture(autouse=True)
+def _no_env_store(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def fallback_steps(path: Path, key: str | None = None) -> list[int]:
+    return [m[2] for r in read_jsonl(path) for m in r.get("metrics", ()) if key in (None, m[0])]
+
+
+def store_steps(uri: str, run_id: str, key: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key))
+
+
+class RecordingClient:
+    """Stands in for MlflowClient; ``release`` gates log_batch, ``entered`` says a call started."""
+
+    def __init__(self, block: bool = False):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not block:
+            self.release.set()
+        self.calls: list[tuple[str, object]] = []
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+        self.entered.set()
+        self.release.wait(60)
+        if metrics:
+            self.calls.append(("metrics", [(m.key, m.step) for m in metrics]))
+        if params:
+            self.calls.append(("params", {p.key: p.value for p in params}))
+        if tags:
+            self.calls.append(("tags", {t.key: t.value for t in tags}))
+
+    def set_terminated(self, run_id, status=None, end_time=None):
+        self.calls.append(("end", status))
+
+
+class BrokenClient:
+    def log_batch(self, *a, **k):
+        raise ConnectionError("server went away")
+
+    def set_terminated(self, *a, **k):
+        raise ConnectionError("server went away")
+
+
+# -- a. the caller never waits on the store --------------------------------------------------------
+def test_log_metrics_returns_while_the_worker_is_blocked(tmp_path):
+    client = RecordingClient(block=True)  # no log_batch can complete until release is set
+    run = StageRun(client, "rid", tmp_path / "fb.jsonl", flush_every=5)
+    returned = threading.Event()
+
+    def train():
+        for step in range(200):  # crosses flush_every many times
+            run.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+            if step >= 5:
+                run.log_metrics({"train/lr": 0.1}, step)
+        run.log_params({"train.lr": 0.1})
+        run.set_tags({"phase": "done"})
+        returned.set()
+
+    threading.Thread(target=train, daemon=True).start()
+    try:
+        assert client.entered.wait(30), "the worker never sent a batch"
+        assert returned.wait(30), "log_metrics waited for the blocked log_batch"
+        assert not client.release.is_set()  # so every call above returned while the store was stuck
+    finally:
+        client.release.set()
+    assert run.flush(30)
+    run.close()
+
+    kinds = [kind for kind, _ in client.calls]
+    assert kinds[-3:] == ["params", "tags", "end"]  # order preserved; pending metrics went first
+    assert set(kinds[:-3]) == {"metrics"}
+    sent = [item for kind, batch in client.calls if kind == "metrics" for item in batch]
+    assert [s for k, s in sent if k == "train/loss"] == list(range(200))
+    assert [s for k, s in sent if k == "train/lr"] == list(range(5, 200))
+    assert max(len(batch) for kind, batch in client.calls if kind == "metrics") <= 1000
+    assert not (tmp_path / "fb.jsonl").exists()
+    assert run.lost_to_fallback == 0
+
+
+def test_lock_contention_is_retried_not_sent_to_fallback(tmp_path):
+    class LockedTwice(RecordingClient):
+        failures = 2
+
+        def log_batch(self, *a, **k):
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("(sqlite3.OperationalError) database is locked")
+            super().log_batch(*a, **k)
+
+    client = LockedTwice()
+    run = StageRun(client, "rid", tmp_path / "fb.jsonl", flush_every=2)
+    for step in range(4):
+        run.log_metrics({"x": step}, step)
+    run.close()
+    assert [s for kind, b in client.calls if kind == "metrics" for _, s in b] == [0, 1, 2, 3]
+    assert not (tmp_path / "fb.jsonl").exists()
+
+
+def test_close_gives_up_on_a_stuck_store_and_keeps_everything(tmp_path, caplog):
+    client = RecordingClient(block=True)
+    path = tmp_path / "fb.jsonl"
+    run = StageRun(client, "rid", path, flush_every=1, uri="http://stuck")
+    try:
+        run.log_metrics({"x": 1.0}, 1)
+        assert client.entered.wait(30)
+        run.log_metrics({"x": 2.0}, 2)
+        run.set_tags({"t": "v"})
+        run.close(timeout=0.2)  # the worker is stuck in log_batch: give up and keep it all locally
+        lines_at_close = path.read_text()
+    finally:
+        client.release.set()
+    run._worker.join(30)
+    assert not run._worker.is_alive()
+    assert path.read_text() == lines_at_close  # the woken worker wrote nothing twice
+    records = read_jsonl(path)
+    assert fallback_steps(path) == [1, 2]  # the batch in flight and the queued one
+    assert {"t": "v"} in [r.get("tags") for r in records]
+    assert records[-1]["status"] == "FINISHED"
+    assert "did not take the records" in caplog.text
+    assert f"2 {SUMMARY} http://stuck" in caplog.text
+
+
+# -- failures: one warning, a local record, a summary --------------------------------------------
+def test_summary_warning_names_uri_file_and_sync(tmp_path, caplog):
+    path = tmp_path / "fb.jsonl"
+    run = StageRun(BrokenClient(), "abc", path, flush_every=2, uri="http://tracking.example:5000")
+    for step in range(1, 4):
+        run.log_metrics({"train/loss": 1.0 / step}, step)
+    run.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("MLflow logging failed" in w for w in warnings) == 1
+    assert "http://tracking.example:5000" in warnings[0] and str(path) in warnings[0]
+    assert warnings[-1] == (
+        f"3 {SUMMARY} http://tracking.example:5000; kept in {path}; replay with `sunfish tracking sync`"
+    )
+    records = read_jsonl(path)
+    assert fallback_steps(path) == [1, 2, 3]
+    assert all(r["run_id"] == "abc" and isinstance(r["time"], float) for r in records)
+    assert records[-1]["status"] == "FINISHED"
+
+
+def test_http_retry_bounds_use_mlflow_names(monkeypatch):
+    import mlflow.environment_variables as ev
+
+    for name in HTTP_DEFAULTS:
+        assert getattr(ev, name).name == name
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "33")
+    bound_http_retries()
+    assert ev.MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 2
+    assert ev.MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() == 1
+    assert ev.MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 33  # the user's setting wins
+
+
+# -- resuming one run --------------------------------------------------------------------------------
+def test_resume_continues_the_run(tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    with stage_run("train", root=tmp_path, flat_params={"lr": 0.1}) as first:
+        first.log_metrics({"loss": 3.0}, 1)
+    changed = {"lr": 0.2, "extra": 1}
+    with stage_run("train", root=tmp_path, run_id=first.run_id, flat_params=changed) as second:
+        second.log_metrics({"loss": 2.0}, 2)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert second.run_id == first.run_id
+    run = MlflowClient(tracking_uri=uri).get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"lr": "0.1", "extra": "1"}  # params are immutable in MLflow...
+    assert run.data.tags["params.changed.lr"] == "0.2"  # ...so a changed one is recorded as a tag
+    assert store_steps(uri, first.run_id, "loss") == [1, 2]
+    assert "rejected" not in caplog.text and "MLflow logging failed" not in caplog.text
+    assert not second.fallback_path.exists()
+
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="sunfish.tracking")
+    with stage_run("train", root=tmp_path, run_id="0" * 32) as third:
+        third.log_metrics({"loss": 1.0}, 3)
+    assert third.run_id != "0" * 32
+    assert f"MLflow run {'0' * 32} not found" in caplog.text
+    assert store_steps(uri, third.run_id, "loss") == [3]
+
+
+# -- replay ------------------------------------------------------------------------------------------
+def test_store_down_from_the_start_replays_into_a_new_run(tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "artifact.txt").write_text("hello")
+    bad = f"sqlite:///{tmp_path / 'not-a-dir' / 'x' / 'mlflow.db'}"
+    (tmp_path / "not-a-dir").write_text("a file where the store's folder should be")
+    with stage_run("prepare", root=tmp_path, configured_uri=bad, flat_params={"n": 5}) as run:
+        run.log_metrics({"docs": 10.0})
+        run.log_artifact(tmp_path / "artifact.txt")
+    assert run.run_id is None and "unavailable" in caplog.text
+    (tmp_path / "artifact.txt").unlink()  # e.g. a DVC queue workspace that is gone: a copy was kept
+
+    good = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert sync_fallback(run.fallback_path, uri=good) == 5  # tags, params, metrics, artifact, end
+    client = MlflowClient(tracking_uri=good)
+    (replayed,) = client.search_runs([client.get_experiment_by_name("sunfish").experiment_id])
+    assert replayed.data.params == {"n": "5"}
+    assert replayed.data.metrics == {"docs": 10.0}
+    assert replayed.data.tags["dvc.stage"] == "prepare"
+    assert replayed.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(replayed.info.run_id)][0].endswith("artifact.txt")
+    assert not run.fallback_path.exists()
+
+
+def test_failed_sync_puts_records_back(tmp_path):
+    path = tmp_path / "train.jsonl"
+    run = StageRun(BrokenClient(), "abc", path, flush_every=1)
+    run.log_metrics({"x": 1.0}, 1)
+    run.close()
+    before = read_jsonl(path)
+    (tmp_path / "blocker").write_text("")
+    with pytest.raises(SyncError, match="back in"):
+        sync_fallback(path, uri=f"sqlite:///{tmp_path / 'blocker' / 'mlflow.db'}")
+    assert read_jsonl(path) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("train.jsonl.")] == []
+
+
+def test_interrupted_replay_resumes_into_the_same_new_run(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    import sunfish.tracking_sync as ts
+
+    path = tmp_path / "state" / "mlflow_fallback" / "prepare.jsonl"
+    run = StageRun(None, None, path, flush_every=1, uri="http://127.0.0.1:9", experiment="sunfish")
+    for step in range(3):
+        run.log_metrics({"x": float(step)}, step)
+        run.flush()
+    run.close()
+    assert len(read_jsonl(path)) == 4  # three metric records and the run's end
+
+    real_replay, calls = ts._Replayer.replay, []
+
+    def flaky(self, record):
+        calls.append(record)
+        if len(calls) == 2:
+            raise ConnectionError("store went away mid-sync")
+        return real_replay(self, record)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setattr(ts._Replayer, "replay", flaky)
+    with pytest.raises(SyncError, match="sent 1 of 4"):
+        sync_fallback(path, uri=uri)
+    monkeypatch.setattr(ts._Replayer, "replay", real_replay)
+    assert sync_fallback(path, uri=uri) == 3
+    client = MlflowClient(tracking_uri=uri)
+    (replayed,) = client.search_runs([client.get_experiment_by_name("sunfish").experiment_id])
+    assert store_steps(uri, replayed.info.run_id, "x") == [0, 1, 2]
+    assert replayed.info.status == "FINISHED"
+    assert len(list(path.parent.glob("prepare.jsonl.synced-*"))) == 2
+
+
+def test_cli_sync(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from sunfish.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("sunfish")).info.run_id
+    fallback = tmp_path / "state" / "mlflow_fallback" / "train_stage_0.jsonl"
+    run = StageRun(BrokenClient(), run_id, fallback, flush_every=2, uri="http://127.0.0.1:9")
+    for step in range(1, 6):
+        run.log_metrics({"train/loss": 1.0 / step}, step)
+    run.close()
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    runner = CliRunner()
+    result = runner.invoke(main, ["tracking", "sync", "--uri", uri])  # default: the project's files
+    assert result.exit_code == 0, result.output
+    assert "5 metric values" in result.output and "synced-" in result.output
+    assert store_steps(uri, run_id, "train/loss") == [1, 2, 3, 4, 5]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert not fallback.exists() and len(list(fallback.parent.glob("train_stage_0.jsonl.synced-*"))) == 1
+
+    result = runner.invoke(main, ["tracking", "sync"])
+    assert result.exit_code == 0 and "nothing to sync" in result.output
+
+    result = runner.invoke(main, ["tracking", "sync", str(tmp_path / "missing.jsonl")])
+    assert result.exit_code == 2
+    assert "error: no fallback file" in result.output and "Traceback" not in result.output
+
+
+# -- b. a real server that goes away -----------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, tmp: Path, port: int):
+        self.tmp, self.port = tmp, port
+        self.uri = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        log_file = (self.tmp / "server.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.tmp / 'mlflow.db'}",
+             "--artifacts-destination", str(self.tmp / "artifacts"), "--workers", "1"],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,  # own group: kill it all
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.tmp / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        tail = (self.tmp / "server.log").read_text()[-3000:]
+        raise AssertionError(f"mlflow server did not come up within {timeout} s: {tail}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(20)
+        try:  # workers left behind in the group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = Server(tmp_path, _free_port())
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_real_server_going_down_loses_nothing(tmp_path, mlflow_server, caplog):
+    from mlflow.tracking import MlflowClient
+
+    n = 100
+    mlflow_server.start()
+    fallback_dir = tmp_path / "fallback"
+    with stage_run("train_stage_0", root=tmp_path, configured_uri=mlflow_server.uri,
+                   fallback_dir=fallback_dir) as run:
+        for step in range(1, n + 1):
+            run.log_metrics({"train/loss": 10.0 / step}, step)
+        assert run.flush(60)
+        mlflow_server.stop()
+        for step in range(n + 1, 2 * n + 1):
+            run.log_metrics({"train/loss": 10.0 / step}, step)
+    fallback = fallback_dir / "train_stage_0.jsonl"
+    assert f"MLflow logging failed at {mlflow_server.uri}" in caplog.text
+    assert f"{n} {SUMMARY} {mlflow_server.uri}; kept in {fallback}" in caplog.text
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert store_steps(store, run.run_id, "train/loss") == list(range(1, n + 1))
+    assert fallback_steps(fallback) == list(range(n + 1, 2 * n + 1))
+    assert MlflowClient(tracking_uri=store).get_run(run.run_id).info.status == "RUNNING"
+
+    kept = len(read_jsonl(fallback))
+    mlflow_server.start()  # same store, same port: the records' own URI is the target
+    assert sync_fallback(fallback) == kept
+    mlflow_server.stop()
+    assert store_steps(store, run.run_id, "train/loss") == list(range(1, 2 * n + 1))
+    assert MlflowClient(tracking_uri=store).get_run(run.run_id).info.status == "FINISHED"
+    assert not fallback.exists()
+
+
+# -- c. two experiments writing one SQLite store at once ---------------------------------------------
+def _write_metrics(root: str, barrier, out: str, count: int) -> None:
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from sunfish.tracking import stage_run
+
+    barrier.wait(120)
+    with stage_run("train_stage_0", root=Path(root), flat_params={"pid": os.getpid()}) as run:
+        for step in range(count):
+            run.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+    Path(out).write_text(json.dumps({"run_id": run.run_id, "fallback": run.lost_to_fallback}))
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_sqlite_store(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    outs = [tmp_path / f"out{i}.json" for i in range(2)]
+    procs = [ctx.Process(target=_write_metrics, args=(str(tmp_path), barrier, str(o), 300)) for o in outs]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(180)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    results = [json.loads(o.read_text()) for o in outs]
+    assert [r["fallback"] for r in results] == [0, 0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for r in results:
+        assert len(client.get_metric_history(r["run_id"], "train/loss")) == 300
+    assert not (tmp_path / "state" / "mlflow_fallback").exists()
