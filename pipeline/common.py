@@ -48,7 +48,7 @@ class StageContext:
             dumped = {k: v for k, v in dumped.items() if k in sections}
         return flatten(dumped)
 
-    def tracking(self, flat_params: dict[str, Any] | None = None, **tags: Any):
+    def tracking(self, flat_params: dict[str, Any] | None = None, run_id: str | None = None, **tags: Any):
         from sunfish.tracking import stage_run  # imports mlflow lazily, only for stages that log
 
         t = self.params.tracking
@@ -60,6 +60,7 @@ class StageContext:
             enabled=t.enabled,
             flat_params=flat_params,
             tags=tags,
+            run_id=run_id,
         )
 
 

@@ -14,6 +14,7 @@ def run() -> None:
     from sunfish.data.dataset import PairDataset, load_pairs
     from sunfish.data.tokenizer import TextTokenizer
     from sunfish.models.denoiser import DiffusionConfig, DiffusionLM
+    from sunfish.training.resume import file_digest
 
     ctx = open_stage("train_cfg_micro")
     p = ctx.params
@@ -43,5 +44,7 @@ def run() -> None:
         tokens_per_batch=tcfg.batch_size * tcfg.seq_len,
         bytes_per_token=meta["splits"]["val"]["bytes_per_token"],
         flat_params=flat,
+        identities={"data.pairs": file_digest(ctx.prepared / "pairs_train.jsonl"),
+                    "data.tokenizer": file_digest(ctx.prepared / "tokenizer.json")},
         description=f"prompt-conditioned {p.cfg.objective} diffusion, CFG dropout {p.cfg.conditioning_dropout}",
     )

@@ -26,6 +26,7 @@ def run(stage: int) -> None:
     from sunfish.data.tokenizer import TextTokenizer
     from sunfish.models.staged import StagedLM, StagedLMConfig
     from sunfish.training.checkpoint import load_checkpoint
+    from sunfish.training.resume import file_digest
 
     ctx = open_stage(f"train_stage_{stage}")
     p = ctx.params
@@ -49,10 +50,13 @@ def run(stage: int) -> None:
 
     start_metrics = {}
     optimizer_state = None
+    identities = {"data.train": file_digest(ctx.prepared / "train.bin"),
+                  "data.tokenizer": file_digest(ctx.prepared / "tokenizer.json")}
     if stage == 0:
         model = StagedLM(config)
     else:
         previous, _, previous_dir = load_checkpoint(ctx.models / f"stage_{stage - 1}" / "final", expect_kind="staged")
+        identities["start.weights"] = file_digest(previous_dir / "model.safetensors")
         model = StagedLM.warm_start(previous, config)
         optimizer_state = load_optimizer_state(previous_dir)
         probe = sample_batch(torch.Generator().manual_seed(tcfg.seed + 1))
@@ -78,6 +82,6 @@ def run(stage: int) -> None:
         sample_batch=sample_batch, val_batches=val_batches,
         tokens_per_batch=tcfg.batch_size * tcfg.seq_len,
         bytes_per_token=meta["splits"]["val"]["bytes_per_token"],
-        flat_params=flat, after_clip=after_clip, start_metrics=start_metrics,
+        flat_params=flat, identities=identities, after_clip=after_clip, start_metrics=start_metrics,
         description=DESCRIPTIONS[stage], optimizer_state=optimizer_state,
     )

@@ -51,12 +51,50 @@ def friendly_errors(fn):
             click.echo("interrupted", err=True)
             sys.exit(130)
         except Exception as exc:
+            stopped = _training_stop(exc)
+            if stopped is not None:
+                click.echo(f"{'stopped' if stopped else 'error'}: {exc}", err=True)
+                sys.exit(exc.exit_code if stopped else 1)
             if isinstance(exc, _known_errors()) or isinstance(exc, (FileNotFoundError, UsageProblem)):
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_BAD_INPUT)
             raise
 
     return wrapper
+
+
+def _training_stop(exc: BaseException) -> bool | None:
+    """True for a requested stop (SIGINT/SIGTERM), False for a diagnosed failure, None otherwise."""
+    module = sys.modules.get("sunfish.training.loop")
+    if module is None:
+        return None
+    if isinstance(exc, module.TrainingInterrupted):
+        return True
+    if isinstance(exc, module.NonFiniteLoss):
+        return False
+    return None
+
+
+def _relaunch_distributed() -> None:
+    """With train.nproc_per_node > 1, rerun this very command under torchrun (one process per device).
+
+    DVC runs the same stage command either way, so switching to DistributedDataParallel is a
+    params.yaml change; launched by torchrun already (WORLD_SIZE set), nothing happens.
+    """
+    import os
+    import subprocess
+
+    from sunfish.config import load_params
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    n = load_params(Path.cwd() / "params.yaml").train.nproc_per_node
+    if n <= 1:
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "sunfish", *sys.argv[1:]]
+    logging.getLogger("sunfish").info("relaunching under torchrun: %s", " ".join(cmd))
+    sys.exit(subprocess.call(cmd))
 
 
 class UsageProblem(ValueError):
@@ -112,7 +150,12 @@ def stage_diagnose() -> None:
 @click.option("--stage", "stage_index", type=click.IntRange(0, 3), required=True, help="which stage, 0..3")
 @friendly_errors
 def stage_train_staged(stage_index: int) -> None:
-    """Train one stage of the staged autoregressive model."""
+    """Train one stage of the staged autoregressive model.
+
+    Resumes an interrupted run (or one whose max_steps grew) from state/stage_N/ when the other
+    settings are unchanged; Ctrl-C or SIGTERM stops after the current step with a resume checkpoint.
+    """
+    _relaunch_distributed()
     from pipeline.train_staged import run
 
     run(stage_index)
@@ -121,7 +164,11 @@ def stage_train_staged(stage_index: int) -> None:
 @stage.command("train-cfg")
 @friendly_errors
 def stage_train_cfg() -> None:
-    """Train the prompt-conditioned diffusion model (classifier-free guidance)."""
+    """Train the prompt-conditioned diffusion model (classifier-free guidance).
+
+    Resumes and stops like `train-staged` (state/cfg/).
+    """
+    _relaunch_distributed()
     from pipeline.train_cfg import run
 
     run()
@@ -292,6 +339,49 @@ def eval_text(checkpoint: Path, files: tuple[Path, ...], seq_len: int | None, se
 
     click.echo(json.dumps(score_files(checkpoint, list(files), seq_len=seq_len, seed=seed), indent=2))
 
+
+# ------------------------------------------------------------------------------------------------
+# MLflow tracking
+
+
+@main.group()
+def tracking() -> None:
+    """MLflow tracking: records kept locally while the store was unreachable."""
+
+
+@tracking.command("sync")
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--uri", default=None,
+              help="tracking URI to send to; default: the one each record failed to reach")
+@friendly_errors
+def tracking_sync(files: tuple[Path, ...], uri: str | None) -> None:
+    """Replay fallback files into MLflow (default: state/mlflow_fallback/*.jsonl of this project).
+
+    Each file sent completely is renamed to <name>.synced-<time>; records that could not be sent stay
+    in the file, so the command can simply be run again.
+    """
+    from sunfish.tracking import repo_root
+    from sunfish.tracking_sync import SyncError, fallback_files, sync_file
+
+    if not files:
+        root = repo_root()
+        files = tuple(fallback_files(root))
+        if not files:
+            click.echo(f"nothing to sync: no fallback files in {root / 'state' / 'mlflow_fallback'}")
+            return
+    problems = []
+    for path in files:
+        try:
+            result = sync_file(path, uri)
+        except (SyncError, FileNotFoundError) as exc:
+            problems.append(str(exc))
+            continue
+        where = ", ".join(sorted(result.uris)) or "MLflow"
+        skipped = f", {result.skipped} skipped (see warnings)" if result.skipped else ""
+        click.echo(f"{path}: {result.records} records ({result.metrics} metric values) sent to {where}"
+                   f"{skipped}; file moved to {result.moved_to.name}")
+    if problems:
+        raise UsageProblem("\n".join(problems))
 
 if __name__ == "__main__":  # pragma: no cover
     logging.basicConfig(level=logging.INFO)

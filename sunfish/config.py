@@ -142,6 +142,11 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int = Field(0, ge=0, description="intra-op CPU threads; 0 = one per core")
     compile: bool = False
+    checkpoint_every: int = Field(50, ge=1, description="steps between resume checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="resume checkpoints kept (milestones are always kept)")
+    resume: bool = Field(True, description="continue an interrupted or extended run when its settings match")
+    max_nonfinite_steps: int = Field(5, ge=1, description="non-finite losses in a row before training stops")
+    nproc_per_node: int = Field(1, ge=1, description="processes per machine; >1 relaunches under torchrun (DDP)")
 
     @field_validator("milestones")
     @classmethod
@@ -183,6 +188,11 @@ class ResolvedTraining(Section):
     precision: str
     threads: int
     compile: bool
+    checkpoint_every: int
+    keep_checkpoints: int
+    resume: bool
+    max_nonfinite_steps: int
+    nproc_per_node: int
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,7 +55,10 @@ def format_status(rows: list[dict[str, Any]], now: float | None = None) -> str:
         state = r.get("state", "running")
         if state == "running" and now - r.get("updated", now) > 600:
             state = "stalled?"
-        lines.append(f"{r.get('model', '?')}: {state}  {_bar(step, target)}  step {step}/{target}")
+        resumed = f"  (resumed at step {r['resumed_from']})" if r.get("resumed_from") else ""
+        lines.append(f"{r.get('model', '?')}: {state}  {_bar(step, target)}  step {step}/{target}{resumed}")
+        if state == "interrupted":
+            lines.append("  stopped with a resume checkpoint; `dvc repro` (or the same command) continues it")
         val = r.get("val_loss")
         lines.append(
             f"  loss {r.get('loss', float('nan')):.4f}"

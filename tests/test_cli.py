@@ -121,3 +121,15 @@ def test_status_reads_progress_files(tmp_path):
     assert "step 50/200" in result.output and "ETA 15m00s" in result.output and "next 100" in result.output
     empty = invoke("status", "--root", str(tmp_path / "none"))
     assert empty.exit_code == 2
+
+
+def test_status_of_a_stopped_and_resumed_run_says_how_to_continue(tmp_path):
+    d = tmp_path / "state" / "cfg"
+    d.mkdir(parents=True)
+    (d / "progress.json").write_text(json.dumps({
+        "model": "cfg", "state": "interrupted", "step": 120, "max_steps": 240, "loss": 5.0, "val_loss": None,
+        "steps_per_min": 6.0, "resumed_from": 50, "milestones": [240], "milestones_reached": [],
+        "updated": 1e12}))
+    result = invoke("status", "--root", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "(resumed at step 50)" in result.output and "`dvc repro`" in result.output

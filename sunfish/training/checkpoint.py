@@ -13,7 +13,7 @@ import datetime as _dt
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,16 +78,57 @@ def save_checkpoint(
     step: int,
     tokenizer_file: Path | None,
     extra: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, Callable[[Path], None]] | None = None,
 ) -> Path:
-    """Write model weights + config (+ tokenizer) to ``directory`` atomically."""
-    from safetensors.torch import save_file
-
+    """Write model weights + config (+ tokenizer, + ``extra_files`` writers) to ``directory`` atomically."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    try:
+        _write_into(tmp, model, model_name=model_name, step=step, tokenizer_file=tokenizer_file,
+                    extra=extra, extra_files=extra_files)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full) leaves the old checkpoint alone
+        raise
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    _fsync_dir(directory.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Mirror a checkpoint directory without copying bytes where the filesystem allows (hard links).
+
+    Checkpoints are never modified in place (every write is a new file renamed over), so a hard
+    link is as safe as a copy; DVC deleting its output later only drops one name.
+    """
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
+def _write_into(tmp: Path, model: Any, *, model_name: str, step: int, tokenizer_file: Path | None,
+                extra: Mapping[str, Any] | None, extra_files: Mapping[str, Callable[[Path], None]] | None) -> None:
+    from safetensors.torch import save_file
+
     tensors, aliases = _dedup_shared(model.state_dict())
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "sunfish_format_version": str(FORMAT_VERSION)})
     meta = {
@@ -104,18 +145,11 @@ def save_checkpoint(
     (tmp / CONFIG).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
     if tokenizer_file:
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
+    for name, write in (extra_files or {}).items():
+        write(tmp / name)
     for f in tmp.iterdir():
         _fsync_file(f)
     _fsync_dir(tmp)
-    old = None
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    _fsync_dir(directory.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return directory
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:

@@ -8,10 +8,14 @@ Model-specific gradient work (K-1 credit assignment) plugs in through ``after_cl
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,15 +23,29 @@ from typing import Any
 import torch
 
 from sunfish.config import ResolvedTraining
+from sunfish.training.checkpoint import atomic_write_text
+from sunfish.training.distributed import (
+    DistInfo,
+    LossModule,
+    barrier,
+    gather_objects,
+    init_from_env,
+    shard_rows,
+    sum_across,
+    wrap_ddp,
+)
+from sunfish.training.resume import ResumeCheckpoints, ResumePoint
 
 log = logging.getLogger(__name__)
 
 
-def pick_device(requested: str) -> torch.device:
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank)
         return torch.device("cpu")
+    if requested == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use device: auto or cpu")
     if requested == "mps" and not torch.backends.mps.is_available():
@@ -112,10 +130,64 @@ class TrainResult:
     skipped_nonfinite: int = 0
     first_loss: float | None = None
     optimizer_state: dict[str, dict] = field(default_factory=dict)
+    resumed_from: int = 0
+
+    _SAVED = ("train_seconds", "last_train_loss", "val", "train_curve", "milestones", "skipped_nonfinite",
+              "first_loss")
+
+    def to_state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._SAVED}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for k in self._SAVED:
+            if k in state:
+                setattr(self, k, state[k])
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived: the step in flight finished and a resume checkpoint was written."""
+
+    mlflow_status = "KILLED"
+
+    def __init__(self, step: int, signum: int, checkpoint: Path | None):
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
+        where = f"resume state saved in {checkpoint}" if checkpoint else "no resume state (checkpoints disabled)"
+        super().__init__(
+            f"training stopped by {signal.Signals(signum).name} after step {step}; {where}. "
+            "Run the same command again (or `dvc repro`) to continue from there."
+        )
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
+
+
+@contextmanager
+def stop_on_signals(enabled: bool = True) -> Iterator[dict]:
+    """Turn the first SIGINT/SIGTERM into a request to stop after the current step; a second SIGINT
+    stops at once (KeyboardInterrupt). Only possible from the main thread."""
+    flag: dict[str, int | None] = {"signum": None}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["signum"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["signum"] = signum
+        log.warning("%s received: finishing this step, then writing a resume checkpoint "
+                    "(press Ctrl-C again to stop at once)", signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -130,25 +202,67 @@ def validate(
     bytes_per_token: float,
     amp: torch.dtype | None = None,
     seed: int = 0,
+    dist: DistInfo | None = None,
 ) -> dict[str, float]:
-    """Token-weighted validation loss, perplexity and bits per byte over the given batches."""
+    """Token-weighted validation loss, perplexity and bits per byte over the given batches.
+
+    Under torch.distributed each rank scores every world_size-th batch and the sums are reduced.
+    """
+    dist = dist or DistInfo()
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed + dist.rank)
     total, count = 0.0, 0
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if i % dist.world_size != dist.rank:
+            continue
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             nats, n = model.nll(_to(batch, device), generator=gen)
         total += float(nats)
         count += int(n)
+    total, count = sum_across([total, count], dist, device)
     model.train(was_training)
     loss = total / max(count, 1)
     return {
         "loss": loss,
         "ppl": math.exp(min(loss, 50.0)),
         "bpb": loss / math.log(2) / bytes_per_token,
-        "tokens": count,
+        "tokens": int(count),
     }
+
+
+def _trainer_state(optimizer, gen: torch.Generator, result: TrainResult, dist: DistInfo,
+                   device: torch.device) -> dict[str, Any]:
+    """Everything but the weights that a bit-identical continuation needs (all ranks must call)."""
+    rng = gather_objects(torch.get_rng_state(), dist)
+    cuda_rng = gather_objects(torch.cuda.get_rng_state(device), dist) if device.type == "cuda" else None
+    return {
+        "optimizer": optimizer.state_dict(),
+        "rng": rng,
+        "cuda_rng": cuda_rng,
+        "data_rng": gen.get_state(),
+        "world_size": dist.world_size,
+        "result": result.to_state(),
+    }
+
+
+def _restore_trainer_state(state: dict[str, Any], optimizer, gen: torch.Generator, result: TrainResult,
+                           dist: DistInfo, device: torch.device, seed: int) -> None:
+    flags = [{k: g.get(k) for k in ("foreach", "fused")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for group, kept in zip(optimizer.param_groups, flags):
+        group.update(kept)  # fused on GPU, foreach on CPU: the device decides, not the saved run
+    gen.set_state(state["data_rng"])
+    result.restore(state.get("result", {}))
+    rng = state.get("rng") or []
+    if len(rng) == dist.world_size:
+        torch.set_rng_state(rng[dist.rank])
+        cuda_rng = state.get("cuda_rng")
+        if device.type == "cuda" and cuda_rng and len(cuda_rng) == dist.world_size:
+            torch.cuda.set_rng_state(cuda_rng[dist.rank], device)
+    else:  # another world size: data order is kept, per-rank noise is reseeded
+        log.info("resuming %d-process state with %d processes: per-rank RNG reseeded", len(rng), dist.world_size)
+        torch.manual_seed(seed + 7919 * int(state.get("step", 0)) + dist.rank)
 
 
 def train(
@@ -162,123 +276,178 @@ def train(
     save_milestone: Callable[[torch.nn.Module, int], None],
     log_metrics: Callable[[dict[str, float], int], None] = lambda m, s: None,
     after_clip: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
-    max_nonfinite_in_a_row: int = 5,
     progress: bool = True,
     progress_file: Path | None = None,
     optimizer_state: dict[str, dict] | None = None,
+    checkpoints: ResumeCheckpoints | None = None,
+    resume: ResumePoint | None = None,
+    checkpoint_extra: dict[str, Any] | None = None,
+    handle_signals: bool = True,
 ) -> TrainResult:
-    """Train ``model`` for ``cfg.max_steps`` optimiser steps, saving every milestone."""
+    """Train ``model`` to ``cfg.max_steps`` optimiser steps, saving milestones and resume checkpoints.
+
+    ``sample_batch(gen)`` returns one global micro-batch (``cfg.batch_size`` rows); under torchrun
+    each rank keeps its own rows. With ``resume`` the run continues from that state exactly: the
+    weights, AdamW moments, RNG streams and data position are restored, so the losses that follow
+    are the ones an uninterrupted run would have produced.
+    """
     from tqdm.auto import tqdm
 
-    device = pick_device(cfg.device)
+    dist = init_from_env("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.device, dist.local_rank)
     amp = autocast_dtype(cfg.precision, device)
     set_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + dist.rank)
     model.to(device)
     model.train()
-    step_model: torch.nn.Module = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(model, cfg, device)
-    if optimizer_state:
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    milestones = set(cfg.milestones)
+    result = TrainResult(steps=0, train_seconds=0.0, tokens_per_s=0.0, last_train_loss=float("nan"))
+    start_step = 0
+    if resume is not None:
+        if checkpoints is None:
+            raise ValueError("resume needs the ResumeCheckpoints it came from")
+        checkpoints.load_weights_into(model, resume)
+        _restore_trainer_state(resume.state, optimizer, gen, result, dist, device, cfg.seed)
+        start_step = result.resumed_from = resume.step
+        log.info("%s: resumed at step %d of %d", cfg.model, start_step, cfg.max_steps)
+    elif optimizer_state:
         carried = load_named_optimizer_state(model, optimizer, optimizer_state)
         log.info("carried AdamW moments over for %d of %d parameter tensors", carried,
                  sum(1 for p in model.parameters() if p.requires_grad))
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    milestones = set(cfg.milestones)
 
-    result = TrainResult(steps=0, train_seconds=0.0, tokens_per_s=0.0, last_train_loss=float("nan"))
-    bar = tqdm(total=cfg.max_steps, desc=cfg.model, unit="step", disable=not progress, dynamic_ncols=True)
+    loss_module: torch.nn.Module = wrap_ddp(model, dist, device) if dist.enabled else LossModule(model)
+    if cfg.compile:
+        loss_module = torch.compile(loss_module)
+    main = dist.is_main
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc=cfg.model, unit="step",
+               disable=not (progress and main), dynamic_ncols=True)
     nonfinite_run = 0
     window_tokens, window_start = 0, time.perf_counter()
-    start = time.perf_counter()
+    session_start = time.perf_counter()
+    seconds_before = result.train_seconds
     tokens_per_s = 0.0
     started = time.time()
+    last_saved: int | None = None
 
     def write_progress(done: int, state: str) -> None:
-        if progress_file is None:
+        if progress_file is None or not main:
             return
-        import json
-
-        from sunfish.training.checkpoint import atomic_write_text
-
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - session_start
         atomic_write_text(progress_file, json.dumps({
             "model": cfg.model, "state": state, "step": done, "max_steps": cfg.max_steps,
             "loss": result.last_train_loss, "val_loss": result.val[-1]["loss"] if result.val else None,
-            "steps_per_min": 60.0 * done / elapsed if elapsed > 0 else None, "tokens_per_s": tokens_per_s,
+            "steps_per_min": 60.0 * (done - start_step) / elapsed if elapsed > 0 and done > start_step else None,
+            "tokens_per_s": tokens_per_s, "resumed_from": start_step or None,
             "milestones": sorted(milestones), "milestones_reached": list(result.milestones),
             "started": started, "updated": time.time(),
         }))
 
-    write_progress(0, "running")
-    for step in range(cfg.max_steps):
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        extra: dict[str, float] = {}
-        for _ in range(cfg.grad_accum_steps):
-            batch = _to(sample_batch(gen), device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss, metrics = step_model.training_loss(batch)
-            (loss / cfg.grad_accum_steps).backward()
-            loss_sum += float(loss.detach()) / cfg.grad_accum_steps
-            extra = metrics
-        if not math.isfinite(loss_sum):
-            optimizer.zero_grad(set_to_none=True)
-            nonfinite_run += 1
-            result.skipped_nonfinite += 1
-            log.warning("step %d: non-finite loss %s, step skipped (%d in a row)", step + 1, loss_sum, nonfinite_run)
-            log_metrics({"train/nonfinite_skipped": result.skipped_nonfinite}, step + 1)
-            if nonfinite_run >= max_nonfinite_in_a_row:
-                raise NonFiniteLoss(
-                    f"{nonfinite_run} non-finite losses in a row at step {step + 1}: lower train.lr "
-                    f"(now {cfg.lr}), keep train.grad_clip > 0, or run `sunfish diagnose`"
-                )
-            continue
-        nonfinite_run = 0
-        grad_norm = float("nan")
-        if cfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        if after_clip is not None:
-            extra = {**extra, **after_clip(model, step + 1)}
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if result.first_loss is None:
-            result.first_loss = loss_sum
+    def save_resume(done: int) -> Path | None:
+        nonlocal last_saved
+        if checkpoints is None or last_saved == done:
+            return None if checkpoints is None else checkpoints.directory / f"step_{done}"
+        result.train_seconds = seconds_before + time.perf_counter() - session_start
+        state = _trainer_state(optimizer, gen, result, dist, device)
+        path = None
+        if main:
+            path = checkpoints.save(model, state, done, extra=checkpoint_extra)
+        barrier(dist)
+        last_saved = done
+        return path or checkpoints.directory / f"step_{done}"
 
-        done = step + 1
-        window_tokens += tokens_per_batch * cfg.grad_accum_steps
-        result.last_train_loss = loss_sum
-        if done % cfg.log_every == 0 or done == cfg.max_steps or done == 1:
-            now = time.perf_counter()
-            tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-            window_tokens, window_start = 0, now
-            row = {"step": done, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens_per_s}
-            if math.isfinite(grad_norm):
-                row["grad_norm"] = grad_norm
-            result.train_curve.append(row)
-            write_progress(done, "running")
-            log_metrics(
-                {"train/loss": loss_sum, "lr": lr, "tokens_per_s": tokens_per_s, "train/grad_norm": grad_norm,
-                 **{f"train/{k}": v for k, v in extra.items()}},
-                done,
-            )
-        if done % cfg.eval_every == 0 or done == cfg.max_steps or done in milestones:
-            val = validate(model, val_batches(), device, bytes_per_token, amp)
-            val["step"] = done
-            result.val.append(val)
-            log_metrics({"val/loss": val["loss"], "val/ppl": val["ppl"], "val/bpb": val["bpb"]}, done)
-            model.train()
-        if done in milestones:
-            save_milestone(model, done)
-            result.milestones.append(done)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+    write_progress(start_step, "running")
+    with stop_on_signals(handle_signals) as stop:
+        for step in range(start_step, cfg.max_steps):
+            done = step + 1
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            extra: dict[str, float] = {}
+            for micro in range(cfg.grad_accum_steps):
+                batch = _to(shard_rows(sample_batch(gen), dist), device)
+                sync = not dist.enabled or micro == cfg.grad_accum_steps - 1
+                with (nullcontext() if sync else loss_module.no_sync()):
+                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        loss, metrics = loss_module(batch)
+                    (loss / cfg.grad_accum_steps).backward()
+                loss_sum += float(loss.detach()) / cfg.grad_accum_steps
+                extra = metrics
+            stop_requested = stop["signum"] is not None
+            if dist.enabled:  # one reduce: the mean loss, and whether any rank was asked to stop
+                total, stops = sum_across([loss_sum, float(stop_requested)], dist, device)
+                loss_sum, stop_requested = total / dist.world_size, stops > 0
+            if not math.isfinite(loss_sum):
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite_run += 1
+                result.skipped_nonfinite += 1
+                log.warning("step %d: non-finite loss %s, step skipped (%d in a row)", done, loss_sum, nonfinite_run)
+                if main:
+                    log_metrics({"train/nonfinite_skipped": result.skipped_nonfinite}, done)
+                if nonfinite_run >= cfg.max_nonfinite_steps:
+                    write_progress(step, "failed")
+                    raise NonFiniteLoss(
+                        f"{nonfinite_run} non-finite losses in a row at step {done}: lower train.lr "
+                        f"(now {cfg.lr}), keep train.grad_clip > 0, or run `sunfish diagnose`"
+                    )
+            else:
+                nonfinite_run = 0
+                grad_norm = float("nan")
+                if cfg.grad_clip > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                if after_clip is not None:
+                    extra = {**extra, **after_clip(model, done)}
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if result.first_loss is None:
+                    result.first_loss = loss_sum
+                result.last_train_loss = loss_sum
+                window_tokens += tokens_per_batch * cfg.grad_accum_steps
+                if done % cfg.log_every == 0 or done == cfg.max_steps or done == start_step + 1:
+                    now = time.perf_counter()
+                    tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+                    window_tokens, window_start = 0, now
+                    row = {"step": done, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens_per_s}
+                    if math.isfinite(grad_norm):
+                        row["grad_norm"] = grad_norm
+                    result.train_curve.append(row)
+                    write_progress(done, "running")
+                    if main:
+                        log_metrics(
+                            {"train/loss": loss_sum, "lr": lr, "tokens_per_s": tokens_per_s,
+                             "train/grad_norm": grad_norm, **{f"train/{k}": v for k, v in extra.items()}},
+                            done,
+                        )
+            if done % cfg.eval_every == 0 or done == cfg.max_steps or done in milestones:
+                val = validate(model, val_batches(), device, bytes_per_token, amp, dist=dist)
+                val["step"] = done
+                result.val.append(val)
+                if main:
+                    log_metrics({"val/loss": val["loss"], "val/ppl": val["ppl"], "val/bpb": val["bpb"]}, done)
+                model.train()
+            if done in milestones:
+                if main:
+                    save_milestone(model, done)
+                result.milestones.append(done)
+            if done % cfg.checkpoint_every == 0 or done in milestones or done == cfg.max_steps:
+                save_resume(done)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            if stop_requested:
+                bar.close()
+                path = save_resume(done)
+                write_progress(done, "interrupted")
+                raise TrainingInterrupted(done, stop["signum"] or signal.SIGTERM, path)
     bar.close()
     write_progress(cfg.max_steps, "finished")
     result.steps = cfg.max_steps
     result.optimizer_state = named_optimizer_state(model, optimizer)
-    result.train_seconds = time.perf_counter() - start
-    total_tokens = tokens_per_batch * cfg.grad_accum_steps * cfg.max_steps
-    result.tokens_per_s = total_tokens / max(result.train_seconds, 1e-9)
+    session = time.perf_counter() - session_start
+    result.train_seconds = seconds_before + session
+    session_tokens = tokens_per_batch * cfg.grad_accum_steps * (cfg.max_steps - start_step)
+    result.tokens_per_s = session_tokens / max(session, 1e-9) if session_tokens else 0.0
+    if not result.tokens_per_s and result.train_curve:
+        result.tokens_per_s = float(result.train_curve[-1].get("tokens_per_s", 0.0))
     return result

@@ -213,3 +213,59 @@ def test_queued_experiments_land_in_the_main_store(repo):
     assert {"evaluate", "report"} <= stages, stages
     assert not stages & {"train_stage_0", "train_cfg_micro"}, stages
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def _progress_step(repo: Path, model: str) -> int:
+    import json
+
+    try:
+        return json.loads((repo / "state" / model / "progress.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def test_ctrl_c_then_repro_resumes_and_a_longer_run_continues(repo):
+    """Train to 12, raise max_steps (continues from 12), Ctrl-C mid-run, `dvc repro` resumes."""
+    import json
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    original = (repo / "params.yaml").read_text()
+    before = json.loads((repo / "reports" / "metrics" / "stage_0.json").read_text())
+    params = yaml.safe_load(original)
+    params["staged"]["stage_0"] = {"max_steps": 400, "milestones": [6, 12, 200, 400], "lr": None,
+                                   "warmup_steps": None}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = subprocess.Popen(["dvc", "repro", "-s", "train_stage_0"], cwd=repo, env=env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while _progress_step(repo, "stage_0") < 60 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode != 0, output
+        assert "Run the same command again" in output, output[-3000:]
+        saved = sorted(int(p.name[5:]) for p in (repo / "state" / "stage_0" / "runs").glob("*/resume/step_*"))
+        assert saved and 60 <= saved[-1] < 400, saved
+
+        proc = run(["dvc", "repro", "-s", "train_stage_0"], repo)
+        after = json.loads((repo / "reports" / "metrics" / "stage_0.json").read_text())
+        assert after["resumed_from_step"] == saved[-1] and after["steps"] == 400
+        assert after["milestones"] == [6, 12, 200, 400]
+        for step in (6, 12, 200, 400):  # the early milestones came back from state/, not retrained
+            assert (repo / "models" / "stage_0" / f"step_{step}" / "model.safetensors").exists()
+        assert after["mlflow_run_id"] == before["mlflow_run_id"]  # one MLflow run, continued
+        client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+        steps = [m.step for m in client.get_metric_history(after["mlflow_run_id"], "train/loss")]
+        assert max(steps) == 400 and min(steps) <= 3
+
+        params["train"]["lr"] = params["train"]["lr"] / 2  # another setting: a fresh run, and why
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        proc = run(["dvc", "repro", "-s", "train_stage_0"], repo, timeout=600)
+        fresh = json.loads((repo / "reports" / "metrics" / "stage_0.json").read_text())
+        assert fresh["resumed_from_step"] == 0
+    finally:
+        (repo / "params.yaml").write_text(original)
+        run(["dvc", "checkout", "-f"], repo)

@@ -1,0 +1,6 @@
+"""`python -m sunfish ...`: the same as the `sunfish` command (torchrun launches it this way)."""
+
+from sunfish.cli import main
+
+if __name__ == "__main__":
+    main(prog_name="sunfish")
