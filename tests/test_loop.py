@@ -81,7 +81,7 @@ def test_nonfinite_losses_are_skipped_then_stop():
 def test_adam_moments_carry_over_by_name_to_a_later_stage():
     from sunfish.training.loop import load_named_optimizer_state, make_optimizer
 
-    cfg = _cfg(max_steps=3, milestones=[3])
+    cfg = _cfg(max_steps=3, milestones=[3], warmup_steps=1)
     first = _model()
     result = train(first, cfg, sample_batch=_data(), val_batches=lambda: [], tokens_per_batch=64,
                    bytes_per_token=1.0, save_milestone=lambda m, s: None, progress=False)

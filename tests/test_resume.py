@@ -22,7 +22,7 @@ VOCAB, SEQ = 32, 16
 def _cfg(**over):
     raw = {"train": {"max_steps": 12, "milestones": [6, 12], "warmup_steps": 3, "lr": 5e-3, "batch_size": 4,
                      "seq_len": SEQ, "eval_every": 4, "eval_batches": 2, "log_every": 1, "threads": 1,
-                     "checkpoint_every": 3, "keep_checkpoints": 2, **over}}
+                     "checkpoint_every": 3, "keep_checkpoints": 2, "precision": "fp32", **over}}
     return parse_params(raw).training_for("stage_0")
 
 

@@ -53,8 +53,30 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device(requested)
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX): where bf16 autocast pays off."""
+    import functools
+
+    @functools.cache
+    def flags() -> frozenset[str]:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+                for line in fh:
+                    if line.startswith("flags"):
+                        return frozenset(line.split(":", 1)[1].split())
+        except OSError:
+            pass
+        return frozenset()
+
+    return bool(flags() & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """bf16 autocast on GPUs and on CPUs with native bf16 (measured 1.82x the fp32 tokens/s on the
+    2-core AVX512-BF16 machine, validation loss within 0.6% after equal steps: benchmarks/)."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())):
         return torch.bfloat16
     return None
 
@@ -358,7 +380,7 @@ def train(
         return path or checkpoints.directory / f"step_{done}"
 
     write_progress(start_step, "running")
-    with stop_on_signals(handle_signals) as stop:
+    with stop_on_signals(handle_signals) as stop, bar:  # closing the bar on errors: messages start a line
         for step in range(start_step, cfg.max_steps):
             done = step + 1
             lr = lr_at(step, cfg)

@@ -32,7 +32,8 @@ def main() -> int:
     args = ap.parse_args()
     cfg = parse_params({"train": {"max_steps": 6, "milestones": [6], "warmup_steps": 1, "lr": 3e-3,
                                   "batch_size": BATCH, "seq_len": SEQ, "eval_every": 3, "eval_batches": 2,
-                                  "log_every": 1, "threads": 1, "device": "cpu", "checkpoint_every": 100}}
+                                  "log_every": 1, "threads": 1, "device": "cpu", "checkpoint_every": 100,
+                                  "precision": "fp32"}}
                        ).training_for("stage_0")
     torch.manual_seed(0)
     model = StagedLM(StagedLMConfig(vocab_size=VOCAB, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=SEQ))
