@@ -94,3 +94,22 @@ def test_adam_moments_carry_over_by_name_to_a_later_stage():
     assert new and carried == sum(1 for _ in later.parameters()) - len(new)
     name, p = next(iter(first.named_parameters()))
     assert torch.equal(opt.state[dict(later.named_parameters())[name]]["exp_avg"], result.optimizer_state[name]["exp_avg"])
+
+
+def test_default_threads_use_only_the_cores_that_are_free(tmp_path, monkeypatch):
+    import os
+
+    from sunfish.training import loop
+
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("1.50 1.20 0.90 3/412 9876\n")  # 3 runnable: this process and 2 others
+    assert loop.busy_cores(samples=3, interval=0, path=str(loadavg)) == 2
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(loop, "busy_cores", lambda: 1)
+        assert loop.set_threads(0) == max(1, (os.cpu_count() or 1) - 1)
+        monkeypatch.setattr(loop, "busy_cores", lambda: 64)
+        assert loop.set_threads(0) == 1 and torch.get_num_threads() == 1
+        assert loop.set_threads(3) == 3  # an explicit number wins
+    finally:
+        torch.set_num_threads(before)

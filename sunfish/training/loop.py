@@ -81,12 +81,41 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def set_threads(threads: int) -> None:
-    """Intra-op threads: 0 = one per core (measured fastest here; see benchmarks/)."""
+def busy_cores(samples: int = 5, interval: float = 0.05, path: str = "/proc/loadavg") -> int:
+    """Cores other processes keep busy right now: runnable tasks in /proc/loadavg, minus this one.
+
+    The median of a few samples, so a passing process does not count; 0 where /proc is absent.
+    """
+    import statistics
+
+    counts = []
+    for i in range(samples):
+        try:
+            with open(path, encoding="ascii") as fh:
+                running = int(fh.read().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+        counts.append(max(0, running - 1))
+        if i < samples - 1:
+            time.sleep(interval)
+    return int(statistics.median(counts))
+
+
+def set_threads(threads: int) -> int:
+    """Intra-op threads. 0 = one per core not busy with other work.
+
+    On the idle 2-core machine 2 threads trained 1.9x faster than 1, but with one core busy
+    elsewhere 2 threads ran 7x slower than 1 (threads wait on each other): so the default counts
+    the cores that are free now rather than all of them (benchmarks/bench_train.py).
+    """
     import os
 
-    n = threads or (os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    n = threads or max(1, cores - busy_cores())
     torch.set_num_threads(n)
+    if not threads:
+        log.info("using %d of %d cores for intra-op threads", n, cores)
+    return n
 
 
 def lr_at(step: int, cfg: ResolvedTraining) -> float:
