@@ -1,9 +1,10 @@
 """DVC stage `diagnose`: catch a configuration that cannot train before hours are spent on it.
 
 Runs :func:`sunfish.diagnostics.run_diagnostics` for the default models (stage_0 in full, stage_3's
-forward/backward, cfg in full) on ``data/prepared``, writes ``reports/diagnose.json`` (the report
-and its MLflow run id), prints the table to the log and logs every numeric check value as the
-metric ``diagnose/<check name>``, the status counts and the JSON as an artifact.
+initialisation, gradient-flow and residual checks, cfg in full) on ``data/prepared``, writes
+``reports/diagnose.json`` (the report and its MLflow run id), prints the table to the log and logs
+every numeric check value as the metric ``diagnose/<check name>``, the status counts, and the JSON
+and the table (written to ``state/diagnose/diagnose_table.txt``) as artifacts.
 
 A failure (or a warning with ``diagnose.fail_on_warn``) exits non-zero after printing what to
 change, and leaves no stamp, so training (which depends on ``data/diagnose.ok``) does not start.
@@ -14,11 +15,13 @@ and therefore the training stages, untouched.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from pipeline.common import log, open_stage, write_json
 
 STAMP_TEXT = "diagnosis passed\n"
+TABLE_NAME = "diagnose_table.txt"
 
 
 def report_metrics(report: dict) -> dict[str, float]:
@@ -47,6 +50,16 @@ def report_metrics(report: dict) -> dict[str, float]:
     return metrics
 
 
+def write_table(root: Path, table: str) -> Path:
+    """The terminal table as a text file for MLflow (under the git-ignored state/, not a DVC output)."""
+    from sunfish.training.checkpoint import atomic_write_text
+
+    path = root / "state" / "diagnose" / TABLE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, table + "\n")
+    return path
+
+
 def run() -> None:
     from sunfish.diagnostics import format_table, run_diagnostics
     from sunfish.training.checkpoint import atomic_write_text
@@ -62,10 +75,12 @@ def run() -> None:
         report = run_diagnostics(p, ctx.prepared)
         report["mlflow_run_id"] = run.run_id
         write_json(out, report)
-        log.info("diagnose (%s):\n%s", ", ".join(report["models"]), format_table(report))
+        table = format_table(report)
+        log.info("diagnose (%s):\n%s", ", ".join(report["models"]), table)
         run.log_metrics(report_metrics(report))
         run.set_tags({"diagnose.status": report["status"]})
         run.log_artifact(out)
+        run.log_artifact(write_table(ctx.root, table))
         blocked = report["status"] == "fail" or (report["status"] == "warn" and p.diagnose.fail_on_warn)
         if blocked:
             stamp.unlink(missing_ok=True)  # a stale stamp must not let training start

@@ -18,7 +18,8 @@ and a check that raises becomes a ``fail`` carrying the exception's message (``g
 
 Check names are ``<scope>/<topic>``: ``data/...`` for the prepared data, ``<model>/...`` (stage_0,
 stage_3, cfg) for a model, ``pipeline/eta`` and ``environment``. By default stage_0 and cfg get
-every check and stage_3 (all components on) is built and checked for forward/backward only.
+every check and stage_3 (all components on) is built and checked for initialisation, gradient flow
+and residual branches only (no memorisation, lr or speed probes).
 
 What trains: every probe works on a deep copy, on small real batches (``PROBE_SHAPE``,
 ``MEMORIZE_SHAPE``, ``LR_SANITY_SHAPE``) and single-threaded on CPU (as fast for such batches, and
@@ -34,18 +35,26 @@ Thresholds (module constants; each message states the one it used)
   attention alone start second-order small, which is fine); exploding = tensor norm above
   ``EXPLODING_NORM``. Zero-initialised output projections are by design: their own gradient is
   non-zero, and what sits behind them receives gradient once they have moved.
-- residual branches: ``||block(x) - x|| / ||x||`` below ``RESIDUAL_RATIO_MIN`` in every block
-  after ``RESIDUAL_STEPS`` training steps warns (a gate on the branch was the original's worst bug).
+- residual branches, after ``RESIDUAL_STEPS`` training steps: ``||block(x) - x|| / ||x||`` below
+  ``RESIDUAL_RATIO_MIN`` in every block warns (the network is nearly the identity); and the *gain*
+  with which a block adds its branch outputs to the stream, fitted by least squares on the outputs
+  of its Linear layers (exactly 1 for ``x + f(x)`` in any architecture, 0.1 for ``x + 0.1 * f(x)``),
+  below ``RESIDUAL_GAIN_MIN`` in any block warns: a residual branch gated to ~0.1 was the original
+  SunFish's worst bug, and its ratio (0.1 x a healthy 0.1..1) looks like a healthy one.
 - memorisation: loss < diagnose.memorize_target on one batch within diagnose.memorize_steps
-  (AdamW at ``MEMORIZE_LR``); the masked denoiser is scored on a fixed half-masked copy of the
-  batch and also passes below ``MEMORIZE_RELATIVE`` x its first loss (see ``check_memorisation``).
+  (AdamW at ``MEMORIZE_LR``, scaled as 1 / d_model above ``MEMORIZE_LR_WIDTH``); the masked
+  denoiser is scored on a fixed half-masked copy of the batch and also passes below
+  ``MEMORIZE_RELATIVE`` x its first loss (see ``check_memorisation``).
 - learning rate: the configured schedule must lower a held-out batch's loss by
   ``LR_SANITY_MIN_DROP`` within ``LR_SANITY_STEPS`` steps; a rise above ``LR_SANITY_DIVERGE`` fails.
 - model size vs data: tokens seen per parameter (earlier stages included) below
   ``TOKENS_PER_PARAM_LOW`` or above ``TOKENS_PER_PARAM_HIGH`` warns (Chinchilla-optimal is about
   20); more than ``MAX_EPOCHS`` passes over the training split warns.
 - data: special tokens above ``SPECIAL_SHARE_WARN`` / ``SPECIAL_SHARE_FAIL`` of the train stream;
-  more than ``OVERLAP_WARN`` of sampled validation ``OVERLAP_NGRAM``-grams found in train.
+  the unknown token above ``UNK_SHARE_WARN`` / ``UNK_SHARE_FAIL``; more than ``OVERLAP_WARN`` of
+  sampled validation ``OVERLAP_NGRAM``-grams found in train.
+- diffusion schedule: continuous, SNR(1) >= 1 and SNR(T) <= 0.01; masked, the training masking
+  rates must reach ``MASK_RATE_LOW`` and ``MASK_RATE_HIGH``.
 - effective batch below ``MIN_TOKENS_PER_STEP`` tokens per optimiser step warns.
 - memory: the estimate (weights + gradients + 2 AdamW copies + activations + logits) above the
   available memory fails, above ``MEMORY_WARN_SHARE`` of it warns.
@@ -88,9 +97,16 @@ EXPLODING_NORM = 100.0
 GRAD_PASSES = 3
 GRAD_MAX_PASSES = 8  # more passes only while some tensor has not yet had a gradient (stochastic branches)
 GRAD_WARM_LR = 1e-3
+GRAD_LAYERS_SHOWN = 80  # per-layer gradient figures kept in the report's details
 RESIDUAL_RATIO_MIN = 0.01
 RESIDUAL_STEPS = 3
+RESIDUAL_GAIN_MIN = 0.5  # a plain residual adds its branch with gain 1; the original gated it to ~0.1
+RESIDUAL_WRITER_SHARE = 0.05  # Linear outputs fitted below 5% of the largest gain do not write to the stream
+RESIDUAL_FIT_MAX_ERROR = 0.05  # the Linear outputs must explain block(x) - x to 5% for the gain to count
+GATE_NAME_HINTS = ("gate", "scale", "alpha", "gamma", "rezero")
 MEMORIZE_LR = {"staged": 3e-3, "diffusion": 1e-3}  # the tied-embedding denoiser oscillates at 3e-3 on one batch
+MEMORIZE_LR_WIDTH = 256  # ... at d_model <= 256; wider models get lr x 256 / d_model (Adam's lr ~ 1 / width):
+# at 3e-3 the micro preset (d_model 512) oscillates around loss 1 and never memorises; at 1.5e-3 it does in 21 steps
 MEMORIZE_RELATIVE = {"diffusion": 0.3}  # see check_memorisation
 MEMORIZE_SHAPE = (2, 32)  # rows x tokens of the one batch to overfit
 PROBE_SHAPE = (4, 64)  # batch used for init / gradient / residual checks
@@ -108,12 +124,17 @@ MAX_EPOCHS = 20.0
 MIN_TOKENS_PER_STEP = 1024
 SPECIAL_SHARE_WARN = 0.2
 SPECIAL_SHARE_FAIL = 0.5
+UNK_SHARE_WARN = 0.001
+UNK_SHARE_FAIL = 0.05
+UNK_NAMES = ("<unk>", "[UNK]", "<|unk|>", "<UNK>", "<|unknown|>")
 OVERLAP_NGRAM = 32
 OVERLAP_SAMPLES = 256
 OVERLAP_WARN = 0.05
 OVERLAP_MAX_SCAN = 20_000_000  # train tokens hashed at most (random chunks beyond that)
 MEMORY_WARN_SHARE = 0.7
 CONDITIONING_STEPS = 4
+MASK_RATE_LOW = 0.05  # masked objective: training must reach nearly clean text ...
+MASK_RATE_HIGH = 0.95  # ... and nearly fully masked text (where sampling starts)
 CONDITIONING_MIN_DIFF = 1e-4
 ETA_WARN_SECONDS = 24 * 3600
 
@@ -476,33 +497,52 @@ def check_memory_fit(
 # data checks
 
 
+def sequences_in(tokens: int, seq_len: int) -> int:
+    """Training sequences in a stream of ``tokens``: windows of ``seq_len`` inputs whose targets are the
+    next tokens, laid end to end (each needs seq_len + 1 tokens, neighbours share one): (tokens - 1) // seq_len."""
+    return max(0, int(tokens) - 1) // seq_len
+
+
 def check_splits(
     splits: dict[str, dict[str, int]],
     seq_len: int,
     name: str = "data_splits",
+    *,
+    sequences_drawn: int | None = None,
 ) -> list[dict]:
-    """Documents, tokens and sequences (tokens // seq_len) per split; train and val must hold windows.
+    """Documents, tokens and training sequences per split; train and val must hold windows.
 
     ``splits``: {"train": {"documents", "tokens"}, "val": {...}} (tokens as found in the token files).
+    Sequences are the distinct non-overlapping training windows (:func:`sequences_in`); training
+    draws random windows (``TokenStream.sample_batch``), ``sequences_drawn`` of them over the run
+    (batch_size x grad_accum_steps x max_steps), i.e. that many / sequences epochs.
     Returns two rows: ``<name>`` (train) and ``data/val_split``.
     """
     value = {}
     for split, info in splits.items():
         value[f"{split}_documents"] = int(info.get("documents", 0) or 0)
         value[f"{split}_tokens"] = int(info.get("tokens", 0) or 0)
-        value[f"{split}_sequences"] = int(info.get("tokens", 0) or 0) // seq_len
+        value[f"{split}_sequences"] = sequences_in(int(info.get("tokens", 0) or 0), seq_len)
+    details = {}
     rows = []
     train = splits.get("train", {})
     n_train = int(train.get("tokens", 0) or 0)
+    n_seq = sequences_in(n_train, seq_len)
+    drawn = ""
+    if sequences_drawn is not None:
+        details["sequences_drawn"] = int(sequences_drawn)
+        if n_seq:
+            details["epochs"] = round(sequences_drawn / n_seq, 3)
+            drawn = f"; the run draws {sequences_drawn:,} random windows = {sequences_drawn / n_seq:.2g} epochs"
     if n_train < seq_len + 1:
         rows.append(make_check(name, FAIL, value, f"train tokens > seq_len={seq_len}",
                                f"the train split holds {n_train} tokens, not one window of train.seq_len={seq_len} + 1: "
                                "the corpus failed to load or is tiny; check data.source / data.max_documents and rerun "
-                               "`dvc repro prepare`"))
+                               "`dvc repro prepare`", details))
     else:
         rows.append(make_check(name, OK, value, f"train tokens > seq_len={seq_len}",
                                f"train: {value.get('train_documents', 0):,} documents, {n_train:,} tokens, "
-                               f"{n_train // seq_len:,} sequences of {seq_len}"))
+                               f"{n_seq:,} sequences of {seq_len} (+1 target){drawn}", details))
     val = splits.get("val", {})
     n_val = int(val.get("tokens", 0) or 0)
     vname = name.rsplit("/", 1)[0] + "/val_split" if "/" in name else "val_split"
@@ -515,7 +555,7 @@ def check_splits(
     else:
         rows.append(make_check(vname, OK, n_val, f"> {seq_len} tokens",
                                f"val: {value.get('val_documents', 0):,} documents, {n_val:,} tokens, "
-                               f"{n_val // seq_len:,} sequences"))
+                               f"{sequences_in(n_val, seq_len):,} sequences"))
     return rows
 
 
@@ -568,6 +608,67 @@ def check_special_tokens(tokens: np.ndarray, special_ids: dict[str, int], name: 
                           f"{1 / max(docs, 1e-9):.1f} tokens; the model mostly learns to end documents. Check how "
                           "data.source splits documents", details)
     return make_check(name, OK, value, f"< {SPECIAL_SHARE_WARN:.0%}", f"special tokens: {text}", details)
+
+
+def unknown_token_id(tokenizer: Any) -> int | None:
+    """The tokenizer's unknown-token id, or None (byte-level BPE has none: every byte is a token).
+
+    ``tokenizer.unk_id`` when set; else the model's ``unk_token`` of a ``tokenizers`` tokenizer, or
+    one of the usual names (``<unk>``, ``[UNK]``...) in its vocabulary.
+    """
+    explicit = getattr(tokenizer, "unk_id", None)
+    if explicit is not None:
+        return int(explicit)
+    inner = getattr(tokenizer, "tokenizer", tokenizer)
+    to_id = getattr(inner, "token_to_id", None)
+    if to_id is None:
+        return None
+    names = [getattr(getattr(inner, "model", None), "unk_token", None), *UNK_NAMES]
+    for n in names:
+        if n:
+            token_id = to_id(n)
+            if token_id is not None:
+                return int(token_id)
+    return None
+
+
+def check_unknown_tokens(
+    tokenizer: Any,
+    tokens: np.ndarray | None,
+    texts: list[str] = (),
+    name: str = "data_unknown_tokens",
+) -> dict:
+    """Share of the unknown token in the train stream (and in sample texts): text the tokenizer cannot
+    represent is learnt as one meaningless token and generated back as such."""
+    unk = unknown_token_id(tokenizer)
+    threshold = f"< {UNK_SHARE_WARN:.1%}"
+    if unk is None:
+        return make_check(name, OK, 0.0, threshold,
+                          "the tokenizer has no unknown token (byte-level: every text is representable)")
+    details: dict[str, Any] = {"unk_id": unk}
+    share = None
+    if tokens is not None and np.asarray(tokens).size:
+        tokens = np.asarray(tokens)
+        share = float(np.count_nonzero(tokens == unk)) / tokens.size
+        details["train_share"] = round(share, 5)
+    if texts:
+        ids = [i for t in texts for i in tokenizer.encode(t)]
+        text_share = sum(1 for i in ids if i == unk) / max(len(ids), 1)
+        details["sample_text_share"] = round(text_share, 5)
+        share = text_share if share is None else share
+    if share is None:
+        return make_check(name, OK, None, threshold, f"unknown token id {unk}; nothing to measure", details)
+    value = round(share, 5)
+    if share >= UNK_SHARE_FAIL:
+        return make_check(name, FAIL, value, f"< {UNK_SHARE_FAIL:.0%}",
+                          f"{share:.1%} of the train tokens are the unknown token (id {unk}): the tokenizer cannot "
+                          "represent much of the corpus, so the model learns to predict 'unknown'; use tokenizer.kind: "
+                          "bpe (byte-level, trained on this corpus) and rerun `dvc repro prepare`", details)
+    if share >= UNK_SHARE_WARN:
+        return make_check(name, WARN, value, threshold,
+                          f"{share:.2%} of the train tokens are the unknown token (id {unk}); tokenizer.kind: bpe "
+                          "never produces one", details)
+    return make_check(name, OK, value, threshold, f"{share:.3%} unknown tokens (id {unk})", details)
 
 
 def check_tokenizer_roundtrip(tokenizer: Any, texts: list[str], name: str = "data_tokenizer_roundtrip") -> dict:
@@ -948,27 +1049,38 @@ def check_gradient_flow(
     vanishing = sorted((n for n, s in live.items() if groups[_module_group(n)] < floor), key=lambda n: live[n].mean_abs)
     smallest = min((s.mean_abs for s in live.values()), default=0.0)
     v_threshold = f"mean |grad| >= min({VANISHING_MEAN_ABS:g}, {VANISHING_RELATIVE:g} x median)"
+    # per layer (module group): the largest mean |grad| of its tensors, in the order of the model
+    per_layer = {"per_layer_mean_abs": _first(groups)}
     if vanishing:
         rows.append(make_check(f"{name}_vanishing", WARN, len(vanishing), v_threshold,
                                f"{len(vanishing)} tensors get vanishing gradients: "
                                f"{listing(vanishing, lambda n: f' {live[n].mean_abs:.1e}')} (median tensor "
                                f"{median:.1e}); they will barely learn: "
                                "look for a small gate or scale on their branch, or a very deep stack without "
-                               "normalisation" + keys_for(vanishing), {"tensors": vanishing[:50]}))
+                               "normalisation" + keys_for(vanishing), {"tensors": vanishing[:50], **per_layer}))
     else:
         rows.append(make_check(f"{name}_vanishing", OK, 0, v_threshold,
-                               f"smallest mean |grad| {smallest:.2e} (median {median:.2e})"))
+                               f"smallest mean |grad| {smallest:.2e} (median {median:.2e})", per_layer))
     exploding = sorted((n for n, s in live.items() if s.norm > EXPLODING_NORM), key=lambda n: -live[n].norm)
     largest = max((s.norm for s in live.values()), default=0.0)
+    layer_norms: dict[str, float] = {}
+    for n, s in live.items():
+        g = _module_group(n)
+        layer_norms[g] = math.hypot(layer_norms.get(g, 0.0), s.norm)
     if exploding:
         rows.append(make_check(f"{name}_exploding", WARN, len(exploding), f"norm <= {EXPLODING_NORM:g}",
                                f"{len(exploding)} tensors get exploding gradients: "
                                f"{listing(exploding, lambda n: f' {live[n].norm:.3g}')}; keep train.grad_clip > 0 "
-                               "(e.g. 1.0) and lower train.lr", {"tensors": exploding[:50]}))
+                               "(e.g. 1.0) and lower train.lr",
+                               {"tensors": exploding[:50], "per_layer_norm": _first(layer_norms)}))
     else:
         rows.append(make_check(f"{name}_exploding", OK, 0, f"norm <= {EXPLODING_NORM:g}",
-                               f"largest tensor gradient norm {largest:.3g}"))
+                               f"largest tensor gradient norm {largest:.3g}", {"per_layer_norm": _first(layer_norms)}))
     return rows
+
+
+def _first(figures: dict[str, float], n: int = GRAD_LAYERS_SHOWN) -> dict[str, float]:
+    return {k: float(f"{v:.3g}") for k, v in list(figures.items())[:n]}
 
 
 def _module_group(param_name: str) -> str:
@@ -984,23 +1096,81 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, mod) for n, mod in model.named_modules() if n and type(mod).__name__.endswith("Block")]
 
 
-def residual_ratios(model: nn.Module, batch: dict, *, seed: int = 0) -> dict[str, float]:
-    """||block output - block input|| / ||block input|| per block, from one forward pass (no grad)."""
-    ratios: dict[str, float] = {}
+def _branch_gain(delta: torch.Tensor, outputs: list[torch.Tensor]) -> dict:
+    """Least-squares fit ``delta = sum_i c_i * outputs_i`` (float64): the gain of each Linear output.
+
+    ``delta`` is ``block(x) - x``; ``outputs`` are the block's Linear outputs shaped like ``x``. The
+    layers that write into the residual stream (attention output, MLP down projection) get their
+    gain (1 for ``x + branch(x)``, 0.1 for ``x + 0.1 * branch(x)``); the others (a cross-attention
+    query, say) get ~0. Returns {"gain": the smallest |coefficient| of a writer, or None when the Linear
+    outputs do not explain ``delta`` (fit_error above ``RESIDUAL_FIT_MAX_ERROR``), "gains", "fit_error"}.
+    """
+    d = delta.detach().double().flatten()
+    d_norm = float(d.norm())
+    cols = [o.detach().double().flatten() for o in outputs]
+    norms = [float(c.norm()) for c in cols]
+    live = [i for i, n in enumerate(norms) if n > 0 and math.isfinite(n)]
+    if not live or d_norm == 0 or not math.isfinite(d_norm):
+        return {"gain": None, "gains": [], "fit_error": None}
+    o = torch.stack([cols[i] / norms[i] for i in live], dim=1)  # unit columns: a well-conditioned system
+    gram, rhs = (o.T @ o).cpu(), (o.T @ d.unsqueeze(1)).cpu()
+    unit = (torch.linalg.pinv(gram, rtol=1e-10) @ rhs).squeeze(1)
+    fit_error = float((d - o @ unit.to(o.device)).norm()) / d_norm
+    coef = [float(unit[j]) / norms[i] for j, i in enumerate(live)]
+    largest = max(abs(c) for c in coef)
+    writers = [abs(c) for c in coef if abs(c) >= RESIDUAL_WRITER_SHARE * largest]  # x - f(x) learns like x + f(x)
+    gain = min(writers) if writers and fit_error <= RESIDUAL_FIT_MAX_ERROR else None
+    return {"gain": gain, "gains": [round(c, 4) for c in coef], "fit_error": fit_error}
+
+
+def residual_measurements(model: nn.Module, batch: dict, *, seed: int = 0) -> dict[str, dict]:
+    """Per block, from one forward pass of ``model.training_loss`` (eval mode, no grad):
+
+    - ``ratio``: ``||block(x) - x|| / ||x||``, how much the block changes the residual stream;
+    - ``gain`` / ``gains`` / ``fit_error``: see :func:`_branch_gain`, fitted on the outputs of the
+      block's ``nn.Linear`` layers shaped like ``x`` (last call of the block wins: self-conditioning
+      runs the blocks twice).
+    """
+    found: dict[str, dict] = {}
     handles = []
 
-    def hook(block_name: str):
-        def fn(module, args, kwargs, output):
-            x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+    def watch(block_name: str, block: nn.Module):
+        outputs: list[torch.Tensor] = []  # this call's Linear outputs shaped like the block input
+        shape: list[torch.Size] = []
+
+        def first_tensor(args, kwargs):
+            return args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+        def before(module, args, kwargs):
+            outputs.clear()
+            shape.clear()
+            x = first_tensor(args, kwargs)
+            if isinstance(x, torch.Tensor):
+                shape.append(x.shape)
+
+        def linear(module, args, output):
+            if shape and isinstance(output, torch.Tensor) and output.shape == shape[0]:
+                outputs.append(output)
+
+        def after(module, args, kwargs, output):
+            x = first_tensor(args, kwargs)
             y = output[0] if isinstance(output, (tuple, list)) else output
             if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape:
-                num = float((y.float() - x.float()).norm())
+                delta = y.float() - x.float()
                 den = float(x.float().norm())
-                ratios[block_name] = num / den if den > 0 else float("inf")
-        return fn
+                row = {"ratio": float(delta.norm()) / den if den > 0 else float("inf"), "width": int(x.shape[-1])}
+                row.update(_branch_gain(delta, outputs))
+                found[block_name] = row
+            outputs.clear()
+
+        handles.append(block.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(block.register_forward_hook(after, with_kwargs=True))
+        for mod in block.modules():
+            if isinstance(mod, nn.Linear):
+                handles.append(mod.register_forward_hook(linear))
 
     for block_name, block in find_blocks(model):
-        handles.append(block.register_forward_hook(hook(block_name), with_kwargs=True))
+        watch(block_name, block)
     was = model.training
     model.eval()
     try:
@@ -1010,7 +1180,23 @@ def residual_ratios(model: nn.Module, batch: dict, *, seed: int = 0) -> dict[str
         model.train(was)
         for h in handles:
             h.remove()
-    return ratios
+    return found
+
+
+def residual_ratios(model: nn.Module, batch: dict, *, seed: int = 0) -> dict[str, float]:
+    """||block output - block input|| / ||block input|| per block, from one forward pass (no grad)."""
+    return {k: v["ratio"] for k, v in residual_measurements(model, batch, seed=seed).items()}
+
+
+def _gate_parameters(block: nn.Module, width: int) -> dict[str, float]:
+    """Small learnable tensors of a block named like a gate or scale (``*gate*``, ``*scale*``, ``alpha``,
+    ``gamma``, ``rezero``...), with their mean |value|: the usual ways a residual branch is gated."""
+    out = {}
+    for n, p in block.named_parameters():
+        leaf = n.rsplit(".", 1)[-1].lower()
+        if p.numel() <= width and any(h in leaf for h in GATE_NAME_HINTS):
+            out[n] = float(p.detach().float().abs().mean())
+    return out
 
 
 def check_residual_branches(
@@ -1021,19 +1207,35 @@ def check_residual_branches(
     lr: float = 3e-3,
     seed: int = 0,
     name: str = "residual_branches",
-) -> dict:
-    """Contribution of each block's residual branches after ``steps`` AdamW steps on ``batch`` (a copy).
+    gain_name: str | None = None,
+) -> list[dict]:
+    """How much the residual branches contribute, after ``steps`` AdamW steps on ``batch`` (a copy).
 
-    Warns when ``||block(x) - x|| / ||x||`` < 0.01 in every block: the branches are gated or scaled so
-    small that the network is nearly the identity and gradients into the branches are tiny (the
-    original gated its residual to ~0.1). Zero-initialised branches open within the few steps.
+    Two rows:
+
+    - ``<name>``: ``||block(x) - x|| / ||x||`` below ``RESIDUAL_RATIO_MIN`` in every block warns: the
+      network is nearly the identity. Zero-initialised branches open within the few steps.
+    - ``residual_gain`` (``gain_name``): the gain with which each block adds its branch outputs to the
+      residual stream, fitted by least squares on the outputs of the block's Linear layers (see
+      :func:`_branch_gain`). A plain residual ``x + f(x)`` has gain exactly 1 whatever the
+      architecture, depth or initialisation; ``x + 0.1 * f(x)`` has 0.1 (the original SunFish's
+      worst bug: a residual branch gated to ~0.1, so each branch moves the stream 10x slower and
+      the deep layers barely learn). Below ``RESIDUAL_GAIN_MIN`` in any block warns, naming the
+      block and any learnable gate/scale parameter in it of about that value (``GATE_NAME_HINTS``);
+      none means a constant scales the branch. The ratio alone cannot catch this: a
+      healthy block's ratio ranges over 0.1..1 with the architecture and init, so 0.1 x a healthy
+      ratio is still a plausible one.
     """
+    if gain_name is None:
+        gain_name = name.rsplit("/", 1)[0] + "/residual_gain" if "/" in name else "residual_gain"
+    gain_threshold = f"min >= {RESIDUAL_GAIN_MIN} (plain residual: 1)"
     m = copy.deepcopy(model)
     m.train()
     blocks = find_blocks(m)
     if not blocks:
-        return make_check(name, WARN, None, f">= {RESIDUAL_RATIO_MIN}",
-                          "no transformer blocks found (model.blocks); residual branches not measured")
+        text = "no transformer blocks found (model.blocks); residual branches not measured"
+        return [make_check(name, WARN, None, f"max >= {RESIDUAL_RATIO_MIN}", text),
+                make_check(gain_name, WARN, None, gain_threshold, text)]
     params = [p for _, p in _trainable(m)]
     batch = _to(batch, _device_of(m))
     if params and steps > 0:
@@ -1046,10 +1248,16 @@ def check_residual_branches(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    ratios = residual_ratios(m, batch, seed=seed)
-    if not ratios:
-        return make_check(name, WARN, None, f">= {RESIDUAL_RATIO_MIN}",
-                          "the blocks' inputs and outputs could not be compared; residual branches not measured")
+    measured = residual_measurements(m, batch, seed=seed)
+    if not measured:
+        text = "the blocks' inputs and outputs could not be compared; residual branches not measured"
+        return [make_check(name, WARN, None, f"max >= {RESIDUAL_RATIO_MIN}", text),
+                make_check(gain_name, WARN, None, gain_threshold, text)]
+    return [_ratio_row(measured, steps, name), _gain_row(measured, dict(blocks), steps, gain_name, gain_threshold)]
+
+
+def _ratio_row(measured: dict[str, dict], steps: int, name: str) -> dict:
+    ratios = {k: v["ratio"] for k, v in measured.items()}
     finite = [r for r in ratios.values() if math.isfinite(r)]
     best = max(finite) if finite else float("nan")
     details = {k: round(v, 5) if math.isfinite(v) else str(v) for k, v in ratios.items()}
@@ -1063,6 +1271,44 @@ def check_residual_branches(
                           "settings", details)
     return make_check(name, OK, round(best, 6) if finite else None, f"max >= {RESIDUAL_RATIO_MIN}",
                       f"||block(x) - x|| / ||x|| per block after {steps} steps: {shown}", details)
+
+
+def _gain_row(measured: dict[str, dict], blocks: dict[str, nn.Module], steps: int, name: str, threshold: str) -> dict:
+    gains = {k: v.get("gain") for k, v in measured.items()}
+    known = {k: g for k, g in gains.items() if g is not None and math.isfinite(g)}
+    details = {k: {"gain": round(g, 4) if g is not None else None, "linear_gains": v.get("gains"),
+                   "fit_error": round(v["fit_error"], 6) if v.get("fit_error") is not None else None}
+               for k, (g, v) in ((k, (gains[k], measured[k])) for k in measured)}
+    if not known:
+        return make_check(name, OK, None, threshold,
+                          "block(x) - x is not a weighted sum of the blocks' Linear outputs here (a norm after the "
+                          "residual add, or branches still at zero), so the branch gain is not measured; the "
+                          "residual_branches ratio still applies", details)
+    low = {k: g for k, g in known.items() if g < RESIDUAL_GAIN_MIN}
+    shown = ", ".join(f"{k.split('.')[-1]}: {g:.3g}" for k, g in known.items())
+    smallest = min(known.values())
+    if low:
+        listed = ", ".join(f"{k} {g:.3g}" for k, g in list(low.items())[:8]) + (" ..." if len(low) > 8 else "")
+        gates: dict[str, float] = {}
+        for k in low:
+            block = blocks.get(k)
+            if block is not None:  # gate-like parameters whose value is about the measured gain
+                gates.update({f"{k}.{n}": v for n, v in _gate_parameters(block, measured[k]["width"]).items()
+                              if low[k] / 3 <= v <= 3 * low[k]})
+        where = (" Learnable gate/scale parameters of about that value (mean |value|): "
+                 + ", ".join(f"{n} = {v:.3g}" for n, v in list(gates.items())[:8]) + "."
+                 if gates else " No learnable gate/scale parameter has that value: a constant (or a gate computed "
+                 "from other weights) multiplies the branch.")
+        details["gate_parameters"] = {n: round(v, 5) for n, v in gates.items()}
+        return make_check(name, WARN, round(smallest, 4), threshold,
+                          f"residual branches are added to the stream scaled down, gain per block: {listed} (a plain "
+                          f"residual x + f(x) has gain 1; measured after {steps} steps).{where} A branch scaled by "
+                          "0.1 moves the stream 10x slower under Adam, so those layers barely learn and the model "
+                          "trains like a much shallower one: the original SunFish's worst bug. Add the branch "
+                          "unscaled (x = x + f(x)), or initialise the gate at 1 and keep it out of weight decay",
+                          details)
+    return make_check(name, OK, round(smallest, 4), threshold,
+                      f"every block adds its branch outputs with gain ~1 (per block: {shown})", details)
 
 
 def check_memorisation(
@@ -1140,6 +1386,14 @@ def check_memorisation(
     return make_check(name, FAIL, steps, threshold,
                       f"could not overfit one {shape} batch: loss {first:.2f} -> {last:.3f} (best {best:.3f}) after "
                       f"{steps} steps at lr {lr:g}; {why}", details)
+
+
+def memorize_lr(model: nn.Module) -> float:
+    """The AdamW lr of the memorisation probe: ``MEMORIZE_LR`` of the model's kind, scaled down as
+    1 / width above ``MEMORIZE_LR_WIDTH`` (one fixed lr makes wide models oscillate on one batch)."""
+    base = MEMORIZE_LR.get(getattr(model, "kind", "staged"), 3e-3)
+    width = int(getattr(getattr(model, "config", None), "d_model", MEMORIZE_LR_WIDTH) or MEMORIZE_LR_WIDTH)
+    return base * min(1.0, MEMORIZE_LR_WIDTH / width)
 
 
 def memorisation_loss(model: nn.Module, batch: dict, *, mask_share: float = 0.5, seed: int = 0) -> torch.Tensor:
@@ -1326,6 +1580,52 @@ def check_noise_schedule(timesteps: int, schedule: str, name: str = "noise_sched
                       f"SNR from {first:.3g} at t=1 down to {last:.2g} at t={timesteps} ({schedule})")
 
 
+def check_mask_schedule(
+    batch_size: int,
+    *,
+    draws: int = 256,
+    seed: int = 0,
+    times: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+    name: str = "noise_schedule_snr",
+) -> dict:
+    """Masked objective: the masking rates t drawn in training (``masked.stratified_times``) span nearly
+    clean to fully masked text. Signal-to-noise of a rate t: SNR = (1 - t) / t (share of tokens kept
+    over share masked). Sampling starts from all-[MASK] (t = 1, SNR 0) and ends nearly clean, so
+    training must cover both ends; t must stay > 0 (the ELBO weighs the loss by 1/t).
+
+    ``times(batch_size, generator) -> t [batch_size]`` replaces the objective's own draw (tests).
+    """
+    from sunfish.diffusion.masked import stratified_times
+
+    draw = times or (lambda b, g: stratified_times(b, torch.device("cpu"), g))
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.cat([draw(batch_size, gen).flatten().double() for _ in range(draws)])
+    lo, hi = float(t.min()), float(t.max())
+
+    def log10_snr(x: float) -> float:
+        return round(math.log10(max(1.0 - x, 1e-12) / max(x, 1e-12)), 2)
+
+    value = {"mask_rate_min": round(lo, 4), "mask_rate_max": round(hi, 4), "log10_snr_max": log10_snr(lo),
+             "log10_snr_min": log10_snr(hi)}
+    threshold = f"mask rate 0 < min <= {MASK_RATE_LOW}, max >= {MASK_RATE_HIGH}"
+    if not (lo > 0 and hi <= 1 and math.isfinite(lo) and math.isfinite(hi)):
+        return make_check(name, FAIL, value, threshold,
+                          f"training masking rates range over {lo:.3g}..{hi:.3g}: outside (0, 1], the 1/t weight of the "
+                          "masked ELBO is infinite or the rate is meaningless; check sunfish/diffusion/masked.py")
+    if hi < MASK_RATE_HIGH:
+        return make_check(name, FAIL, value, threshold,
+                          f"training never masks more than {hi:.0%} of a text, but sampling starts from fully masked "
+                          "text (SNR 0): the first sampling steps run far outside anything seen in training; check "
+                          "stratified_times / MIN_TIME in sunfish/diffusion/masked.py")
+    if lo > MASK_RATE_LOW:
+        return make_check(name, WARN, value, threshold,
+                          f"training never masks fewer than {lo:.0%} of the tokens: the last sampling steps (nearly "
+                          "clean text) are never trained; check sunfish/diffusion/masked.py")
+    return make_check(name, OK, value, threshold,
+                      f"masking rates {lo:.3g}..{hi:.3g} in training: log10 SNR from {value['log10_snr_max']:+.1f} "
+                      f"down to {value['log10_snr_min']:+.1f} (fully masked), the whole sampling path")
+
+
 def check_conditioning_effect(
     model: nn.Module,
     batches: list[dict],
@@ -1510,7 +1810,9 @@ def _measure_speed(model, tcfg, sample_batch, *, steps, estimate_mb, name) -> li
                                    f"Set train.threads: 1 (or free the cores); the ETA below assumes {threads} threads",
                                    details)
     if speed_row is None:
-        speed_row = make_check(f"{name}speed", OK, round(tokens_per_s, 1), None, head, details)
+        speed_row = make_check(f"{name}speed", OK, round(tokens_per_s, 1),
+                               "no faster with 1 thread" if "single_thread_step_seconds" in details
+                               else "measured (the eta row judges it)", head, details)
     rows = [speed_row]
     eta = step_time * tcfg.max_steps
     per_milestone = {str(m): round(step_time * m, 1) for m in tcfg.milestones}
@@ -1644,7 +1946,8 @@ def _sample_texts(data: PreparedData, n: int = 8) -> list[str]:
     return texts
 
 
-def _data_checks(data: PreparedData, params: Params, seq_len: int, batch_size: int, want_pairs: bool) -> list[dict]:
+def _data_checks(data: PreparedData, params: Params, seq_len: int, batch_size: int, want_pairs: bool,
+                 sequences_drawn: int | None = None) -> list[dict]:
     rows: list[dict] = []
     meta = data.meta or {}
     if data.train is not None or data.val is not None:
@@ -1654,7 +1957,8 @@ def _data_checks(data: PreparedData, params: Params, seq_len: int, batch_size: i
             info = dict((meta.get("splits") or {}).get(split) or {})
             info["tokens"] = stream.num_tokens if stream is not None else 0
             splits[split] = info
-        rows += guarded("data/splits", check_splits, splits, seq_len, name="data/splits")
+        rows += guarded("data/splits", check_splits, splits, seq_len, name="data/splits",
+                        sequences_drawn=sequences_drawn)
         meta_tokens = {s: (meta.get("splits") or {}).get(s, {}).get("tokens") for s in ("train", "val")}
         mismatch = [s for s in ("train", "val") if meta_tokens[s] is not None and getattr(data, s) is not None
                     and meta_tokens[s] != getattr(data, s).num_tokens]
@@ -1677,8 +1981,16 @@ def _data_checks(data: PreparedData, params: Params, seq_len: int, batch_size: i
             rows += guarded("data/val_overlap", check_val_overlap, np.asarray(data.train.tokens),
                             np.asarray(data.val.tokens), seed=params.data.seed, name="data/val_overlap")
     if data.tokenizer is not None:
-        rows += guarded("data/tokenizer_roundtrip", lambda: check_tokenizer_roundtrip(
-            data.tokenizer, _sample_texts(data), name="data/tokenizer_roundtrip"))
+        texts: list[str] = []  # sampled once, for the round trip and the unknown-token share
+
+        def roundtrip() -> dict:
+            texts.extend(_sample_texts(data))
+            return check_tokenizer_roundtrip(data.tokenizer, texts, name="data/tokenizer_roundtrip")
+
+        rows += guarded("data/tokenizer_roundtrip", roundtrip)
+        head = np.asarray(data.train.tokens[: 2_000_000]) if data.train is not None else None
+        rows += guarded("data/unknown_tokens", check_unknown_tokens, data.tokenizer, head, texts,
+                        name="data/unknown_tokens")
     if want_pairs and data.pairs:
         rows += guarded("data/pairs", check_pairs, data.pairs, name="data/pairs")
     return rows
@@ -1790,11 +2102,14 @@ def _diagnose_model(
         if params.cfg.objective == "continuous":
             rows += guarded(pre + "noise_schedule_snr", check_noise_schedule, params.cfg.timesteps,
                             params.cfg.noise_schedule, name=pre + "noise_schedule_snr")
+        else:
+            rows += guarded(pre + "noise_schedule_snr", check_mask_schedule, tcfg.batch_size, seed=tcfg.seed,
+                            name=pre + "noise_schedule_snr")
     try:
         config = _build_config(params, name, tok)
         n_params = _count_params(name, config)
     except Exception as exc:
-        rows.append(make_check(pre + "build", FAIL, None, None, f"the model cannot be built from params.yaml: {exc}"))
+        rows.append(make_check(pre + "build", FAIL, None, "builds", f"the model cannot be built from params.yaml: {exc}"))
         return rows
     amp = device.type == "cuda" and tcfg.precision in ("auto", "bf16")
     estimate = estimate_training_memory(
@@ -1810,7 +2125,7 @@ def _diagnose_model(
         torch.manual_seed(tcfg.seed)
         model = _build_model(name, config, device)
     except Exception as exc:
-        rows.append(make_check(pre + "build", FAIL, None, None, f"the model cannot be built: {type(exc).__name__}: {exc}"))
+        rows.append(make_check(pre + "build", FAIL, None, "builds", f"the model cannot be built: {type(exc).__name__}: {exc}"))
         return rows
     if device.type == "cpu" and n_params < SMALL_CHECK_MAX_PARAMS:
         torch.set_num_threads(SMALL_CHECK_THREADS)
@@ -1860,14 +2175,17 @@ def _diagnose_model(
     probe = sample(PROBE_SHAPE[0], t_probe, gen)
     rows += guarded(pre + "init", check_init, model, probe, params.diagnose.init_loss_tolerance, name=pre + "init")
     rows += guarded(pre + "gradient", check_gradient_flow, model, probe, seed=tcfg.seed, name=pre + "gradient")
+    heavy = device.type == "cpu" and n_params > HEAVY_PARAMS_CPU
+    if not heavy:  # 3 steps on the probe batch: cheap enough for the light (forward/backward) models too
+        rows += guarded(pre + "residual_branches", check_residual_branches, model, probe, seed=tcfg.seed,
+                        name=pre + "residual_branches")
     if light:
         return rows
     if name == "cfg":
         rows += guarded(pre + "conditioning_dropout", check_conditioning_dropout, model, name=pre + "conditioning_dropout")
-    heavy = device.type == "cpu" and n_params > HEAVY_PARAMS_CPU
     if heavy:
         rows.append(make_check(pre + "training_probes", WARN, n_params, f"<= {_fmt_count(HEAVY_PARAMS_CPU)} parameters on CPU",
-                               f"{_fmt_count(n_params)} parameters: the residual, memorisation, lr-schedule and "
+                               f"{_fmt_count(n_params)} parameters: the residual-branch, memorisation, lr-schedule and "
                                "conditioning probes (hundreds of steps) are skipped on CPU; run diagnose on a GPU "
                                "(train.device: cuda) to probe this preset, or use a smaller one"))
     else:
@@ -1888,12 +2206,10 @@ def _diagnose_model(
 def _training_probes(name, pre, model, params, tcfg, probe, sample, sample_val, gen) -> list[dict]:
     """The checks that train a copy for a few to a hundred steps on small batches."""
     rows: list[dict] = []
-    rows += guarded(pre + "residual_branches", check_residual_branches, model, probe, seed=tcfg.seed,
-                    name=pre + "residual_branches")
     mem_batch = sample(MEMORIZE_SHAPE[0], min(MEMORIZE_SHAPE[1], tcfg.seq_len), gen)
     rows += guarded(pre + "memorisation", check_memorisation, model, mem_batch,
                     steps=params.diagnose.memorize_steps, target=params.diagnose.memorize_target,
-                    lr=MEMORIZE_LR.get(getattr(model, "kind", "staged"), 3e-3), seed=tcfg.seed,
+                    lr=memorize_lr(model), seed=tcfg.seed,
                     loss_fn=lambda mod, b: memorisation_loss(mod, b, seed=tcfg.seed),
                     relative_target=MEMORIZE_RELATIVE.get(getattr(model, "kind", "staged")), name=pre + "memorisation")
     t_lr = min(LR_SANITY_SHAPE[1], tcfg.seq_len)
@@ -1950,12 +2266,12 @@ def run_diagnostics(params: Params, prepared_dir: Path, models: list[str] | None
     try:
         device = pick_device(first.device)
     except RuntimeError as exc:
-        checks.append(make_check("environment", FAIL, first.device, None, f"train.device: {exc}"))
+        checks.append(make_check("environment", FAIL, first.device, "an available device", f"train.device: {exc}"))
         device = torch.device("cpu")
     set_threads(first.threads)
     try:
         env = environment(device)
-        checks.append(make_check("environment", OK, f"{device.type}, {_plural(env['threads'], 'thread')}", None,
+        checks.append(make_check("environment", OK, f"{device.type}, {_plural(env['threads'], 'thread')}", "reported",
                                  f"torch {env['torch']}, Python {env['python']}, {env['cpu_count']} CPUs, "
                                  f"{env.get('device_name', '') + ', ' if env.get('device_name') else ''}"
                                  f"{env.get('memory_available_mb') or '?'} MB available"))
@@ -1963,7 +2279,8 @@ def run_diagnostics(params: Params, prepared_dir: Path, models: list[str] | None
         seq_model = next((m for m in chosen if m != "cfg"), chosen[0])
         tcfg = params.training_for(seq_model)
         try:
-            checks += _data_checks(data, params, tcfg.seq_len, tcfg.batch_size, "cfg" in chosen)
+            checks += _data_checks(data, params, tcfg.seq_len, tcfg.batch_size, "cfg" in chosen,
+                                   tcfg.batch_size * tcfg.grad_accum_steps * tcfg.max_steps)
         except Exception as exc:  # each data check is guarded; this catches the glue
             checks.append(make_check("data/checks", FAIL, None, None, f"data checks stopped: {type(exc).__name__}: {exc}"[:600]))
         speeds: dict[str, float] = {}
