@@ -19,7 +19,13 @@ def run() -> None:
         tmp = out.with_name(out.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        meta = prepare_corpus(p.data, p.tokenizer, tmp, ctx.corpora)
+        # every staged model trains on windows of seq_len + 1 tokens (the diffusion model on pairs)
+        window = p.training_for("stage_0").seq_len + 1
+        try:
+            meta = prepare_corpus(p.data, p.tokenizer, tmp, ctx.corpora, min_train_tokens=window)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed prepare leaves data/prepared as it was
+            raise
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

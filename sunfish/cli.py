@@ -6,6 +6,7 @@ so `sunfish --help` and params validation answer at once.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -15,6 +16,8 @@ from pathlib import Path
 import click
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -37,7 +40,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 def friendly_errors(fn):
-    """Bad inputs (params, checkpoints, corpora) end with one clear message and exit code 2."""
+    """Bad inputs (params, checkpoints, corpora) end with one clear message and exit code 2.
+
+    A full disk (ENOSPC, EDQUOT) is not a bad input but needs no traceback either: one line naming
+    what was being written, exit code 1.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -58,9 +65,20 @@ def friendly_errors(fn):
             if isinstance(exc, _known_errors()) or isinstance(exc, (FileNotFoundError, UsageProblem)):
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_BAD_INPUT)
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+                click.echo(f"error: {_disk_full_message(exc)}", err=True)
+                sys.exit(EXIT_FAILED)
             raise
 
     return wrapper
+
+
+def _disk_full_message(exc: OSError) -> str:
+    text = exc.strerror or str(exc)
+    if exc.filename and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    return (f"{text}. Free some space (old runs under state/ and models/, `dvc gc`) and run the same command "
+            "again: training resumes from the last complete checkpoint")
 
 
 def _training_stop(exc: BaseException) -> bool | None:
@@ -231,8 +249,10 @@ def config_show(params_path: Path, model: str | None, fmt: str) -> None:
 @click.option("--temperature", type=click.FloatRange(0.0, 10.0), default=0.8, show_default=True,
               help="AR sampling temperature; 0 = greedy")
 @click.option("--top-k", type=click.IntRange(0), default=40, show_default=True, help="AR only; 0 = off")
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True)
-@click.option("--repetition-penalty", type=click.FloatRange(1.0, 10.0), default=1.1, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True,
+              help="AR only: nucleus sampling mass")
+@click.option("--repetition-penalty", type=click.FloatRange(1.0, 10.0), default=1.1, show_default=True,
+              help="AR only")
 @click.option("--guidance-scale", type=click.FloatRange(0.0, 100.0), default=None,
               help="diffusion only; default: the checkpoint's cfg.guidance_scale (7.0)")
 @click.option("--num-samples", type=click.IntRange(1, 256), default=1, show_default=True)
@@ -247,10 +267,17 @@ def sample(checkpoint: Path, prompt, infill, max_new_tokens, temperature, top_k,
     """Generate text from any SunFish checkpoint (a stage or the diffusion model).
 
     CHECKPOINT is a checkpoint directory (models/stage_3/final), its model.safetensors, or a model
-    directory (models/stage_3, which uses final/).
+    directory (models/stage_3, which uses final/). Options marked "AR only" or "diffusion only" are
+    refused (exit 2) for the other kind of checkpoint rather than silently ignored.
     """
     from sunfish.sampling import sample_from_checkpoint
+    from sunfish.training.checkpoint import read_checkpoint_meta
 
+    kind = read_checkpoint_meta(checkpoint)[1]["kind"]
+    _check_flags_fit(click.get_current_context(), kind, checkpoint)
+    if infill is not None and MASK_MARKER not in infill:
+        raise UsageProblem(f"--infill needs at least one {MASK_MARKER} span to fill, e.g. "
+                           f"'The dog {MASK_MARKER} the ball'; to condition on text use --prompt")
     defaults = _project_sampling_defaults()
     guidance_scale = guidance_scale if guidance_scale is not None else defaults.get("guidance_scale")
     num_steps = num_steps or defaults.get("num_steps")
@@ -267,6 +294,26 @@ def sample(checkpoint: Path, prompt, infill, max_new_tokens, temperature, top_k,
             click.echo(r["text"])
             if len(results) > 1:
                 click.echo("---")
+
+
+MASK_MARKER = "[MASK]"  # sunfish.sampling.MASK_MARKER (not imported: keeps the CLI import cheap)
+AR_ONLY = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+DIFFUSION_ONLY = ("infill", "guidance_scale", "seq_len", "num_steps", "scheduler")
+
+
+def _check_flags_fit(ctx: click.Context, kind: str, checkpoint: Path) -> None:
+    """Refuse options given on the command line that the checkpoint's kind of model would ignore."""
+    from click.core import ParameterSource
+
+    given = {name for name in (*AR_ONLY, *DIFFUSION_ONLY)
+             if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    wrong, needs = (given & set(DIFFUSION_ONLY), "a diffusion") if kind == "staged" else (
+        given & set(AR_ONLY), "an autoregressive (staged)")
+    if wrong:
+        flags = ", ".join("--" + name.replace("_", "-") for name in sorted(wrong))
+        holds = "an autoregressive stage" if kind == "staged" else f"a {kind!r} model"
+        raise UsageProblem(f"{flags} need{'s' if len(wrong) == 1 else ''} {needs} checkpoint; "
+                           f"{checkpoint} holds {holds}")
 
 
 def _project_sampling_defaults() -> dict:
@@ -291,7 +338,10 @@ def _project_sampling_defaults() -> dict:
 @click.option("--json", "as_json", is_flag=True, help="print the JSON report instead of the table")
 @friendly_errors
 def diagnose(params_path: Path, model: str, preset: str | None, as_json: bool) -> None:
-    """Run the diagnose checks outside DVC (needs the prepared data of `dvc repro prepare`)."""
+    """Run the diagnose checks outside DVC (needs the prepared data of `dvc repro prepare`).
+
+    Exits 1 on a failed check, or on a warning when diagnose.fail_on_warn is true (as the stage).
+    """
     from pipeline.common import setup_logging
     from sunfish.config import load_params
     from sunfish.diagnostics import format_table, run_diagnostics
@@ -305,7 +355,7 @@ def diagnose(params_path: Path, model: str, preset: str | None, as_json: bool) -
     models = None if model == "all" else [model]
     report = run_diagnostics(params, prepared, models=models)
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
-    if report["status"] == "fail":
+    if report["status"] == "fail" or (report["status"] == "warn" and params.diagnose.fail_on_warn):
         sys.exit(1)
 
 
@@ -338,6 +388,36 @@ def eval_text(checkpoint: Path, files: tuple[Path, ...], seq_len: int | None, se
     from sunfish.evaluation.score_text import score_files
 
     click.echo(json.dumps(score_files(checkpoint, list(files), seq_len=seq_len, seed=seed), indent=2))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="write the upgraded checkpoint here (a new directory) instead of in place")
+@friendly_errors
+def migrate(checkpoint: Path, output: Path | None) -> None:
+    """Upgrade a checkpoint written by an older SunFish to the current format.
+
+    CHECKPOINT is a checkpoint directory, its model.safetensors, or a model directory (uses final/).
+    Format version 0 (a config.json without "format_version" and without the weights digest)
+    becomes the current version: the weights are checked first (safetensors only, never a pickle;
+    they must fit the architecture config.json describes), then their sha256 is recorded so that
+    later damage is detected on load. The result is written atomically: to --output, or in place
+    with the original kept as <dir>.bak.
+
+    A checkpoint that is already current is left untouched (exit 0); one that cannot be migrated
+    (damaged or pickled weights, another architecture, a newer or unknown format) is explained and
+    nothing is written (exit 2).
+    """
+    from sunfish.training.checkpoint import FORMAT_VERSION, migrate_checkpoint
+
+    status, directory, backup = migrate_checkpoint(checkpoint, output)
+    if status == "current":
+        click.echo(f"{directory}: already at checkpoint format version {FORMAT_VERSION} (current); nothing to do")
+        return
+    kept = f"; original kept in {backup}" if backup else ""
+    click.echo(f"{directory}: migrated from format version 0 to {FORMAT_VERSION} (weights checked, sha256 "
+               f"recorded){kept}")
 
 
 # ------------------------------------------------------------------------------------------------

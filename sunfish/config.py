@@ -12,11 +12,13 @@ fail fast, before any heavy import.
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 MODEL_NAMES = ("stage_0", "stage_1", "stage_2", "stage_3", "cfg")
 STAGED_MODELS = MODEL_NAMES[:4]
@@ -32,8 +34,27 @@ class ParamsError(ValueError):
         super().__init__(f"invalid parameters in {source}:\n{lines}")
 
 
+def _is_number(annotation: Any) -> bool:
+    """int, float, or an optional one (``int | None``)."""
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(args) and all(a in (int, float) for a in args)
+    return False
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic would read `lr: yes` as 1.0 and `max_steps: true` as 1; YAML makes that an easy slip
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _is_number(field.annotation):
+            raise ValueError("expected a number, got a true/false value")
+        return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,7 +104,8 @@ class ModelPreset(Section):
     d_model: int = Field(ge=8, le=32768)
     d_ff: int = Field(ge=8)
     seq_len: int = Field(ge=8, le=65536, description="the longest sequence the model is built for")
-    vocab_size: int | None = Field(None, description="fixed vocabulary of the original; null = the tokenizer's")
+    vocab_size: int | None = Field(None, ge=2, le=65536,
+                                   description="fixed vocabulary of the original; null = the tokenizer's")
 
     def check(self, key: str) -> list[str]:
         problems = []
@@ -387,12 +409,31 @@ class Params(Section):
                     f"{where}.milestones: {milestones} go beyond max_steps={max_steps}; "
                     "every milestone must be <= max_steps"
                 )
-            preset = self.preset_for(model)
-            if self.train.seq_len and self.train.seq_len > preset.seq_len:
+            warmup = budget.warmup_steps if budget.warmup_steps is not None else self.train.warmup_steps
+            own = budget.warmup_steps is not None or budget.max_steps is not None  # else: train.* below
+            if own and warmup > max_steps:
+                inherited = "" if budget.warmup_steps is not None else " (from train.warmup_steps)"
                 problems.append(
-                    f"train.seq_len: {self.train.seq_len} exceeds the {model} preset's seq_len "
-                    f"{preset.seq_len}; use <= {preset.seq_len}"
+                    f"{where}.warmup_steps: {warmup}{inherited} is more than max_steps={max_steps} of {model}: "
+                    "the learning rate would never reach its peak; use warmup_steps <= max_steps"
                 )
+        if self.train.seq_len:  # one line per preset, not per model using it
+            users: dict[str, list[str]] = {}
+            for key, chosen in (("staged", self.staged.preset), ("cfg", self.cfg.preset)):
+                users.setdefault(chosen, []).append(key)
+            for chosen, used_by in users.items():
+                limit = self.presets[chosen].seq_len
+                if self.train.seq_len > limit:
+                    problems.append(
+                        f"train.seq_len: {self.train.seq_len} exceeds seq_len={limit} of preset {chosen!r} "
+                        f"(used by {' and '.join(used_by)}), the longest sequence that model is built for; "
+                        f"use <= {limit} or a preset with a longer seq_len"
+                    )
+        if self.train.warmup_steps > self.train.max_steps:
+            problems.append(
+                f"train.warmup_steps: {self.train.warmup_steps} is more than train.max_steps={self.train.max_steps}: "
+                "the learning rate would never reach its peak; use warmup_steps <= max_steps"
+            )
         if self.train.milestones and self.train.milestones[-1] > self.train.max_steps:
             problems.append(
                 f"train.milestones: {self.train.milestones} go beyond train.max_steps={self.train.max_steps}"

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from sunfish.config import DataConfig, TokenizerConfig
-from sunfish.data.corpora import load_documents
+from sunfish.data.corpora import CorpusError, load_documents
 from sunfish.data.dataset import write_tokens
 from sunfish.data.prompts import build_pairs
 from sunfish.data.tokenizer import TextTokenizer, from_pretrained, train_bpe
@@ -94,8 +94,14 @@ def make_tokenizer(tok_cfg: TokenizerConfig, train_documents: list[str]) -> Text
     return train_bpe(train_documents, tok_cfg.vocab_size, tok_cfg.min_frequency)
 
 
-def prepare_corpus(data_cfg: DataConfig, tok_cfg: TokenizerConfig, out_dir: Path, corpora_dir: Path) -> dict:
-    """Write tokenizer.json, train.bin, val.bin, pairs_{train,val}.jsonl and meta.json; return meta."""
+def prepare_corpus(data_cfg: DataConfig, tok_cfg: TokenizerConfig, out_dir: Path, corpora_dir: Path,
+                   min_train_tokens: int = 0) -> dict:
+    """Write tokenizer.json, train.bin, val.bin, pairs_{train,val}.jsonl and meta.json; return meta.
+
+    ``min_train_tokens`` (one training window, seq_len + 1): a training split shorter than that
+    could not fill a single batch row, so it is refused here, naming the source, instead of
+    failing later inside a training stage.
+    """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +139,12 @@ def prepare_corpus(data_cfg: DataConfig, tok_cfg: TokenizerConfig, out_dir: Path
     }
     for name, docs in splits.items():
         tokens = tokenize_documents(tokenizer, docs)
+        if name == "train" and tokens.size < min_train_tokens:
+            raise CorpusError(
+                f"{data_cfg.source}: the training split is only {tokens.size} tokens ({len(docs)} documents), "
+                f"shorter than one training sequence (train.seq_len + 1 = {min_train_tokens} tokens); "
+                "give a larger corpus, or lower train.seq_len or data.val_fraction"
+            )
         write_tokens(out_dir / f"{name}.bin", tokens)
         meta["splits"][name] = _split_stats(docs, tokens)
         pairs = build_pairs(docs, data_cfg.source, data_cfg.seed, data_cfg.max_pairs_per_document)

@@ -3,13 +3,21 @@
 A checkpoint is a directory ``<dir>/`` with ``model.safetensors``, ``config.json`` and
 ``tokenizer.json``, so ``sunfish sample <dir>`` needs nothing else. Weights are only ever read with
 safetensors (which cannot execute code); a file that is a pickle, truncated or damaged is refused
-with a message naming it. Directories are written to a temporary sibling, fsynced and renamed, so
-an interrupted write never leaves a half checkpoint under the final name.
+with a message naming it. safetensors has no checksum, so ``config.json`` records the sha256 of
+``model.safetensors`` (``weights_sha256``) and loading verifies it: a flipped bit inside the tensor
+data is reported as damage instead of producing a subtly wrong model. Directories are written to a
+temporary sibling, fsynced and renamed, so an interrupted write never leaves a half checkpoint
+under the final name.
+
+Format versions: 1 (current) has ``format_version`` and, since this release, ``weights_sha256``
+(a version-1 checkpoint without the digest still loads). Version 0 is the pre-release layout: a
+``config.json`` with neither; ``sunfish migrate`` upgrades it (:func:`migrate_checkpoint`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +29,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
+DIGEST_KEY = "weights_sha256"
 
 
 class CheckpointError(ValueError):
@@ -90,8 +99,13 @@ def save_checkpoint(
     try:
         _write_into(tmp, model, model_name=model_name, step=step, tokenizer_file=tokenizer_file,
                     extra=extra, extra_files=extra_files)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full) leaves the old checkpoint alone
+        if isinstance(exc, OSError) and exc.errno is not None:
+            # name the checkpoint, not the hidden temporary file the error happened in
+            reason = exc.strerror or os.strerror(exc.errno)
+            kept = "its previous version is intact" if directory.exists() else "earlier checkpoints are untouched"
+            raise OSError(exc.errno, f"{reason} while writing checkpoint {directory} ({kept})") from exc
         raise
     old = None
     if directory.exists():
@@ -141,6 +155,7 @@ def _write_into(tmp: Path, model: Any, *, model_name: str, step: int, tokenizer_
         "tokenizer": TOKENIZER if tokenizer_file else None,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **(extra or {}),
+        DIGEST_KEY: sha256_file(tmp / WEIGHTS),
     }
     (tmp / CONFIG).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
     if tokenizer_file:
@@ -166,8 +181,23 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return p
 
 
-def read_checkpoint_meta(path: str | Path) -> tuple[Path, dict]:
-    directory = resolve_checkpoint_dir(path)
+def _version_problem(cfg_path: Path, meta: dict) -> str | None:
+    """Why this SunFish cannot read a config.json's format version (None when it can)."""
+    version = meta.get("format_version", 0)
+    if version == FORMAT_VERSION and not isinstance(version, bool):
+        return None
+    if version == 0:
+        return (f"{cfg_path}: checkpoint format version 0 (config.json has no format_version), this SunFish "
+                f"reads version {FORMAT_VERSION}; run `sunfish migrate {cfg_path.parent}` to upgrade it "
+                "(the original is kept as a .bak directory)")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        return (f"{cfg_path}: checkpoint format version {version} was written by a newer SunFish; this one reads "
+                f"version {FORMAT_VERSION}: upgrade SunFish to use it")
+    return (f"{cfg_path}: unknown checkpoint format version {version!r} (this SunFish reads {FORMAT_VERSION} and "
+            "migrates 0); the file was not written by SunFish or was edited by hand")
+
+
+def _read_config(directory: Path) -> dict:
     cfg_path = directory / CONFIG
     try:
         meta = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -175,16 +205,50 @@ def read_checkpoint_meta(path: str | Path) -> tuple[Path, dict]:
         raise CheckpointError(f"{cfg_path}: not a readable JSON checkpoint config ({exc})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{cfg_path}: checkpoint format version {version!r}, this SunFish reads version {FORMAT_VERSION}; "
-            "retrain or convert it with a SunFish release that reads both"
-        )
+    return meta
+
+
+def read_checkpoint_meta(path: str | Path) -> tuple[Path, dict]:
+    directory = resolve_checkpoint_dir(path)
+    cfg_path = directory / CONFIG
+    meta = _read_config(directory)
+    problem = _version_problem(cfg_path, meta)
+    if problem:
+        raise CheckpointError(problem)
     for key in ("kind", "model_config"):
         if key not in meta:
             raise CheckpointError(f"{cfg_path}: missing {key!r}")
     return directory, meta
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_weights(directory: Path, meta: Mapping[str, Any]) -> None:
+    """Compare model.safetensors with the sha256 that config.json recorded when it was saved.
+
+    safetensors checks its header but not the tensor bytes, so this is what catches a flipped bit,
+    a partial copy or a file swapped in from another checkpoint. Checkpoints saved before the digest
+    existed have none and are not checked.
+    """
+    expected = meta.get(DIGEST_KEY)
+    if not expected:
+        return
+    file = Path(directory) / WEIGHTS
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing weights file")
+    actual = sha256_file(file)
+    if actual != expected:
+        raise CheckpointError(
+            f"{file}: the file is damaged: its sha256 is {actual[:16]}..., but {CONFIG} recorded "
+            f"{str(expected)[:16]}... when the checkpoint was saved (corrupted on disk or in transfer, or replaced). "
+            "Copy the checkpoint again, or use an earlier one"
+        )
 
 
 def load_weights(file: Path) -> dict[str, Any]:
@@ -216,8 +280,21 @@ def load_checkpoint(path: str | Path, *, expect_kind: str | None = None, device:
     try:
         model = build_model(meta["kind"], meta["model_config"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{directory / CONFIG}: cannot build the model it describes ({exc})") from None
+        raise CheckpointError(
+            f"{directory / CONFIG}: cannot build the model it describes ({exc}); it was written for another "
+            "model architecture than this SunFish builds: retrain, or use the SunFish release that wrote it"
+        ) from None
     state = load_weights(directory / WEIGHTS)
+    verify_weights(directory, meta)
+    _check_fits(model, state, meta, directory)
+    model.load_state_dict(state, strict=True)
+    model.to(device)
+    model.eval()
+    return model, meta, directory
+
+
+def _check_fits(model: Any, state: dict[str, Any], meta: Mapping[str, Any], directory: Path) -> None:
+    """Weights must match the architecture config.json describes; say what differs when not."""
     for alias, source in (meta.get("tied_weights") or {}).items():
         if source in state:
             state[alias] = state[source]
@@ -239,11 +316,9 @@ def load_checkpoint(path: str | Path, *, expect_kind: str | None = None, device:
             parts.append(f"shape mismatch: {'; '.join(wrong_shape[:3])}")
         raise CheckpointError(
             f"{directory / WEIGHTS}: weights do not match the architecture in {CONFIG}: " + "; ".join(parts)
+            + f". The {CONFIG} describes another model than the one these weights were saved from: put back "
+            "the config.json written with them (or retrain); `sunfish migrate` only upgrades the file format"
         )
-    model.load_state_dict(state, strict=True)
-    model.to(device)
-    model.eval()
-    return model, meta, directory
 
 
 def load_tokenizer_for(directory: Path, meta: dict):
@@ -257,6 +332,83 @@ def load_tokenizer_for(directory: Path, meta: dict):
         return TextTokenizer.load(file)
     except Exception as exc:
         raise CheckpointError(f"{file}: not a readable tokenizer ({exc})") from None
+
+
+def migrate_checkpoint(path: str | Path, output: str | Path | None = None) -> tuple[str, Path, Path | None]:
+    """Upgrade a checkpoint to FORMAT_VERSION; returns (``"current"`` or ``"migrated"``, directory, backup).
+
+    Version 0 -> 1 adds ``format_version`` and the weights digest, after checking that the weights are
+    safetensors (a pickle is never converted: it could run code) and fit the architecture in
+    config.json, so the digest never blesses a file that was already unusable. The result is built
+    in a temporary sibling and renamed: into ``output`` (which must not exist), or over the original
+    directory, which is kept as ``<dir>.bak``. Anything that cannot be migrated raises CheckpointError
+    saying why, before anything is written.
+    """
+    from sunfish.models import build_model
+
+    directory = resolve_checkpoint_dir(path)
+    cfg_path = directory / CONFIG
+    meta = _read_config(directory)
+    version = meta.get("format_version", 0)
+    if version == FORMAT_VERSION and not isinstance(version, bool):
+        return "current", directory, None
+    if version != 0:
+        raise CheckpointError(f"{_version_problem(cfg_path, meta)}; `sunfish migrate` upgrades version 0 only")
+    for key in ("kind", "model_config"):
+        if key not in meta:
+            raise CheckpointError(
+                f"{cfg_path}: cannot migrate: no {key!r}; a SunFish checkpoint's config.json names its model "
+                "kind and model_config, this one was not written by SunFish"
+            )
+    try:
+        model = build_model(meta["kind"], meta["model_config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{cfg_path}: cannot migrate: the model it describes cannot be built ({exc})") from None
+    try:
+        _check_fits(model, load_weights(directory / WEIGHTS), meta, directory)
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot migrate: {exc}") from None
+
+    target = Path(output) if output is not None else directory
+    backup = None
+    if target.resolve() == directory.resolve():
+        target = directory
+        backup = directory.with_name(directory.name + ".bak")
+        if backup.exists():
+            raise CheckpointError(f"cannot migrate in place: {backup} already exists; remove it or pass --output")
+    elif target.exists():
+        raise CheckpointError(f"--output {target} already exists; give a new directory")
+    new_meta = {
+        **meta,
+        "format_version": FORMAT_VERSION,
+        "migrated_from": 0,
+        "migrated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        DIGEST_KEY: sha256_file(directory / WEIGHTS),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.migrate-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        for f in directory.iterdir():
+            if f.is_file() and f.name != CONFIG:
+                try:
+                    os.link(f, tmp / f.name)  # files are never modified in place: a link is as good as a copy
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        (tmp / CONFIG).write_text(json.dumps(new_meta, indent=2, default=str), encoding="utf-8")
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if backup is not None:
+        os.replace(directory, backup)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    return "migrated", target, backup
 
 
 def list_milestones(model_dir: Path) -> list[tuple[int, Path]]:

@@ -10,6 +10,12 @@ every training setting that changes the trajectory, and identities of the data a
 weights. ``max_steps`` and ``milestones`` are left out on purpose: "train to 10K, then continue to
 20K" is a resume (the cosine schedule is recomputed for the new target). Anything else that differs
 starts a fresh run, and the reason names the setting and both values.
+
+A process killed at any moment (``kill -9``, power loss) never leaves a damaged directory under a
+``step_<N>`` name: checkpoints are written to a hidden temporary and renamed, and old ones are
+renamed to a hidden name before they are deleted. :meth:`ResumeCheckpoints.find` also checks the
+weights against their recorded sha256 and falls back to the previous checkpoint when the newest is
+damaged, and sweeps the hidden leftovers of processes that no longer run.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +33,22 @@ from typing import Any
 import torch
 
 from sunfish.config import ResolvedTraining
-from sunfish.training.checkpoint import CheckpointError, load_weights, save_checkpoint
+from sunfish.training.checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    CheckpointError,
+    load_weights,
+    save_checkpoint,
+    verify_weights,
+)
 
 log = logging.getLogger(__name__)
 
 TRAINER_FILE = "trainer.pt"
 RESUME_FORMAT = 1
+# hidden siblings a writer leaves behind when killed: .step_N.tmp-PID (being written),
+# .step_N.old-PID (being replaced), .step_N.del-PID (being deleted)
+_LEFTOVER = re.compile(r"^\.step_\d+\.(?:tmp|old|del)-(\d+)$")
 # settings that do not change what the model learns from the steps already taken
 NOT_IN_FINGERPRINT = frozenset({
     "model", "max_steps", "milestones", "eval_every", "eval_batches", "log_every", "threads", "device",
@@ -100,11 +118,25 @@ class ResumeCheckpoints:
             extra_files={TRAINER_FILE: lambda path: torch.save(state, path)},
         )
         for _, old in self.steps()[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_dir(old)
         return target
+
+    def sweep(self) -> list[Path]:
+        """Delete the hidden temporaries of writers that were killed (their process is gone)."""
+        removed = []
+        if not self.directory.is_dir():
+            return removed
+        for child in self.directory.iterdir():
+            match = _LEFTOVER.match(child.name)
+            if match and child.is_dir() and not _pid_alive(int(match.group(1))):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+        return removed
 
     def find(self, max_steps: int) -> tuple[ResumePoint | None, str]:
         """The newest usable state, or None and the reason a fresh run starts."""
+        for leftover in self.sweep():
+            log.info("removed %s, left by an interrupted checkpoint write", leftover)
         candidates = self.steps()
         if not candidates:
             return None, "no resume checkpoint"
@@ -113,6 +145,13 @@ class ResumeCheckpoints:
                 state = torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=True)
             except Exception as exc:  # damaged or foreign file: try the previous one
                 log.warning("skipping unreadable resume checkpoint %s: %s", directory / TRAINER_FILE, exc)
+                continue
+            try:
+                if not (directory / WEIGHTS).is_file():
+                    raise CheckpointError(f"{directory / WEIGHTS}: missing weights file")
+                verify_weights(directory, _read_meta(directory))
+            except CheckpointError as exc:
+                log.warning("skipping damaged resume checkpoint %s: %s", directory, exc)
                 continue
             if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
                 log.warning("skipping %s: resume format %r, expected %d", directory, state.get("format")
@@ -127,10 +166,9 @@ class ResumeCheckpoints:
         return None, "every resume checkpoint was unreadable"
 
     def load_weights_into(self, model: torch.nn.Module, point: ResumePoint) -> None:
-        from sunfish.training.checkpoint import WEIGHTS
-
         state = load_weights(point.directory / WEIGHTS)
-        meta = json.loads((point.directory / "config.json").read_text(encoding="utf-8"))
+        meta = _read_meta(point.directory)
+        verify_weights(point.directory, meta)
         for alias, source in (meta.get("tied_weights") or {}).items():
             if source in state:
                 state[alias] = state[source]
@@ -140,7 +178,47 @@ class ResumeCheckpoints:
             raise CheckpointError(f"{point.directory}: weights do not fit the model ({str(exc)[:300]})") from None
 
     def clear(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        _remove_dir(self.directory)
+        parent = self.directory.parent
+        if parent.is_dir():  # what an earlier clear() that was killed left behind
+            for child in parent.glob(f".{self.directory.name}.del-*"):
+                pid = child.name.rsplit("-", 1)[-1]
+                if pid.isdigit() and not _pid_alive(int(pid)):
+                    shutil.rmtree(child, ignore_errors=True)
+
+
+def _read_meta(directory: Path) -> dict:
+    try:
+        meta = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{directory / CONFIG}: not a readable checkpoint config ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{directory / CONFIG}: expected a JSON object")
+    return meta
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a directory so that no half-deleted tree is ever seen under its name: rename, then delete."""
+    if not path.exists():
+        return
+    doomed = path.with_name(f".{path.name}.del-{os.getpid()}")
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
 
 
 def fingerprint_id(fp: dict[str, str]) -> str:
