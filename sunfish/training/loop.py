@@ -54,21 +54,24 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
 
 
 def cpu_has_bf16() -> bool:
-    """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX): where bf16 autocast pays off."""
-    import functools
+    """Native bf16 matmuls on this CPU (AVX512-BF16, AMX-BF16, ARM bf16): where bf16 autocast pays off.
 
-    @functools.cache
-    def flags() -> frozenset[str]:
+    torch.cpu.get_capabilities() names the instruction sets on every OS; /proc/cpuinfo is the
+    fallback (AVX512 alone, as on Skylake-X, has no bf16).
+    """
+    wanted = {"avx512_bf16", "amx_bf16", "bf16"}
+    try:
+        caps = torch.cpu.get_capabilities()
+        found = any(bool(caps.get(k)) for k in wanted)
+    except (AttributeError, RuntimeError):
+        found = False
         try:
             with open("/proc/cpuinfo", encoding="utf-8") as fh:
-                for line in fh:
-                    if line.startswith("flags"):
-                        return frozenset(line.split(":", 1)[1].split())
+                flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+            found = bool(wanted & set(flags))
         except OSError:
             pass
-        return frozenset()
-
-    return bool(flags() & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
+    return found and torch.backends.mkldnn.is_available()
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
