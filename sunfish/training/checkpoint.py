@@ -92,10 +92,7 @@ def save_checkpoint(
     """Write model weights + config (+ tokenizer, + ``extra_files`` writers) to ``directory`` atomically."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = _fresh_temp_dir(directory, "tmp")
     try:
         _write_into(tmp, model, model_name=model_name, step=step, tokenizer_file=tokenizer_file,
                     extra=extra, extra_files=extra_files)
@@ -118,22 +115,33 @@ def save_checkpoint(
     return directory
 
 
+def _fresh_temp_dir(target: Path, tag: str) -> Path:
+    """An empty hidden sibling of ``target`` for this process to build into, then rename over it."""
+    tmp = target.with_name(f".{target.name}.{tag}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link where the filesystem allows: checkpoint files are never modified in place."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def link_tree(src: Path, dst: Path) -> None:
     """Mirror a checkpoint directory without copying bytes where the filesystem allows (hard links).
 
     Checkpoints are never modified in place (every write is a new file renamed over), so a hard
     link is as safe as a copy; DVC deleting its output later only drops one name.
     """
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = _fresh_temp_dir(dst, "tmp")
     for f in src.iterdir():
         if f.is_file():
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copy2(f, tmp / f.name)
+            _link_or_copy(f, tmp / f.name)
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(tmp, dst)
@@ -386,17 +394,11 @@ def migrate_checkpoint(path: str | Path, output: str | Path | None = None) -> tu
         DIGEST_KEY: sha256_file(directory / WEIGHTS),
     }
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.migrate-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = _fresh_temp_dir(target, "migrate")
     try:
         for f in directory.iterdir():
             if f.is_file() and f.name != CONFIG:
-                try:
-                    os.link(f, tmp / f.name)  # files are never modified in place: a link is as good as a copy
-                except OSError:
-                    shutil.copy2(f, tmp / f.name)
+                _link_or_copy(f, tmp / f.name)
         (tmp / CONFIG).write_text(json.dumps(new_meta, indent=2, default=str), encoding="utf-8")
         for f in tmp.iterdir():
             _fsync_file(f)
