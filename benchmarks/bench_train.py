@@ -17,6 +17,9 @@ Sections of one run:
    d_model`` (N = matmul parameters: every parameter except lookup-only embedding tables; a head
    tied to the token table counts once, as a matmul). %peak = achieved FLOP/s over the matmul peak
    of the same precision and thread count.
+   Each later stage of the staged model (``--stages``: stage 1, 2 with its K-1 hook, 3 with graph
+   routing, and stage 0 with ``mu.full: false``) is timed at the same shape and compared with
+   stage 0 (``vs stage0``; issue 3: no stage may cost more than 2x stage 0).
 3. peak memory (max RSS) of two training steps at the micro shape, each in a fresh subprocess.
 4. ``--equal-steps N``: the same model trained N steps in fp32 and in bf16 autocast from the same
    seed on the same real batches (data/prepared/train.bin), validation loss of each.
@@ -139,20 +142,29 @@ class PlainGPT(nn.Module):
 class Workload:
     """One model to time: how to build it, a batch for it and its FLOPs per token."""
 
-    name: str  # row name: stage0/tiny, cfg/micro, gpt/tiny
-    model: str  # stage0 | cfg | gpt
+    name: str  # row name: stage0/tiny, stage3/tiny, stage0-plain/tiny, cfg/micro, gpt/tiny
+    model: str  # stage0 | stage1 | stage2 | stage3 | stage0-plain | cfg | gpt
     preset: str
     shape: Shape
     batch_size: int
     reference: str | None = None  # row name of the plain GPT of the same shape
+    stage_reference: str | None = None  # row name of stage 0 at the same shape (later stages)
+
+    @property
+    def staged(self) -> bool:
+        return self.model.startswith("stage")
 
     def build(self, ctx: Context) -> nn.Module:
         p, s = ctx.params, self.shape
         preset = p.presets[self.preset].model_copy(update={"seq_len": s.seq_len})
-        if self.model == "stage0":
+        if self.staged:
             from sunfish.models.staged import StagedLM, StagedLMConfig
 
-            config = StagedLMConfig.from_params(p.staged, preset, vocab_size=ctx.vocab_size, stage=0, eos_id=ctx.eos_id)
+            staged = p.staged
+            if self.model == "stage0-plain":
+                staged = staged.model_copy(update={"mu": staged.mu.model_copy(update={"full": False})})
+            stage = 0 if self.model == "stage0-plain" else int(self.model[5:])
+            config = StagedLMConfig.from_params(staged, preset, vocab_size=ctx.vocab_size, stage=stage, eos_id=ctx.eos_id)
             return StagedLM(config)
         if self.model == "cfg":
             from sunfish.models.denoiser import DiffusionConfig, DiffusionLM
@@ -238,6 +250,11 @@ def workloads(ctx: Context, args) -> list[Workload]:
                     name = f"gpt/{preset}-T{shape.seq_len}"
                 gpt_by_shape[shape] = Workload(name, "gpt", preset, shape, b)
             ours.append(Workload(f"{model}/{preset}", model, preset, shape, b, reference=gpt_by_shape[shape].name))
+            if model == "stage0":
+                for later in args.stages:
+                    name = "stage0-plain" if later == "plain" else f"stage{later}"
+                    ours.append(Workload(f"{name}/{preset}", name, preset, shape, b, reference=gpt_by_shape[shape].name,
+                                         stage_reference=f"stage0/{preset}"))
     ordered = list(ours)
     for gpt in gpt_by_shape.values():
         last = max(i for i, w in enumerate(ordered) if w.reference == gpt.name)
@@ -308,13 +325,16 @@ def matmul_peak(size: int, repeats: int, threads: int) -> dict[str, float]:
     return out
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, precision: str, clip: float) -> float:
-    """One step as sunfish.training.loop does it: autocast forward, backward, clip, AdamW, zero_grad."""
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, precision: str, clip: float,
+               after_clip=None, step: int = 1) -> float:
+    """One step as sunfish.training.loop does it: autocast forward, backward, clip, [K-1], AdamW, zero_grad."""
     with autocast(precision):
         loss, _ = model.training_loss(batch)
     loss.backward()
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if after_clip is not None:
+        after_clip(model, step)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
@@ -333,19 +353,25 @@ def time_training(w: Workload, ctx: Context, precision: str, threads: int, warmu
     model.train()
     optimizer = make_optimizer(model, ctx)
     clip = ctx.params.train.grad_clip
+    after_clip = None
+    if getattr(model, "uses_k1", False):  # stage 2 on: the pipeline's K-1 hook, as train_staged sets it
+        from sunfish.training.k1 import make_k1_hook
+
+        k1 = ctx.params.staged.k1
+        after_clip = make_k1_hook(k1.mode, k1.path_mass, every=ctx.params.train.log_every)
     gen = torch.Generator().manual_seed(1)
     batches = [w.batch(ctx, gen) for _ in range(2)]
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:  # the first warmup step also counts matmul FLOPs
-        train_step(model, optimizer, batches[0], precision, clip)
+        train_step(model, optimizer, batches[0], precision, clip, after_clip, 1)
     for i in range(1, warmup):
-        train_step(model, optimizer, batches[i % 2], precision, clip)
+        train_step(model, optimizer, batches[i % 2], precision, clip, after_clip, 1 + i)
     times, losses = [], []
     with OtherLoad() as other:
         for i in range(steps):
             start = time.perf_counter()
-            losses.append(train_step(model, optimizer, batches[i % 2], precision, clip))
+            losses.append(train_step(model, optimizer, batches[i % 2], precision, clip, after_clip, 1 + warmup + i))
             times.append(time.perf_counter() - start)
     n_matmul, flops_tok = w.flops_per_token(model, ctx)
     tokens = w.batch_size * w.shape.seq_len
@@ -360,7 +386,8 @@ def time_training(w: Workload, ctx: Context, precision: str, threads: int, warmu
         "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times), "step_s": times,
         "tokens_per_s": tokens / median, "gflops": flops_tok * tokens / median / 1e9,
         "gflops_counted": counted_tok * tokens / median / 1e9,
-        "loss_first": losses[0], "loss_last": losses[-1], "reference": w.reference, "other_cores": other.cores,
+        "loss_first": losses[0], "loss_last": losses[-1], "reference": w.reference,
+        "stage_reference": w.stage_reference, "other_cores": other.cores,
     }
 
 
@@ -577,6 +604,22 @@ def print_training(rows: list[dict], peaks: dict) -> None:
                  "GFLOP/s", "%peak", "%peak cnt", "vs GPT", "other load"], out, right=set(range(2, 14))))
 
 
+def print_stages(rows: list[dict]) -> None:
+    """Each later stage (and stage 0 without MU refinement) against stage 0 at the same shape."""
+    by_key = {(r["name"], r["precision"], r["threads"]): r for r in rows}
+    out = []
+    for r in rows:
+        ref = by_key.get((r.get("stage_reference"), r["precision"], r["threads"]))
+        if ref is None:
+            continue
+        out.append([r["name"], r["precision"], str(r["threads"]), f"{r['tokens_per_s']:,.0f}",
+                    f"{ref['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x",
+                    _cores(r["other_cores"])])
+    if out:
+        print(table(["model", "prec", "thr", "tok/s", "stage0 tok/s", "vs stage0", "other load"],
+                    out, right=set(range(2, 6))))
+
+
 def print_summary(rows: list[dict]) -> None:
     """bf16 against fp32 (and our bf16 against the plain GPT in fp32), then thread scaling."""
     by_key = {(r["name"], r["precision"], r["threads"]): r for r in rows}
@@ -642,6 +685,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--staged-presets", type=names, default=None,
                     help="stage-0 presets, comma separated (default: staged.preset of params.yaml, and micro)")
     ap.add_argument("--cfg-presets", type=names, default=None, help="diffusion presets (default: micro); '' = none")
+    ap.add_argument("--stages", type=names, default=["1", "2", "3", "plain"],
+                    help="later stages timed beside each stage-0 row (1,2,3 and plain = mu.full false); '' = none")
     ap.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
                     help="intra-op thread counts, comma separated (default 1,2)")
     ap.add_argument("--precision", type=names, default=list(PRECISIONS), help="fp32,bf16 (default both)")
@@ -741,6 +786,8 @@ def run_speed(ctx: Context, args, report: dict) -> None:
     report["training"] = rows
     print()
     print_training(rows, peaks)
+    print()
+    print_stages(rows)
     print()
     print_summary(rows)
 

@@ -179,6 +179,22 @@ def stage_train_staged(stage_index: int) -> None:
     run(stage_index)
 
 
+@stage.command("train-control")
+@click.option("--stage", "stage_index", type=click.IntRange(1, 3), required=True,
+              help="which stage's control, 1..3")
+@friendly_errors
+def stage_train_control(stage_index: int) -> None:
+    """Train control_N: stage N-1's model, from its final weights, for stage N's budget.
+
+    The same batches and steps as stage N without its new component, so the report can tell what
+    the component adds beyond the extra training. Resumes and stops like `train-staged` (state/control_N/).
+    """
+    _relaunch_distributed()
+    from pipeline.train_staged import run_control
+
+    run_control(stage_index)
+
+
 @stage.command("train-cfg")
 @friendly_errors
 def stage_train_cfg() -> None:
@@ -242,7 +258,7 @@ def config_show(params_path: Path, model: str | None, fmt: str) -> None:
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoint")
 @click.option("--prompt", default=None, help="text to continue (AR) or condition on (diffusion); none = unconditional")
 @click.option("--infill", default=None, help="diffusion only: text with [MASK] spans to fill, keeping the rest")
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=60, show_default=True, help="AR only")
@@ -261,17 +277,28 @@ def config_show(params_path: Path, model: str | None, fmt: str) -> None:
 @click.option("--scheduler", type=click.Choice(["ddim", "ddpm"]), default=None, help="diffusion only")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--uri", "tracking", default=None,
+              help="MLflow tracking URI for runs:/ and mlflow: checkpoints; default: MLFLOW_TRACKING_URI, "
+                   "else tracking.uri of ./params.yaml, else the project's mlflow.db")
 @friendly_errors
-def sample(checkpoint: Path, prompt, infill, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-           guidance_scale, num_samples, seq_len, num_steps, scheduler, seed, fmt) -> None:
+def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+           guidance_scale, num_samples, seq_len, num_steps, scheduler, seed, fmt, tracking) -> None:
     """Generate text from any SunFish checkpoint (a stage or the diffusion model).
 
     CHECKPOINT is a checkpoint directory (models/stage_3/final), its model.safetensors, or a model
-    directory (models/stage_3, which uses final/). Options marked "AR only" or "diffusion only" are
-    refused (exit 2) for the other kind of checkpoint rather than silently ignored.
+    directory (models/stage_3, which uses final/). A checkpoint logged to MLflow by the evaluate
+    stage works too: runs:/<run_id>/checkpoints/<model>, or mlflow:<experiment>/<model> for the best
+    checkpoint of an experiment (a name from `sunfish compare`); it is downloaded once into
+    ~/.cache/sunfish/mlflow ($SUNFISH_CACHE/mlflow). Options marked "AR only" or "diffusion only"
+    are refused (exit 2) for the other kind of checkpoint rather than silently ignored.
     """
-    from sunfish.sampling import sample_from_checkpoint
+    from sunfish.sampling import fetch_checkpoint, is_mlflow_reference, sample_from_checkpoint
     from sunfish.training.checkpoint import read_checkpoint_meta
+
+    if is_mlflow_reference(checkpoint):
+        uri, mlflow_experiment = _project_tracking(tracking)
+        checkpoint = fetch_checkpoint(checkpoint, uri=uri, mlflow_experiment=mlflow_experiment)
+    checkpoint = Path(checkpoint)
 
     kind = read_checkpoint_meta(checkpoint)[1]["kind"]
     _check_flags_fit(click.get_current_context(), kind, checkpoint)
@@ -314,6 +341,22 @@ def _check_flags_fit(ctx: click.Context, kind: str, checkpoint: Path) -> None:
         holds = "an autoregressive stage" if kind == "staged" else f"a {kind!r} model"
         raise UsageProblem(f"{flags} need{'s' if len(wrong) == 1 else ''} {needs} checkpoint; "
                            f"{checkpoint} holds {holds}")
+
+
+def _project_tracking(uri: str | None) -> tuple[str, str]:
+    """The MLflow store and experiment this project logs to (``--uri`` first), as the stages find them."""
+    from sunfish.tracking import repo_root, tracking_uri
+
+    configured, experiment = None, "sunfish"
+    if Path("params.yaml").exists():
+        try:
+            from sunfish.config import load_params
+
+            t = load_params(Path("params.yaml")).tracking
+            configured, experiment = t.uri, t.experiment
+        except Exception:  # a broken params.yaml must not stop reading results
+            pass
+    return uri or tracking_uri(repo_root(), configured), experiment
 
 
 def _project_sampling_defaults() -> dict:
@@ -418,6 +461,43 @@ def migrate(checkpoint: Path, output: Path | None) -> None:
     kept = f"; original kept in {backup}" if backup else ""
     click.echo(f"{directory}: migrated from format version 0 to {FORMAT_VERSION} (weights checked, sha256 "
                f"recorded){kept}")
+
+
+@main.command()
+@click.option("--uri", default=None,
+              help="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else tracking.uri of ./params.yaml, "
+                   "else the project's mlflow.db")
+@click.option("--mlflow-experiment", default=None,
+              help="MLflow experiment holding the runs; default: tracking.experiment (sunfish)")
+@click.option("--experiment", "-e", "names", multiple=True,
+              help="only experiments with this name; shell patterns work (-e 'sweep-*'); repeatable")
+@click.option("--last", type=click.IntRange(1), default=None, help="only the newest N experiments")
+@click.option("--param", "-p", "params", multiple=True,
+              help="show this param as a column (repeatable); default: the params that differ between them")
+@click.option("--model", "-m", "models", multiple=True,
+              help="show best val bpb of this model (repeatable); default: every model evaluated")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@friendly_errors
+def compare(uri, mlflow_experiment, names, last, params, models, fmt) -> None:
+    """Experiments side by side, from MLflow: one row per `dvc exp run` (or plain `dvc repro`).
+
+    Columns: the params that differ between the experiments listed (named as in params.yaml), the
+    best validation bits per byte of each model, the diffusion model's prompt adherence at the
+    configured guidance scale, the checklist items passed, and the parent run's id (its stage runs
+    are nested under it in the MLflow UI; --format json lists them).
+    """
+    from sunfish.compare import CompareError, format_rows, load_experiments
+
+    tracking_at, default_experiment = _project_tracking(uri)
+    try:
+        rows = load_experiments(tracking_at, mlflow_experiment or default_experiment, names=names, last=last)
+    except CompareError as exc:
+        raise UsageProblem(str(exc)) from exc
+    if not rows and fmt == "table":
+        wanted = f" matching {', '.join(names)}" if names else ""
+        raise UsageProblem(f"no experiments{wanted} in {tracking_at} (run `dvc repro` or `dvc exp run` first)")
+    text = format_rows(rows, fmt, params=list(params) or None, models=list(models) or None)
+    click.echo(text, nl=not text.endswith("\n"))
 
 
 # ------------------------------------------------------------------------------------------------

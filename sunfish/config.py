@@ -22,6 +22,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 MODEL_NAMES = ("stage_0", "stage_1", "stage_2", "stage_3", "cfg")
 STAGED_MODELS = MODEL_NAMES[:4]
+# control_N continues stage N-1 for stage N's budget without stage N's new component, so the report
+# can say what the component adds at equal extra training (stage_N vs control_N, same steps).
+CONTROL_NAMES = ("control_1", "control_2", "control_3")
+# Every model the evaluate stage scores, in report order.
+EVALUATED_MODELS = (*STAGED_MODELS, *CONTROL_NAMES, "cfg")
+
+
+def control_of(stage_model: str) -> str | None:
+    """The control model of ``stage_N`` (None for stage_0 and the diffusion model)."""
+    name = stage_model.replace("stage_", "control_")
+    return name if name in CONTROL_NAMES else None
 
 
 class ParamsError(ValueError):
@@ -277,7 +288,7 @@ class CfgConfig(Section):
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity; 1 = DDPM ancestral")
     self_conditioning: bool = False
     prompt_encoder: str = Field("own", description="own | gpt2 | a local path or hub name of a GPT-2 model")
-    prompt_encoder_layers: int = Field(2, ge=0, le=24)
+    prompt_encoder_layers: int = Field(0, ge=0, le=24, description="transformer layers over the prompt embeddings (0 measured best)")
     max_prompt_tokens: int = Field(32, ge=1, le=1024)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     budget: Budget = Budget()
@@ -307,6 +318,11 @@ class EvalConfig(Section):
     guidance_scales: list[float] = Field(default_factory=lambda: [0.0, 1.0, 3.0, 7.0])
     cfg_prompts: int = Field(8, ge=1, description="held-out prompts sampled per guidance scale")
     cfg_seq_len: int = Field(64, ge=8, description="length of diffusion samples in tokens")
+    judge_ppl_threshold: float = Field(
+        50.0, gt=1.0, description='"coherent sentences": samples\' perplexity under the judge (best AR checkpoint) below this'
+    )
+    cache: bool = Field(True, description="reuse per-checkpoint results from state/eval_cache (keyed by weights and settings)")
+    log_checkpoints: bool = Field(True, description="log each model's best checkpoint to MLflow (checkpoints/<model>)")
 
     @field_validator("guidance_scales")
     @classmethod
@@ -362,14 +378,19 @@ class Params(Section):
         return self.presets[name]
 
     def budget_for(self, model: str) -> Budget:
+        """A model's own budget; control_N shares stage_N's, so both get the same extra training."""
         if model == "cfg":
             return self.cfg.budget
+        if model in CONTROL_NAMES:
+            model = model.replace("control_", "stage_")
         if model not in STAGED_MODELS:
-            raise KeyError(f"unknown model {model!r}; expected one of {', '.join(MODEL_NAMES)}")
+            raise KeyError(
+                f"unknown model {model!r}; expected one of {', '.join((*MODEL_NAMES, *CONTROL_NAMES))}"
+            )
         return getattr(self.staged, model)
 
     def training_for(self, model: str) -> ResolvedTraining:
-        """train.* merged with the model's own budget (staged.stage_N or cfg.budget)."""
+        """train.* merged with the model's own budget (staged.stage_N or cfg.budget; control_N: stage_N's)."""
         budget = self.budget_for(model)
         base = self.train.model_dump()
         for key, value in budget.model_dump().items():

@@ -32,7 +32,8 @@ def test_quick_run_writes_every_row(bench, tmp_path, capsys):
     rows = data["training"]
     assert {(r["name"], r["precision"], r["threads"]) for r in rows} == {
         (name, precision, 1)
-        for name in ("stage0/nano", "cfg/nano", "gpt/nano")
+        for name in ("stage0/nano", "stage1/nano", "stage2/nano", "stage3/nano", "stage0-plain/nano", "cfg/nano",
+                     "gpt/nano")
         for precision in ("fp32", "bf16")
     }
     for r in rows:
@@ -40,10 +41,16 @@ def test_quick_run_writes_every_row(bench, tmp_path, capsys):
         assert r["flops_per_token"] > 6 * r["matmul_parameters"]
         assert len(r["step_s"]) == 2
     assert {r["reference"] for r in rows if r["model"] != "gpt"} == {"gpt/nano"}
+    later = {r["name"]: r for r in rows if r["stage_reference"]}
+    assert set(later) == {"stage1/nano", "stage2/nano", "stage3/nano", "stage0-plain/nano"}
+    assert {r["stage_reference"] for r in later.values()} == {"stage0/nano"}
+    # the rows really are different models: TEMPORAL adds parameters, plain stage 0 drops MU's
+    params = {r["name"]: r["parameters"] for r in rows}
+    assert params["stage1/nano"] > params["stage0/nano"] > params["stage0-plain/nano"]
     assert set(data["matmul_peak_gflops"]["1"]) >= {"fp32", "bf16"}
     assert data["memory"] == []
     printed = capsys.readouterr().out
-    assert "matmul peak" in printed and "stage0/nano" in printed and "vs GPT" in printed
+    assert "matmul peak" in printed and "stage0/nano" in printed and "vs GPT" in printed and "vs stage0" in printed
 
 
 def test_plain_gpt_counts_tied_head_once(bench):
@@ -52,3 +59,28 @@ def test_plain_gpt_counts_tied_head_once(bench):
     per_block = 4 * 32 * 32 + 2 * 32 * 64 + 2 * 32  # qkv + proj, MLP, two LayerNorm weights
     # wpe is a lookup table (excluded); wte is the tied head's matmul (counted once); ln_f
     assert bench.matmul_parameters(model) == 2 * per_block + 50 * 32 + 32
+
+
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_shakespeare.py"
+
+
+@pytest.mark.timeout(120)
+def test_shakespeare_benchmark_trains_and_scores_in_bits_per_byte(tmp_path, capsys):
+    import math
+
+    spec = importlib.util.spec_from_file_location("bench_shakespeare", SHAKESPEARE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "shakespeare.json"
+    report = module.main(["--seconds", "3", "--max-documents", "300", "--eval-tokens", "1500", "--threads", "1",
+                          "--calibration-steps", "2", "--data", str(tmp_path / "data"), "--json", str(out)])
+
+    assert json.loads(out.read_text())["val_bpb"] == report["val_bpb"]
+    assert report["steps"] >= 1 and report["val_tokens"] >= 1500
+    # it learned something: below the uniform guess over its vocabulary
+    assert report["val_loss_per_token"] < math.log(report["config"]["vocab_size"])
+    assert report["val_bpb"] == pytest.approx(report["val_loss_per_token"] / math.log(2) / report["bytes_per_token"])
+    assert report["val_nats_per_char"] == pytest.approx(report["val_bpb"] * math.log(2))
+    assert report["config"]["stage"] == 0
+    printed = capsys.readouterr().out
+    assert "bits per byte" in printed and "nanoGPT" in printed and "2.71" in printed

@@ -53,3 +53,26 @@ def test_validate_stage_tracks_the_whole_file():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     assert "params.yaml" in dvc["stages"]["validate"]["deps"]
     assert "data/params.ok" in dvc["stages"]["prepare"]["deps"]
+
+
+def test_each_control_stage_mirrors_its_training_stage():
+    from sunfish.config import CONTROL_NAMES
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    order = list(stages)
+    for control in CONTROL_NAMES:
+        n = int(control.rsplit("_", 1)[1])
+        stage = stages[f"control_stage_{n}"]
+        trained = stages[f"train_stage_{n}"]
+        assert stage["cmd"] == f"sunfish stage train-control --stage {n}"
+        assert order.index(f"control_stage_{n}") > order.index("train_stage_3")
+        # the same starting weights, data and code as stage N ...
+        assert set(stage["deps"]) == set(trained["deps"]) and f"models/stage_{n - 1}" in stage["deps"]
+        # ... and stage N's budget, but not stage N's component settings
+        assert f"staged.stage_{n}" in stage["params"] and "train" in stage["params"]
+        own = {1: "staged.temporal", 2: "staged.k1", 3: "staged.graph"}[n]
+        assert own not in stage["params"]
+        assert stage["outs"] == [f"models/{control}"]
+        assert list(stage["metrics"][0]) == [f"reports/metrics/{control}.json"]
+        assert list(stage["plots"][0]) == [f"reports/curves/{control}"]
+    assert "staged.k1" in stages["control_stage_3"]["params"]  # control_3 keeps stage 2's K-1

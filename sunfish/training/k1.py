@@ -20,6 +20,10 @@ ignored):
 Note for reading results: with Adam-type optimisers a constant per-tensor gradient scale is almost
 cancelled by the second-moment normalisation, so the scale mode acts mainly through how the scale
 changes from step to step (and through epsilon); measure it, at equal steps, against ``log``.
+Measured on the default profile (stage 2 from the same stage-1 weights, 60 steps on the same
+batches): validation 1.3845 bits per byte with ``scale``, 1.3842 with ``log``: no help, so ``log``
+is the default. In ``log`` mode no update changes, so control_2 (stage 1's model trained for stage
+2's steps) ends bit-identical to stage_2 and the report shows K-1's delta as exactly zero.
 """
 
 from __future__ import annotations

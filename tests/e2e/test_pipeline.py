@@ -124,13 +124,25 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_writes_reports_metrics_and_checkpoints(repo):
     assert (repo / "reports" / "report.html").stat().st_size > 1000
     assert (repo / "reports" / "report.md").exists()
-    for name in ("prepare", "stage_0", "stage_1", "stage_2", "stage_3", "cfg", "evaluate"):
+    for name in ("prepare", "stage_0", "stage_1", "stage_2", "stage_3", "control_1", "control_2", "control_3",
+                 "cfg", "evaluate"):
         assert (repo / "reports" / "metrics" / f"{name}.json").exists(), name
-    for model, steps in {"stage_0": [6, 12], "stage_3": [4], "cfg": [6, 12]}.items():
+    for model, steps in {"stage_0": [6, 12], "stage_3": [4], "control_3": [4], "cfg": [6, 12]}.items():
         for step in steps:
             assert (repo / "models" / model / f"step_{step}" / "model.safetensors").exists()
             assert (repo / "models" / model / f"step_{step}" / "config.json").exists()
     assert not (repo / "mlruns").exists()
+
+
+def test_controls_train_the_previous_model_for_the_stage_budget(repo):
+    import json
+
+    for n in (1, 2, 3):
+        stage = json.loads((repo / "reports" / "metrics" / f"stage_{n}.json").read_text())
+        control = json.loads((repo / "reports" / "metrics" / f"control_{n}.json").read_text())
+        assert control["steps"] == stage["steps"] and control["milestones"] == stage["milestones"]
+        config = json.loads((repo / "models" / f"control_{n}" / "final" / "config.json").read_text())
+        assert config["model_config"]["stage"] == n - 1
 
 
 def test_mlflow_holds_one_run_per_training_stage(repo):
@@ -142,7 +154,8 @@ def test_mlflow_holds_one_run_per_training_stage(repo):
     by_stage = {}
     for r in runs:
         by_stage.setdefault(r.data.tags.get("dvc.stage"), []).append(r)
-    for stage in ("train_stage_0", "train_stage_1", "train_stage_2", "train_stage_3", "train_cfg_micro"):
+    for stage in ("train_stage_0", "train_stage_1", "train_stage_2", "train_stage_3", "control_stage_1",
+                  "control_stage_2", "control_stage_3", "train_cfg_micro"):
         assert len(by_stage.get(stage, [])) == 1, stage
         r = by_stage[stage][0]
         assert {"train/loss", "val/loss", "val/ppl", "val/bpb"} <= set(r.data.metrics), stage
