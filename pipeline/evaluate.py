@@ -2,18 +2,138 @@
 
 Validation loss, token-weighted perplexity and bits per byte over the whole validation split (the
 diffusion model's figure is its ELBO bound), seeded samples for fixed prompts, text-quality
-measures, and for the diffusion model prompt adherence at each guidance scale on held-out prompts.
+measures, for the diffusion model prompt adherence at each guidance scale on held-out prompts,
+and the judge perplexity of every model's samples under the best autoregressive checkpoint.
+
+Results are cached per checkpoint outside the DVC outputs (state/eval_cache, see
+sunfish.evaluation.cache): DVC deletes reports/ before rerunning the stage, and a run that gained
+one milestone should evaluate that milestone only.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from pipeline.common import log, open_stage, write_json
 from pipeline.training import read_meta
-from sunfish.config import MODEL_NAMES
+from sunfish.config import CONTROL_NAMES, EVALUATED_MODELS, STAGED_MODELS
+
+# Code whose change changes evaluation figures: part of every cache key.
+_PACKAGE = Path(__file__).resolve().parents[1]
+EVAL_SOURCES = (
+    _PACKAGE / "sunfish" / "evaluation",
+    _PACKAGE / "sunfish" / "generation.py",
+    _PACKAGE / "sunfish" / "sampling.py",
+    _PACKAGE / "sunfish" / "diffusion",
+    _PACKAGE / "sunfish" / "models",
+    _PACKAGE / "sunfish" / "data" / "prompts.py",
+    _PACKAGE / "sunfish" / "data" / "dataset.py",
+    Path(__file__).resolve(),
+)
+AR_SETTINGS = ("prompts", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
+               "max_eval_tokens")
+CFG_SETTINGS = ("seed", "max_eval_tokens", "guidance_scales", "cfg_prompts", "cfg_seq_len")
+CFG_SAMPLING = ("num_steps", "scheduler", "eta")
+BEST_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# cache keys and the incremental loops (no model code: testable with fakes)
+
+
+def checkpoint_weights_id(directory: Path) -> tuple[dict, str]:
+    """(config.json, the weights' sha256): the digest config.json records, else the file's own."""
+    from sunfish.training.checkpoint import DIGEST_KEY, WEIGHTS, read_checkpoint_meta, sha256_file
+
+    _, meta = read_checkpoint_meta(directory)
+    return meta, meta.get(DIGEST_KEY) or sha256_file(directory / WEIGHTS)
+
+
+def evaluate_milestones(
+    models_dir: Path,
+    names: tuple[str, ...] | list[str],
+    settings_for: Callable[[str], Mapping[str, Any]],
+    cache,
+    compute: Callable[[str, int, Path, dict], dict],
+    root: Path | None = None,
+) -> dict[str, list[dict]]:
+    """{model: [entry per milestone]}, computing only the checkpoints the cache does not hold.
+
+    The key of a checkpoint is digest(weights sha256, kind, settings_for(kind)); ``compute(name,
+    step, directory, meta)`` returns the figures of one checkpoint. Entries get "step",
+    "checkpoint", "kind", "cache_key" and "cached" (True when reused).
+    """
+    from sunfish.evaluation.cache import digest
+    from sunfish.training.checkpoint import list_milestones
+
+    out: dict[str, list[dict]] = {}
+    for name in names:
+        milestones = list_milestones(models_dir / name)
+        if not milestones:
+            log.info("no milestone checkpoints under %s", models_dir / name)
+            continue
+        entries = []
+        for step, directory in milestones:
+            meta, weights = checkpoint_weights_id(directory)
+            kind = meta["kind"]
+            key = digest("checkpoint", weights, kind, dict(settings_for(kind)))
+            entry, cached = cache.get_or_compute(key, functools.partial(compute, name, step, directory, meta))
+            where = directory.relative_to(root) if root is not None and directory.is_relative_to(root) else directory
+            entry.update({"step": step, "checkpoint": str(where), "kind": kind, "cache_key": key, "cached": cached})
+            if cached:
+                log.info("%s step %d: cached (val bpb %.4f)", name, step, entry.get("val_bpb", float("nan")))
+            entries.append(entry)
+        out[name] = entries
+    return out
+
+
+def _judge_pairs(entry: dict) -> dict:
+    """What the judge scores in one entry: {"samples": [(context, text)], "guidance": {scale: [...]}}."""
+    if entry.get("guidance"):
+        return {"guidance": {str(g["scale"]): [("", s["text"]) for s in g.get("samples", [])] for g in entry["guidance"]}}
+    return {"samples": [(s.get("prompt", ""), s.get("continuation", s.get("text", ""))) for s in entry.get("samples", [])]}
+
+
+def judge_entries(
+    evaluated: Mapping[str, list[dict]],
+    judge_id: str,
+    cache,
+    score: Callable[[list[tuple[str, str]]], dict],
+) -> None:
+    """Add the judge perplexity to each entry's quality (and to each guidance row's), cached.
+
+    ``score(pairs)`` returns {"ppl", "loss", "tokens"}; it is called only for entries whose
+    figures under this judge (``judge_id``: weights and code) are not cached.
+    """
+    from sunfish.evaluation.cache import digest
+
+    for entries in evaluated.values():
+        for entry in entries:
+            key = digest("judge", entry["cache_key"], judge_id)
+
+            def compute(entry: dict = entry) -> dict:
+                pairs = _judge_pairs(entry)
+                if "guidance" in pairs:
+                    return {"guidance": {w: score(p) for w, p in pairs["guidance"].items()}}
+                return {"samples": score(pairs["samples"])}
+
+            figures, _ = cache.get_or_compute(key, compute)
+            if "guidance" in figures:
+                for g in entry.get("guidance", []):
+                    got = figures["guidance"].get(str(g["scale"]), {})
+                    g.setdefault("quality", {})["judge_ppl"] = got.get("ppl")
+            else:
+                entry.setdefault("quality", {})["judge_ppl"] = figures["samples"].get("ppl")
+
+
+# ----------------------------------------------------------------------------------------------
+# the figures of one checkpoint
 
 
 def _ar_samples(model, tok, ev) -> list[dict]:
@@ -60,101 +180,224 @@ def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams) -> 
     return sweep
 
 
-def run() -> None:
-    from sunfish.data.dataset import PairDataset, TokenStream, load_pairs
-    from sunfish.data.tokenizer import TextTokenizer
-    from sunfish.evaluation.checklist import best_entry, checklist_for
+class _Resources:
+    """Validation data and corpus statistics, built on first use: a fully cached run needs none."""
+
+    def __init__(self, ctx, tok, bytes_per_token: float):
+        self.ctx, self.tok, self.bpt = ctx, tok, bytes_per_token
+        self._vocab: tuple[set, set] | None = None
+        self._val_stream = None
+        self._records: list[dict] | None = None
+
+    @property
+    def corpus(self) -> tuple[set, set]:
+        if self._vocab is None:
+            from sunfish.data.dataset import TokenStream
+            from sunfish.evaluation.text_quality import corpus_bigrams, corpus_vocabulary
+
+            train_stream = TokenStream(self.ctx.prepared / "train.bin")
+            train_text = self.tok.decode(train_stream.tokens[:2_000_000].tolist())
+            self._vocab = (corpus_vocabulary([train_text]), corpus_bigrams([train_text[:3_000_000]]))
+        return self._vocab
+
+    @property
+    def val_stream(self):
+        if self._val_stream is None:
+            from sunfish.data.dataset import TokenStream
+
+            self._val_stream = TokenStream(self.ctx.prepared / "val.bin")
+        return self._val_stream
+
+    @property
+    def val_records(self) -> list[dict]:
+        if self._records is None:
+            from sunfish.data.dataset import load_pairs
+
+            self._records = load_pairs(self.ctx.prepared / "pairs_val.jsonl")
+        return self._records
+
+
+def _compute_checkpoint(ctx, res: _Resources, name: str, step: int, directory: Path, meta: dict) -> dict:
+    from sunfish.data.dataset import PairDataset
     from sunfish.evaluation.likelihood import score_batches
-    from sunfish.evaluation.text_quality import corpus_bigrams, corpus_vocabulary, quality
-    from sunfish.training.checkpoint import list_milestones, load_checkpoint
+    from sunfish.evaluation.text_quality import quality
+    from sunfish.training.checkpoint import load_checkpoint
+
+    p, ev, tok = ctx.params, ctx.params.eval, res.tok
+    start = time.perf_counter()
+    loaded = load_checkpoint(directory)
+    model = loaded[0]
+    seq_len = min(model.config.max_seq_len, p.train.seq_len or model.config.max_seq_len)
+    if model.kind == "staged":
+        batches = res.val_stream.eval_batches(seq_len, p.train.batch_size, ev.max_eval_tokens)
+    else:
+        pairs = PairDataset(res.val_records, tok, seq_len, model.config.max_prompt_tokens)
+        batches = pairs.eval_batches(p.train.batch_size)
+    scores = score_batches(model, batches, bytes_per_token=res.bpt, generator=torch.Generator().manual_seed(ev.seed))
+    entry: dict[str, Any] = {"val_loss": scores["loss"], "val_ppl": scores["ppl"], "val_bpb": scores["bpb"],
+                             "tokens": scores["tokens"]}
+    vocabulary, bigrams = res.corpus
+    if model.kind == "staged":
+        entry["samples"] = _ar_samples(loaded, tok, ev)
+        entry["quality"] = quality([s["continuation"] for s in entry["samples"]], vocabulary, bigrams)
+    else:
+        entry["guidance"] = _guidance_sweep(loaded, tok, ev, p.cfg, res.val_records, vocabulary, bigrams)
+    entry["seconds"] = time.perf_counter() - start
+    log.info("%s step %d: val loss %.3f, ppl %.2f, bpb %.3f (%.1fs)", name, step, entry["val_loss"],
+             entry["val_ppl"], entry["val_bpb"], entry["seconds"])
+    return entry
+
+
+def _closest(sweep: list[dict], scale: float) -> dict:
+    return min(sweep, key=lambda g: (abs(g["scale"] - scale), g["scale"])) if sweep else {}
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage
+
+
+def _settings(ctx, data_id: str, code_id: str) -> Callable[[str], dict]:
+    p = ctx.params
+    common = {"data": data_id, "code": code_id, "torch": torch.__version__,
+              "seq_len": p.train.seq_len, "batch_size": p.train.batch_size}
+
+    def settings_for(kind: str) -> dict:
+        if kind == "staged":
+            return {**common, **{k: getattr(p.eval, k) for k in AR_SETTINGS}}
+        return {**common, **{k: getattr(p.eval, k) for k in CFG_SETTINGS},
+                **{f"cfg.{k}": getattr(p.cfg, k) for k in CFG_SAMPLING}}
+
+    return settings_for
+
+
+def summarise(evaluated: dict[str, list[dict]], ctx, judge: dict | None) -> tuple[dict, dict]:
+    """milestones.json's "models" and the flat DVC metrics, from the judged entries."""
+    from sunfish.evaluation.checklist import best_entry, checklist_for
+
+    p = ctx.params
+    models: dict = {}
+    metrics: dict = {}
+    for name, entries in evaluated.items():
+        kind = "diffusion" if entries[0]["kind"] == "diffusion" else "staged"
+        for e in entries:
+            if kind == "diffusion":
+                at_w = _closest(e["guidance"], p.cfg.guidance_scale)
+                e["samples"] = [{"prompt": s["prompt"], "text": s["text"]} for s in at_w["samples"]]
+                e["quality"] = dict(at_w["quality"])
+                e["adherence"] = at_w["adherence"]
+                e["adherence_scale"] = at_w["scale"]
+        best = best_entry(entries)
+        best_m = next((e for e in entries if e["step"] == best["step"]), entries[-1])
+        judge_ppl = (best_m.get("quality") or {}).get("judge_ppl")
+        items = checklist_for(entries, kind, step=best["step"], judge_ppl=judge_ppl,
+                              judge_ppl_threshold=p.eval.judge_ppl_threshold)
+        for item in items:
+            if item["name"] == "coherent sentences" and judge:
+                item["criterion"] = (f"perplexity of the samples under the judge ({judge['model']} step {judge['step']}) "
+                                     f"< {p.eval.judge_ppl_threshold:g}")
+        models[name] = {"kind": kind, "milestones": entries, "best": {**best, "checkpoint": best_m["checkpoint"]},
+                        "checklist": items, "is_control": name in CONTROL_NAMES}
+        measured = [i for i in items if i["passed"] is not None]
+        passed = sum(1 for i in measured if i["passed"])
+        flat = {"best_step": best["step"], "best_val_bpb": best_m["val_bpb"], "best_val_loss": best_m["val_loss"],
+                "final_val_bpb": entries[-1]["val_bpb"], "checklist": f"{passed}/{len(measured)}",
+                "checklist_passed": passed, "checklist_measured": len(measured), "judge_ppl": judge_ppl}
+        if kind == "diffusion":
+            flat["adherence"] = best_m.get("adherence")
+            flat["adherence_scale"] = best_m.get("adherence_scale")
+            flat["adherence_w0"] = _closest(best_m["guidance"], 0.0).get("adherence")
+        for key, value in flat.items():
+            metrics[f"{name}.{key}"] = value
+    return models, metrics
+
+
+def run() -> None:
+    from sunfish.data.tokenizer import TextTokenizer
+    from sunfish.evaluation.cache import EvalCache, digest, file_digest, source_digest
+    from sunfish.evaluation.components import component_deltas
+    from sunfish.evaluation.judge import choose_judge, judge_perplexity
+    from sunfish.training.checkpoint import load_checkpoint, load_tokenizer_for
     from sunfish.training.loop import set_threads
 
     ctx = open_stage("evaluate")
     p, ev = ctx.params, ctx.params.eval
     meta = read_meta(ctx)
     tok = TextTokenizer.load(ctx.prepared / "tokenizer.json")
-    bpt = meta["splits"]["val"]["bytes_per_token"]
-    val_stream = TokenStream(ctx.prepared / "val.bin")
-    train_stream = TokenStream(ctx.prepared / "train.bin")
-    train_text = tok.decode(train_stream.tokens[:2_000_000].tolist())
-    vocabulary = corpus_vocabulary([train_text])
-    bigrams = corpus_bigrams([train_text[:3_000_000]])
-    val_records = load_pairs(ctx.prepared / "pairs_val.jsonl")
     set_threads(p.train.threads)
+    res = _Resources(ctx, tok, meta["splits"]["val"]["bytes_per_token"])
+    data_id = file_digest(ctx.prepared / f for f in ("tokenizer.json", "val.bin", "train.bin", "pairs_val.jsonl", "meta.json"))
+    code_id = source_digest(EVAL_SOURCES)
+    cache = EvalCache(ctx.root / "state" / "eval_cache" if ev.cache else None)
 
-    summary: dict = {"models": {}}
-    metrics: dict = {}
-    milestone_rows: list[dict] = []
-    guidance_rows: list[dict] = []
     flat = ctx.flat_params("eval")
     flat.update({f"cfg.{k}": getattr(p.cfg, k) for k in ("guidance_scale", "num_steps", "scheduler", "eta")})
     with ctx.tracking(flat) as run:
-        for name in MODEL_NAMES:
-            milestones = list_milestones(ctx.models / name)
-            if not milestones:
-                log.warning("no milestone checkpoints under %s", ctx.models / name)
-                continue
-            entries = []
-            for step, directory in milestones:
-                start = time.perf_counter()
-                loaded = load_checkpoint(directory)
-                model = loaded[0]
-                seq_len = min(model.config.max_seq_len, p.train.seq_len or model.config.max_seq_len)
-                if model.kind == "staged":
-                    batches = val_stream.eval_batches(seq_len, p.train.batch_size, ev.max_eval_tokens)
-                else:
-                    pairs = PairDataset(val_records, tok, seq_len, model.config.max_prompt_tokens)
-                    batches = pairs.eval_batches(p.train.batch_size)
-                scores = score_batches(model, batches, bytes_per_token=bpt,
-                                       generator=torch.Generator().manual_seed(ev.seed))
-                entry = {"step": step, "checkpoint": str(directory.relative_to(ctx.root)),
-                         "val_loss": scores["loss"], "val_ppl": scores["ppl"], "val_bpb": scores["bpb"],
-                         "tokens": scores["tokens"]}
-                if model.kind == "staged":
-                    entry["samples"] = _ar_samples(loaded, tok, ev)
-                    entry["quality"] = quality([s["continuation"] for s in entry["samples"]], vocabulary, bigrams)
-                else:
-                    entry["guidance"] = _guidance_sweep(loaded, tok, ev, p.cfg, val_records, vocabulary, bigrams)
-                    at_w = _closest(entry["guidance"], p.cfg.guidance_scale)
-                    entry["samples"] = [{"prompt": s["prompt"], "text": s["text"]} for s in at_w["samples"]]
-                    entry["quality"] = at_w["quality"]
-                    entry["adherence"] = at_w["adherence"]
-                    for g in entry["guidance"]:
-                        run.log_metrics({f"{name}/adherence_w{g['scale']:g}": g["adherence"]}, step)
-                entry["seconds"] = time.perf_counter() - start
-                entries.append(entry)
-                run.log_metrics({f"{name}/val_loss": entry["val_loss"], f"{name}/val_ppl": entry["val_ppl"],
-                                 f"{name}/val_bpb": entry["val_bpb"],
-                                 **{f"{name}/{k}": v for k, v in entry["quality"].items()}}, step)
-                milestone_rows.append({"model": name, "step": step, "val_bpb": entry["val_bpb"],
-                                       "val_loss": entry["val_loss"]})
-                log.info("%s step %d: val loss %.3f, ppl %.2f, bpb %.3f (%.1fs)", name, step, entry["val_loss"],
-                         entry["val_ppl"], entry["val_bpb"], entry["seconds"])
-            best = best_entry(entries)
-            model_summary = {"kind": "diffusion" if name == "cfg" else "staged", "milestones": entries,
-                             "best": best, "checklist": checklist_for(entries)}
-            summary["models"][name] = model_summary
-            best_milestone = next((e for e in entries if e["step"] == best["step"]), entries[-1])
-            metrics[name] = {"best_step": best["step"], "best_val_bpb": best_milestone["val_bpb"],
-                             "final_val_bpb": entries[-1]["val_bpb"], "final_val_loss": entries[-1]["val_loss"],
-                             "final_val_ppl": entries[-1]["val_ppl"],
-                             "checklist_passed": sum(1 for c in model_summary["checklist"] if c["passed"]),
-                             "checklist_total": len(model_summary["checklist"])}
-            if name == "cfg":
-                last = entries[-1]
-                metrics[name]["adherence"] = last["adherence"]
-                metrics[name]["adherence_w0"] = _closest(last["guidance"], 0.0)["adherence"]
+        evaluated = evaluate_milestones(
+            ctx.models, EVALUATED_MODELS, _settings(ctx, data_id, code_id), cache,
+            lambda name, step, directory, m: _compute_checkpoint(ctx, res, name, step, directory, m), root=ctx.root,
+        )
+        computed = sum(1 for es in evaluated.values() for e in es if not e["cached"])
+        reused = sum(1 for es in evaluated.values() for e in es if e["cached"])
+        log.info("evaluated %d checkpoints, %d of them from the cache (%s)", computed + reused, reused, cache.directory)
+
+        # the judge: the best AR checkpoint, chosen once every model has its best milestone
+        from sunfish.evaluation.checklist import best_entry
+
+        prelim = {n: {"milestones": es, "best": best_entry(es)} for n, es in evaluated.items()}
+        judge = choose_judge(prelim, [n for n in EVALUATED_MODELS if n in STAGED_MODELS or n in CONTROL_NAMES])
+        if judge is not None:
+            judge_dir = ctx.root / judge["checkpoint"]
+            _, judge["weights_sha256"] = checkpoint_weights_id(judge_dir)
+            loaded: list = []
+
+            def score(pairs: list[tuple[str, str]]) -> dict:
+                if not loaded:
+                    model, jmeta, directory = load_checkpoint(judge_dir)
+                    loaded.extend([model, load_tokenizer_for(directory, jmeta)])
+                return judge_perplexity(loaded[0], loaded[1], pairs)
+
+            judge_entries(evaluated, digest(judge["weights_sha256"], code_id), cache, score)
+            log.info("judge: %s step %d (val bpb %.4f)", judge["model"], judge["step"], judge["val_bpb"])
+        else:
+            log.warning("no autoregressive checkpoint to judge samples with: the coherence item is n/a")
+
+        models, metrics = summarise(evaluated, ctx, judge)
+        summary: dict = {"models": models, "judge": judge, "components": component_deltas(models),
+                         "cache": {"directory": "state/eval_cache" if cache.directory else None,
+                                   "reused": reused, "computed": computed}}
+        milestone_rows: list[dict] = []
+        guidance_rows: list[dict] = []
+        for name, model in models.items():
+            for e in model["milestones"]:
+                q = {k: v for k, v in (e.get("quality") or {}).items() if k not in ("words", "samples")}
+                run.log_metrics({f"{name}/val_loss": e["val_loss"], f"{name}/val_ppl": e["val_ppl"],
+                                 f"{name}/val_bpb": e["val_bpb"], **{f"{name}/{k}": v for k, v in q.items()}}, e["step"])
+                for g in e.get("guidance", []):
+                    run.log_metrics({f"{name}/adherence_w{g['scale']:g}": g["adherence"],
+                                     f"{name}/judge_ppl_w{g['scale']:g}": g["quality"].get("judge_ppl"),
+                                     f"{name}/distinct_2_w{g['scale']:g}": g["quality"].get("distinct_2")}, e["step"])
+                milestone_rows.append({"model": name, "step": e["step"], "val_bpb": e["val_bpb"],
+                                       "val_loss": e["val_loss"], "judge_ppl": q.get("judge_ppl")})
+            best = model["best"]
+            run.set_tags({f"sunfish.best.{name}": best["step"]})
+            if ev.log_checkpoints:
+                for f in BEST_FILES:
+                    run.log_artifact(ctx.root / best["checkpoint"] / f, f"checkpoints/{name}")
+            if model["kind"] == "diffusion":
+                best_m = next(e for e in model["milestones"] if e["step"] == best["step"])
                 guidance_rows = [{"guidance_scale": g["scale"], "adherence": g["adherence"],
-                                  "distinct_2": g["quality"].get("distinct_2")} for g in last["guidance"]]
+                                  "ci_low": g["ci"][0], "ci_high": g["ci"][1],
+                                  "distinct_2": g["quality"].get("distinct_2"),
+                                  "judge_ppl": g["quality"].get("judge_ppl")} for g in best_m["guidance"]]
+        if judge is not None:
+            run.set_tags({"sunfish.judge": f"{judge['model']}@step_{judge['step']}"})
+            metrics["judge.model"] = judge["model"]
+            metrics["judge.step"] = judge["step"]
         metrics["mlflow_run_id"] = run.run_id
         summary["mlflow_run_id"] = run.run_id
         write_json(ctx.reports / "milestones.json", summary)
         write_json(ctx.reports / "metrics" / "evaluate.json", metrics)
+        run.log_experiment_metrics(metrics)  # the headline figures on the experiment's parent run, DVC names
         write_json(ctx.reports / "plots" / "guidance.json", guidance_rows)
         write_json(ctx.reports / "plots" / "milestones.json", milestone_rows)
         run.log_artifact(ctx.reports / "milestones.json")
-
-
-def _closest(sweep: list[dict], scale: float) -> dict:
-    return min(sweep, key=lambda g: (abs(g["scale"] - scale), g["scale"])) if sweep else {}
-

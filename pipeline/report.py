@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.common import log, open_stage
 from pipeline.train_staged import DESCRIPTIONS
-from sunfish.config import MODEL_NAMES, STAGED_MODELS
+from sunfish.config import CONTROL_NAMES, EVALUATED_MODELS, STAGED_MODELS
 from sunfish.tracking import git_commit, repo_root, tracking_uri
 
 
@@ -53,13 +53,15 @@ def build_summary(ctx) -> dict:
         "diagnose": _read_json(reports / "diagnose.json", {}),
         "models": {},
         "stage_comparison": [],
+        "components": milestones.get("components") or [],
+        "judge": milestones.get("judge"),
         "next_steps": [],
     }
     prep = _read_json(reports / "metrics" / "prepare.json", {})
     summary["mlflow"]["runs"]["prepare"] = prep.get("mlflow_run_id")
     summary["mlflow"]["runs"]["evaluate"] = milestones.get("mlflow_run_id")
     previous_bpb = None
-    for name in MODEL_NAMES:
+    for name in EVALUATED_MODELS:
         train_metrics = _read_json(reports / "metrics" / f"{name}.json", {})
         evaluated = milestones.get("models", {}).get(name, {})
         if not train_metrics and not evaluated:
@@ -84,6 +86,17 @@ def build_summary(ctx) -> dict:
                 "tokens_per_s": train_metrics.get("tokens_per_s"),
             })
             previous_bpb = final_bpb
+        elif name in CONTROL_NAMES:
+            # a control continues stage N-1 without stage N's component: compare it with stage N-1
+            before = f"stage_{int(name[-1]) - 1}"
+            prev = next((r["val_bpb"] for r in summary["stage_comparison"] if r["model"] == before), None)
+            summary["stage_comparison"].append({
+                "model": name, "val_bpb": final_bpb, "control": True,
+                "delta_bpb_vs_previous": None if prev is None or final_bpb is None else final_bpb - prev,
+                "tokens_per_s": train_metrics.get("tokens_per_s"),
+            })
+    order = {m: i for i, m in enumerate(("stage_0", "stage_1", "control_1", "stage_2", "control_2", "stage_3", "control_3"))}
+    summary["stage_comparison"].sort(key=lambda r: order.get(r["model"], len(order)))
     summary["next_steps"] = next_steps(summary)
     return summary
 
@@ -96,17 +109,31 @@ def next_steps(summary: dict) -> list[str]:
         bad = [c["name"] for c in diag.get("checks", []) if c.get("status") != "ok"]
         tips.append(f"Diagnose flagged: {', '.join(bad)}. See the diagnose table below.")
     for name, m in summary["models"].items():
+        if not isinstance(m, dict) or m.get("is_control") or name in CONTROL_NAMES:
+            continue
         failed = [c["name"] for c in m.get("checklist", []) if c.get("passed") is False]
         if failed:
             tips.append(f"{name}: not yet met: {', '.join(failed)}. Train longer "
                         f"(dvc exp run -S train.max_steps=...) or use a larger preset.")
+    for row in summary.get("components") or []:
+        if row.get("final") and row.get("verdict") == "hurts":
+            tips.append(f"{row['component']} made {row['stage']} worse than its control at equal steps "
+                        f"({row['delta_bpb']:+.4f} bpb): check its settings before training it longer.")
     cfg = summary["models"].get("cfg")
     if cfg and cfg.get("milestones"):
-        sweep = cfg["milestones"][-1].get("guidance") or []
+        best_step = (cfg.get("best") or {}).get("step")
+        judged = next((m for m in cfg["milestones"] if m.get("step") == best_step), cfg["milestones"][-1])
+        sweep = judged.get("guidance") or []
         if sweep:
-            best = max(sweep, key=lambda g: g["adherence"])
-            tips.append(f"Best prompt adherence {best['adherence']:.0%} at guidance {best['scale']:g}; "
-                        f"try dvc exp run -S cfg.guidance_scale={best['scale']:g}.")
+            best = max(sweep, key=lambda g: (g["adherence"], -g["scale"]))
+            unguided = min(sweep, key=lambda g: g["scale"])
+            if best["adherence"] > unguided["adherence"]:
+                tips.append(f"Best prompt adherence {best['adherence']:.0%} at guidance {best['scale']:g} "
+                            f"(vs {unguided['adherence']:.0%} at {unguided['scale']:g}); "
+                            f"try dvc exp run -S cfg.guidance_scale={best['scale']:g}.")
+            else:
+                tips.append("No guidance scale raised prompt adherence above the unguided samples yet: train the "
+                            "diffusion model longer (-S cfg.budget.max_steps=...) before tuning cfg.guidance_scale.")
     if not tips:
         tips.append("Every checklist item passed: scale up with -S staged.preset=micro and a longer run.")
     return tips

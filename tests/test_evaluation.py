@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -241,3 +244,197 @@ def test_best_entry_and_checklist_for():
     assert best_entry(ms) == {"step": 200, "rule": BEST_RULE}
     assert checklist_for(ms)[4]["passed"] is True  # kind inferred: diffusion
     assert checklist_for([_m(100, 1.0)])[4]["passed"] is None  # staged
+
+
+# ----------------------------------------------------------------------------------------------
+# incremental evaluation: the per-checkpoint cache
+
+
+def _fake_checkpoint(models: Path, name: str, step: int, weights: str, kind: str = "staged") -> Path:
+    d = models / name / f"step_{step}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"format_version": 1, "kind": kind, "model_config": {},
+                                               "step": step, "weights_sha256": weights}))
+    (d / "model.safetensors").write_bytes(b"not read: the digest in config.json identifies the weights")
+    return d
+
+
+class Counting:
+    """compute() for evaluate_milestones that records which checkpoints it was asked to evaluate."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, name, step, directory, meta):
+        self.calls.append((name, step))
+        return {"val_loss": 3.0 - step / 100, "val_bpb": 1.0 - step / 1000, "samples": [], "quality": {}}
+
+
+def test_cache_evaluates_only_new_or_changed_checkpoints(tmp_path):
+    from pipeline.evaluate import evaluate_milestones
+    from sunfish.evaluation.cache import EvalCache
+
+    models = tmp_path / "models"
+    _fake_checkpoint(models, "stage_0", 10, "w10")
+    _fake_checkpoint(models, "stage_0", 20, "w20")
+    cache = EvalCache(tmp_path / "state" / "eval_cache")
+    settings = {"staged": {"max_new_tokens": 40, "data": "d1"}}
+
+    def run(counting: Counting) -> dict:
+        return evaluate_milestones(models, ["stage_0", "control_1"], lambda kind: settings[kind], cache, counting,
+                                   root=tmp_path)
+
+    first = Counting()
+    out = run(first)
+    assert first.calls == [("stage_0", 10), ("stage_0", 20)]
+    assert "control_1" not in out  # no checkpoints: not evaluated
+    assert [e["cached"] for e in out["stage_0"]] == [False, False]
+    assert out["stage_0"][0]["checkpoint"] == str(Path("models/stage_0/step_10"))
+
+    again = Counting()
+    out2 = run(again)
+    assert again.calls == []  # nothing loaded or sampled again
+    assert [e["cached"] for e in out2["stage_0"]] == [True, True]
+    assert [e["val_bpb"] for e in out2["stage_0"]] == [e["val_bpb"] for e in out["stage_0"]]
+
+    _fake_checkpoint(models, "stage_0", 40, "w40")  # a new milestone: only it is evaluated
+    new = Counting()
+    run(new)
+    assert new.calls == [("stage_0", 40)]
+
+    _fake_checkpoint(models, "stage_0", 20, "w20-retrained")  # other weights under the same step
+    retrained = Counting()
+    run(retrained)
+    assert retrained.calls == [("stage_0", 20)]
+
+    settings["staged"] = {"max_new_tokens": 41, "data": "d1"}  # a setting that changes the result
+    changed = Counting()
+    run(changed)
+    assert changed.calls == [("stage_0", 10), ("stage_0", 20), ("stage_0", 40)]
+
+    for f in cache.directory.glob("*.json"):  # a damaged entry is recomputed, never trusted
+        f.write_text("{truncated")
+    damaged = Counting()
+    run(damaged)
+    assert len(damaged.calls) == 3
+
+    off = Counting()  # eval.cache: false
+    evaluate_milestones(models, ["stage_0"], lambda kind: settings[kind], EvalCache(None), off)
+    evaluate_milestones(models, ["stage_0"], lambda kind: settings[kind], EvalCache(None), off)
+    assert len(off.calls) == 6
+
+
+def test_judge_figures_are_cached_per_judge(tmp_path):
+    from pipeline.evaluate import judge_entries
+    from sunfish.evaluation.cache import EvalCache
+
+    def entries():
+        return {
+            "stage_0": [{"cache_key": "k0", "quality": {"distinct_2": 0.5},
+                         "samples": [{"prompt": "Once", "text": "Once upon", "continuation": " upon"}]}],
+            "cfg": [{"cache_key": "k1", "guidance": [
+                {"scale": 0.0, "quality": {}, "samples": [{"prompt": "p", "text": "a dog"}]},
+                {"scale": 3.0, "quality": {}, "samples": [{"prompt": "p", "text": "the dog ran"}]}]}],
+        }
+
+    seen: list = []
+
+    def score(pairs):
+        seen.append(list(pairs))
+        return {"ppl": 10.0 + len(seen), "loss": 1.0, "tokens": 3}
+
+    cache = EvalCache(tmp_path)
+    first = entries()
+    judge_entries(first, "judge-A", cache, score)
+    assert seen[0] == [("Once", " upon")]  # AR: the continuation, given its prompt
+    assert ("", "a dog") in seen[1] + seen[2]  # diffusion: each guidance scale's samples, no context
+    assert first["stage_0"][0]["quality"] == {"distinct_2": 0.5, "judge_ppl": 11.0}
+    assert {g["scale"]: g["quality"]["judge_ppl"] for g in first["cfg"][0]["guidance"]} == {0.0: 12.0, 3.0: 13.0}
+
+    second = entries()
+    judge_entries(second, "judge-A", cache, score)
+    assert len(seen) == 3 and second["stage_0"][0]["quality"]["judge_ppl"] == 11.0  # from the cache
+    judge_entries(entries(), "judge-B", cache, score)  # another judge: scored again
+    assert len(seen) == 6
+
+
+def test_choose_judge_takes_the_best_ar_checkpoint():
+    from sunfish.evaluation.judge import JUDGE_RULE, choose_judge
+
+    models = {
+        "stage_0": {"milestones": [{"step": 10, "val_bpb": 1.5, "checkpoint": "a"}], "best": {"step": 10}},
+        "stage_1": {"milestones": [{"step": 5, "val_bpb": 1.2, "checkpoint": "b"},
+                                   {"step": 10, "val_bpb": 1.3, "checkpoint": "c"}], "best": {"step": 10}},
+        "control_1": {"milestones": [{"step": 10, "val_bpb": 1.25, "checkpoint": "d"}], "best": {"step": 10}},
+        "cfg": {"milestones": [{"step": 10, "val_bpb": 0.1, "checkpoint": "e"}], "best": {"step": 10}},
+    }
+    judge = choose_judge(models, ["stage_0", "stage_1", "control_1"])
+    # stage_1's best checkpoint (step 10, 1.3) is judged, not its lower-loss step 5; cfg is not a candidate
+    assert judge == {"model": "control_1", "step": 10, "checkpoint": "d", "val_bpb": 1.25, "val_ppl": None,
+                     "rule": JUDGE_RULE}
+    assert choose_judge(models, []) is None
+    assert choose_judge({"stage_0": {"milestones": [{"step": 1, "val_bpb": float("nan")}]}}, ["stage_0"]) is None
+
+
+def test_judge_perplexity_scores_only_the_text_and_ignores_padding(tmp_path):
+    from sunfish.data.tokenizer import TextTokenizer
+    from sunfish.evaluation.judge import judge_perplexity
+    from tests.ckpt_fixtures import make_tokenizer, staged_model
+
+    tok = TextTokenizer.load(make_tokenizer(tmp_path))
+    model = staged_model(tok.vocab_size, seq=32)
+    pairs = [("Once upon a time", " there was a little dog."), ("", "The dog liked to play in the park."),
+             ("The dog", " ran")]
+    together = judge_perplexity(model, tok, pairs, batch_size=8)
+    assert together["tokens"] == sum(len(tok.encode(t)) for _, t in pairs)
+    # one at a time (no padding) pools to the same figure: padding does not leak into the score
+    nats = tokens = 0.0
+    for pair in pairs:
+        r = judge_perplexity(model, tok, [pair])
+        nats += r["loss"] * r["tokens"]
+        tokens += r["tokens"]
+    assert together["loss"] == pytest.approx(nats / tokens, rel=1e-5)
+    assert together["ppl"] == pytest.approx(math.exp(together["loss"]))
+    # the context conditions the text's score
+    assert judge_perplexity(model, tok, [("", " there was a little dog.")])["loss"] != pytest.approx(
+        judge_perplexity(model, tok, pairs[:1])["loss"])
+    # a text longer than the window is scored on its first window
+    long = judge_perplexity(model, tok, [("", "the dog " * 100)])
+    assert long["tokens"] == 32
+    assert judge_perplexity(model, tok, [("ctx", "")])["ppl"] is None
+
+
+def _params(**eval_overrides):
+    from sunfish.config import Params
+
+    p = Params()
+    return SimpleNamespace(params=p.model_copy(update={"eval": p.eval.model_copy(update=eval_overrides)}))
+
+
+def test_summarise_checklist_uses_judge_and_metrics_are_flat():
+    from pipeline.evaluate import summarise
+
+    ctx = _params(judge_ppl_threshold=40.0)
+    judge = {"model": "stage_0", "step": 20}
+    ar = [
+        {"step": 10, "kind": "staged", "checkpoint": "models/stage_0/step_10", "val_loss": 3.0, "val_bpb": 1.2,
+         "quality": {"real_word_share": 0.95, "distinct_2": 0.5, "bigram_share": 0.7, "judge_ppl": 90.0}},
+        {"step": 20, "kind": "staged", "checkpoint": "models/stage_0/step_20", "val_loss": 1.9, "val_bpb": 1.0,
+         "quality": {"real_word_share": 0.95, "distinct_2": 0.6, "bigram_share": 0.7, "judge_ppl": 35.0}},
+    ]
+    row = {"adherence": 0.25, "n": 8, "ci": [0.1, 0.6], "samples": [{"prompt": "p", "text": "t"}],
+           "quality": {"real_word_share": 0.5, "distinct_2": 0.4, "judge_ppl": 120.0}}
+    cfg = [{"step": 20, "kind": "diffusion", "checkpoint": "models/cfg/step_20", "val_loss": 5.0, "val_bpb": 2.0,
+            "guidance": [{**row, "scale": 0.0, "adherence": 0.125}, {**row, "scale": 7.0, "adherence": 0.5}]}]
+    models, metrics = summarise({"stage_0": ar, "cfg": cfg}, ctx, judge)
+    coherent = next(i for i in models["stage_0"]["checklist"] if i["name"] == "coherent sentences")
+    assert coherent["value"] == 35.0 and coherent["passed"] is True and "stage_0 step 20" in coherent["criterion"]
+    assert "< 40" in coherent["criterion"]
+    # the diffusion model's samples and quality are those at cfg.guidance_scale (7)
+    assert models["cfg"]["milestones"][0]["adherence"] == 0.5 and models["cfg"]["milestones"][0]["adherence_scale"] == 7.0
+    # flat, scalar keys for `dvc exp show`
+    assert all(isinstance(v, (int, float, str, type(None))) for v in metrics.values())
+    assert metrics["stage_0.best_step"] == 20 and metrics["stage_0.best_val_bpb"] == 1.0
+    assert metrics["stage_0.checklist"] == f"{metrics['stage_0.checklist_passed']}/{metrics['stage_0.checklist_measured']}"
+    assert metrics["cfg.adherence"] == 0.5 and metrics["cfg.adherence_w0"] == 0.125
+    assert metrics["cfg.judge_ppl"] == 120.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import html
 import math
 import re
 from html.parser import HTMLParser
@@ -10,6 +11,8 @@ from html.parser import HTMLParser
 import pytest
 
 from sunfish.evaluation.checklist import BEST_RULE, best_checkpoint, checklist
+from sunfish.evaluation.components import component_deltas
+from sunfish.evaluation.judge import JUDGE_RULE
 from sunfish.evaluation.text_quality import wilson_interval
 from sunfish.report import render_html, render_markdown, write_report
 from sunfish.report.svg import line_chart, nice_ticks
@@ -93,6 +96,7 @@ def _model(name: str, kind: str, final_loss: float, guidance: bool = False) -> d
                 "distinct_2": 0.6 + 0.1 * i,
                 "repetition_rate": 0.2 - 0.05 * i,
                 "bigram_share": 0.4 + 0.15 * i,
+                "judge_ppl": (140.0, 70.0, 42.5)[i],
             },
         }
         if guidance:
@@ -106,7 +110,8 @@ def _model(name: str, kind: str, final_loss: float, guidance: bool = False) -> d
                         "adherence": k / n,
                         "n": n,
                         "ci": [lo, hi],
-                        "quality": {"real_word_share": 0.9 - 0.02 * w, "distinct_2": 0.8 - 0.05 * w, "repetition_rate": 0.01 * w},
+                        "quality": {"real_word_share": 0.9 - 0.02 * w, "distinct_2": 0.8 - 0.05 * w, "repetition_rate": 0.01 * w,
+                                    "judge_ppl": 300.0 - 20 * w},
                         "samples": [
                             {"prompt": "a story about a dog", "text": f"the dog ran w={w}", "adherent": k > 2},
                             {"prompt": "", "text": f"null prompt sample w={w}", "adherent": False},
@@ -124,7 +129,8 @@ def _model(name: str, kind: str, final_loss: float, guidance: bool = False) -> d
         "train_seconds": 321.5,
         "milestones": milestones,
         "best": {"step": best, "rule": BEST_RULE},
-        "checklist": checklist(milestones, kind=kind),
+        "checklist": checklist(milestones, kind=kind, judge_ppl=milestones[-1]["quality"]["judge_ppl"]),
+        "is_control": name.startswith("control_"),
     }
 
 
@@ -134,8 +140,11 @@ def make_summary() -> dict:
         "stage_1": _model("stage_1", "staged", 2.1),
         "stage_2": _model("stage_2", "staged", 1.9),
         "stage_3": None,  # did not run
+        "control_1": _model("control_1", "staged", 2.15),
         "cfg": _model("cfg", "diffusion", 3.2, guidance=True),
     }
+    for i, m in enumerate(models["control_1"]["milestones"]):
+        m["samples"] = [{"prompt": "Once upon a time", "text": f"CONTROL SAMPLE {i}"}]
     return {
         "title": "SunFish <test> report",
         "generated_at": "2024-05-01T12:00:00+00:00",
@@ -163,9 +172,13 @@ def make_summary() -> dict:
             ],
         },
         "models": models,
+        "judge": {"model": "stage_2", "step": 300, "checkpoint": "models/stage_2/step_300", "val_bpb": 0.7031,
+                  "rule": JUDGE_RULE},
+        "components": component_deltas(models),
         "stage_comparison": [
             {"model": "stage_0", "val_bpb": 0.89, "delta_bpb_vs_previous": None, "tokens_per_s": 2500.0},
             {"model": "stage_1", "val_bpb": 0.78, "delta_bpb_vs_previous": -0.11, "tokens_per_s": 2300.0},
+            {"model": "control_1", "val_bpb": 0.80, "delta_bpb_vs_previous": -0.09, "tokens_per_s": 2400.0, "control": True},
         ],
         "next_steps": ["Train stage_3 longer", "Raise guidance scale <maybe>"],
     }
@@ -183,13 +196,13 @@ def test_html_has_every_part_and_parses(summary):
     assert p.stack == [], p.stack
     text = "".join(p.text)
 
-    # self-contained: no external resources
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", doc)
+    # self-contained: no external resources (links to an MLflow server are not resources)
+    assert not re.search(r"""src\s*=\s*["']?(https?:)?//""", doc)
     assert "<link" not in doc and "<script" not in doc.replace("&lt;script", "")
     assert p.tags.get("style") == 1
 
-    # plots: 2 per model with curves (4 models) + 2 guidance charts
-    assert p.tags.get("svg", 0) == 4 * 2 + 2
+    # plots: 2 per model with curves (5 models, the control included) + 3 guidance charts
+    assert p.tags.get("svg", 0) == 5 * 2 + 3
     assert "polyline" in p.tags
 
     # summary on top: checklist with measured values, best checkpoint, rule, next steps
@@ -333,3 +346,53 @@ def test_nice_ticks():
     assert nice_ticks(0, 300, target=6) == pytest.approx([0, 50, 100, 150, 200, 250, 300])
     t = nice_ticks(1.37, 8.3)
     assert t[0] >= 1.37 and t[-1] <= 8.3 and len(t) >= 3
+
+
+def test_judge_components_and_controls(summary):
+    doc = render_html(summary)
+    text = "".join(parse(doc).text)
+    summary_part = doc[doc.index('id="summary"') : doc.index('id="curves"')]
+    # the judge is named with its rule, and the coherence item shows the measured judge perplexity
+    assert "stage_2 step 300" in summary_part and JUDGE_RULE in html.unescape(summary_part)
+    coherent = next(i for i in summary["models"]["stage_2"]["checklist"] if i["name"] == "coherent sentences")
+    assert coherent["value"] == 42.5 and "42.5" in html.unescape(summary_part)
+    # what each component adds: in the summary (headline row) and under the stage comparison (every step)
+    temporal = [r for r in summary["components"] if r["component"] == "TEMPORAL"]
+    assert len(temporal) == 3 and temporal[-1]["final"]
+    assert "What each component adds" in summary_part and f"{temporal[-1]['delta_bpb']:+.4f}" in summary_part
+    comparison = doc[doc.index('id="comparison"') : doc.index('id="guidance"')]
+    for row in temporal:
+        assert f"{row['delta_bpb']:+.4f}" in comparison
+    assert "not measured" in comparison  # K-1 and graph routing have no control here
+    # controls: in the stage table and the curves, never as a sample section
+    assert "control_1" in comparison and "(control)" in comparison
+    assert "CONTROL SAMPLE" not in text
+    # judge perplexity beside adherence at every guidance scale, and per milestone under the samples
+    guidance = doc[doc.index('id="guidance"') : doc.index('id="samples"')]
+    assert "judge perplexity" in guidance and "Judge ppl" in guidance and "160.0" in guidance  # w=7: 300 - 140
+    assert "judge ppl" in doc[doc.index('id="samples"') :]
+    md = render_markdown(summary)
+    assert "### What each component adds" in md and "Judge ppl" in md and "stage\\_2 step 300" not in md
+    assert "CONTROL SAMPLE" not in md and "control_1 (control)" in md
+
+
+def test_mlflow_run_links_only_for_a_server(summary):
+    assert 'href="http' not in render_html(summary)  # sqlite store: ids only
+    summary["mlflow"]["tracking_uri"] = "http://127.0.0.1:5000/"
+    doc = render_html(summary)
+    assert 'href="http://127.0.0.1:5000/#/runs/run_stage0_id"' in doc
+    assert "(http://127.0.0.1:5000/#/runs/run_cfg_id)" in render_markdown(summary)
+
+
+def test_next_steps_follow_the_measurements(summary):
+    from pipeline.report import next_steps
+
+    summary["components"] = [{"component": "K-1", "stage": "stage_2", "final": True, "verdict": "hurts", "delta_bpb": 0.05}]
+    tips = " ".join(next_steps(summary))
+    assert "K-1 made stage_2 worse than its control" in tips and "+0.0500" in tips
+    assert "control_1: not yet met" not in tips  # controls are yardsticks, not models to improve
+    assert "try dvc exp run -S cfg.guidance_scale=7" in tips  # 6/8 at w=7 beats 1/8 unguided
+    for m in summary["models"]["cfg"]["milestones"]:
+        for g in m["guidance"]:
+            g["adherence"] = 0.0
+    assert "No guidance scale raised prompt adherence" in " ".join(next_steps(summary))

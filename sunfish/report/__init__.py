@@ -14,16 +14,21 @@ take the summary dict the report stage assembles:
                        "milestones": [{"step", "checkpoint", "val_loss", "val_ppl", "val_bpb", "tokens",
                                        "samples": [{"prompt", "text"}],
                                        "quality": {"real_word_share", "distinct_1", "distinct_2",
-                                                   "repetition_rate", "bigram_share"},
+                                                   "repetition_rate", "bigram_share", "judge_ppl"},
                                        "guidance": [{"scale", "adherence", "n", "ci": [lo, hi],
                                                      "quality": {...},
                                                      "samples": [{"prompt", "text", "adherent"}]}]}],
-                       "best": {"step", "rule"},
+                       "best": {"step", "rule"}, "is_control": bool,
                        "checklist": [{"name", "passed", "value", "criterion", "step"}]}},
-     "stage_comparison": [{"model", "val_bpb", "delta_bpb_vs_previous", "tokens_per_s"}],
+     "judge": {"model", "step", "checkpoint", "val_bpb", "rule"} (sunfish.evaluation.judge),
+     "components": [{"component", "stage", "control", "step", "stage_bpb", "control_bpb", "delta_bpb",
+                     "verdict", "final", "text"}] (sunfish.evaluation.components),
+     "stage_comparison": [{"model", "val_bpb", "delta_bpb_vs_previous", "tokens_per_s", "control"}],
      "next_steps": [str]}
 
-Any key may be missing or None. ``line_chart`` (sunfish.report.svg) is the SVG plot helper.
+Any key may be missing or None. Controls (control_N, or is_control) appear in the curves, the
+stage comparison and the component table, never as a sample section. Run ids become links to the
+MLflow UI when the tracking URI is an http(s) server. ``line_chart`` (sunfish.report.svg) is the SVG plot helper.
 """
 
 from sunfish.report.render import render_html, render_markdown, write_report

@@ -20,13 +20,14 @@ from sunfish.report.svg import line_chart
 
 __all__ = ["render_html", "render_markdown", "write_report"]
 
-_MODEL_ORDER = ("stage_0", "stage_1", "stage_2", "stage_3", "cfg")
+_MODEL_ORDER = ("stage_0", "stage_1", "stage_2", "stage_3", "control_1", "control_2", "control_3", "cfg")
 _QUALITY_ROWS = (
     ("real_word_share", "real words"),
     ("bigram_share", "bigram share"),
     ("distinct_1", "distinct-1"),
     ("distinct_2", "distinct-2"),
     ("repetition_rate", "repetition"),
+    ("judge_ppl", "judge ppl"),
 )
 
 
@@ -124,6 +125,33 @@ def _verdict(passed: Any) -> tuple[str, str]:
 def _model_names(models: dict) -> list[str]:
     known = [m for m in _MODEL_ORDER if m in models]
     return known + sorted((str(m) for m in models if m not in _MODEL_ORDER), key=str)
+
+
+def _is_control(name: str, model: dict) -> bool:
+    """Controls are measured for the component table, not read: no sample sections for them."""
+    return model.get("is_control") is True or str(name).startswith("control_")
+
+
+def _run_link(uri: Any, run_id: Any) -> str | None:
+    """The MLflow UI address of a run when the tracking URI is a server (http/https), else None."""
+    if not run_id or not isinstance(uri, str) or not re.match(r"https?://", uri):
+        return None
+    return f"{uri.rstrip('/')}/#/runs/{run_id}"
+
+
+def _judge_text(judge: Any) -> str:
+    j = _d(judge)
+    if not j.get("model"):
+        return "No judge: no autoregressive checkpoint was evaluated, so \"coherent sentences\" is n/a."
+    return (f"Judge perplexity is measured under {j.get('model')} step {j.get('step')} "
+            f"(validation {_f(j.get('val_bpb'), 4)} bits/byte), chosen as {j.get('rule') or 'the best AR checkpoint'}. "
+            "A judge finds its own samples easy, and a looping sample is predictable too: read it beside "
+            "distinct-2 and the repetition rate.")
+
+
+def _component_rows(s: dict, final_only: bool) -> list[dict]:
+    rows = [_d(r) for r in _l(s.get("components")) if isinstance(r, dict)]
+    return [r for r in rows if r.get("final")] if final_only else rows
 
 
 def _milestones(model: dict) -> list[dict]:
@@ -338,6 +366,11 @@ def _html_summary(s: dict, models: dict, names: list[str]) -> str:
         else:
             out.append('<p class="muted">No checklist was computed.</p>')
 
+    if names:
+        out.append(f'<p class="rule" id="judge"><strong>Judge:</strong> {_e(_judge_text(s.get("judge")))}</p>')
+    if _component_rows(s, True):
+        out.append("<h3>What each component adds</h3>")
+        out.append(_html_components_table(_component_rows(s, True)))
     steps = [x for x in _l(s.get("next_steps")) if x is not None]
     out.append("<h3>What to do next</h3>")
     if steps:
@@ -400,6 +433,27 @@ def _html_curves(models: dict, names: list[str]) -> str:
     return "".join(out)
 
 
+_VERDICT_CLASS = {"helps": "pass", "hurts": "fail"}
+
+
+def _html_components_table(rows: list[dict]) -> str:
+    body = []
+    for r in rows:
+        delta = _finite(r.get("delta_bpb"))
+        verdict = str(r.get("verdict") or "–")
+        body.append([
+            f"<strong>{_e(r.get('component', '?'))}</strong>",
+            _e(f"{r.get('stage', '?')} vs {r.get('control', '?')}"),
+            _e(r.get("step") if r.get("step") is not None else "–"),
+            _f(r.get("stage_bpb"), 4),
+            _f(r.get("control_bpb"), 4),
+            "–" if delta is None else f"{delta:+.4f}",
+            f'<span class="{_VERDICT_CLASS.get(verdict, "na")}">{_e(verdict)}</span>',
+        ])
+    return _table(["Component", "Stage vs control", "Step", "Stage bpb", "Control bpb", "Δ bpb", "Verdict"], body,
+                  cls="components", num_cols=(2, 3, 4, 5))
+
+
 def _html_comparison(s: dict) -> str:
     rows = [_d(r) for r in _l(s.get("stage_comparison")) if isinstance(r, dict)]
     out = ['<section id="comparison"><h2>Stage comparison</h2>']
@@ -408,11 +462,21 @@ def _html_comparison(s: dict) -> str:
         for r in rows:
             delta = _finite(r.get("delta_bpb_vs_previous"))
             dtxt = "–" if delta is None else f"{delta:+.3f}"
-            body.append([_e(r.get("model", "?")), _f(r.get("val_bpb")), dtxt, _count(r.get("tokens_per_s"))])
-        out.append(_table(["Model", "Val bits/byte", "Δ bpb vs previous", "Tokens/s"], body, num_cols=(1, 2, 3)))
-        out.append('<p class="muted">Lower bits per byte is better; a negative Δ means the stage improved on the previous one.</p>')
+            model = _e(r.get("model", "?")) + (' <span class="muted">(control)</span>' if r.get("control") else "")
+            body.append([model, _f(r.get("val_bpb")), dtxt, _count(r.get("tokens_per_s"))])
+        out.append(_table(["Model", "Val bits/byte", "Δ bpb vs previous stage", "Tokens/s"], body, num_cols=(1, 2, 3)))
+        out.append('<p class="muted">Lower bits per byte is better; a negative Δ means the model improved on the previous '
+                   "stage. A control continues the previous stage for the same steps without the new component.</p>")
     else:
         out.append('<p class="muted">No stage comparison available.</p>')
+    comps = _component_rows(s, False)
+    out.append('<h3 id="components">What each component adds</h3>')
+    if comps:
+        out.append(_html_components_table(comps))
+        out.append('<p class="muted">Δ = stage − control validation bits per byte at the same step: negative means the '
+                   "component helps. Differences inside the noise floor are reported as no measurable effect.</p>")
+    else:
+        out.append('<p class="muted">No component comparison: the control models were not evaluated.</p>')
     out.append("</section>")
     return "".join(out)
 
@@ -454,8 +518,16 @@ def _html_guidance(models: dict, names: list[str]) -> str:
             q_series, title=f"{name}: sample quality ({_step_label(judged)})", x_label="guidance scale w",
             y_label="share", y_min=0, y_max=1,
         )
-        out.append(f'<div class="charts">{chart_a}{chart_q}</div>')
-        out.append('<p class="muted">Error bars: 95% Wilson interval of the adherence share.</p>')
+        charts = [chart_a, chart_q]
+        judge_pts = [(r.get("scale"), _d(r.get("quality")).get("judge_ppl")) for r in rows]
+        if any(_finite(v) is not None for _, v in judge_pts):
+            charts.append(line_chart(
+                {"judge ppl": judge_pts}, title=f"{name}: judge perplexity ({_step_label(judged)})",
+                x_label="guidance scale w", y_label="perplexity under the judge", log_y=True,
+            ))
+        out.append(f'<div class="charts">{"".join(charts)}</div>')
+        out.append('<p class="muted">Error bars: 95% Wilson interval of the adherence share. Judge perplexity: lower '
+                   "means the samples read more like the corpus to the judge model.</p>")
         body = []
         for r in rows:
             ci = _l(r.get("ci"))
@@ -469,10 +541,12 @@ def _html_guidance(models: dict, names: list[str]) -> str:
                     _f(q.get("distinct_2")),
                     _f(q.get("real_word_share")),
                     _f(q.get("repetition_rate")),
+                    _f(q.get("judge_ppl"), 1),
                 ]
             )
         out.append(
-            _table(["Guidance w", "Adherence", "95% CI", "n", "Distinct-2", "Real words", "Repetition"], body, num_cols=range(7))
+            _table(["Guidance w", "Adherence", "95% CI", "n", "Distinct-2", "Real words", "Repetition", "Judge ppl"], body,
+                   num_cols=range(8))
         )
         # samples per guidance scale: rows = prompts, columns = scales
         prompts: list[str] = []
@@ -519,6 +593,8 @@ def _html_samples(models: dict, names: list[str]) -> str:
     shown = 0
     for name in names:
         model = _d(models.get(name))
+        if _is_control(name, model):
+            continue
         ms = _milestones(model)
         prompts, cells = _samples_by_prompt(ms)
         if not ms:
@@ -620,7 +696,12 @@ def _html_mlflow(s: dict) -> str:
     out.append(f"<p>Open the UI:</p><pre class=\"cmd\">{_e(_mlflow_command(ml.get('tracking_uri')))}</pre>")
     runs = _d(ml.get("runs"))
     if runs:
-        out.append(_table(["Stage", "Run id"], [[_e(k), f"<code>{_e(v if v is not None else '–')}</code>"] for k, v in runs.items()]))
+        rows = []
+        for k, v in runs.items():
+            code = f"<code>{_e(v if v is not None else '–')}</code>"
+            link = _run_link(ml.get("tracking_uri"), v)
+            rows.append([_e(k), f'<a href="{_e(link)}">{code}</a>' if link else code])
+        out.append(_table(["Stage", "Run id"], rows))
     out.append("</section>")
     return "".join(out)
 
@@ -785,8 +866,11 @@ def render_markdown(summary: dict) -> str:
             out += [_md_table(["Item", "Criterion"] + [_m(n) for n in ran], rows), ""]
         else:
             out += ["No checklist was computed.", ""]
+        out += [f"> **Judge:** {_m(_judge_text(s.get('judge')))}", ""]
     else:
         out += ["No model results in this summary.", ""]
+    if _component_rows(s, True):
+        out += ["### What each component adds", "", _md_components_table(_component_rows(s, True)), ""]
     out += ["### What to do next", ""]
     steps = [x for x in _l(s.get("next_steps")) if x is not None]
     out += [f"{i}. {_m(x)}" for i, x in enumerate(steps, 1)] or ["No suggestions."]
@@ -842,10 +926,17 @@ def render_markdown(summary: dict) -> str:
         rows = []
         for r in comp:
             delta = _finite(r.get("delta_bpb_vs_previous"))
-            rows.append([_m(r.get("model", "?")), _f(r.get("val_bpb")), "–" if delta is None else f"{delta:+.3f}", _count(r.get("tokens_per_s"))])
-        out += [_md_table(["Model", "Val bits/byte", "Δ bpb vs previous", "Tokens/s"], rows), ""]
+            model = _m(r.get("model", "?")) + (" (control)" if r.get("control") else "")
+            rows.append([model, _f(r.get("val_bpb")), "–" if delta is None else f"{delta:+.3f}", _count(r.get("tokens_per_s"))])
+        out += [_md_table(["Model", "Val bits/byte", "Δ bpb vs previous stage", "Tokens/s"], rows), ""]
     else:
         out += ["No stage comparison available.", ""]
+    out += ["### What each component adds", ""]
+    if _component_rows(s, False):
+        out += [_md_components_table(_component_rows(s, False)), "",
+                "Δ = stage − control validation bits per byte at the same step: negative means the component helps.", ""]
+    else:
+        out += ["No component comparison: the control models were not evaluated.", ""]
 
     # guidance
     out += ["## Prompt adherence vs guidance", ""]
@@ -871,9 +962,11 @@ def render_markdown(summary: dict) -> str:
                     _f(q.get("distinct_2")),
                     _f(q.get("real_word_share")),
                     _f(q.get("repetition_rate")),
+                    _f(q.get("judge_ppl"), 1),
                 ]
             )
-        out += [_md_table(["Guidance w", "Adherence", "95% CI (Wilson)", "n", "Distinct-2", "Real words", "Repetition"], body), ""]
+        out += [_md_table(["Guidance w", "Adherence", "95% CI (Wilson)", "n", "Distinct-2", "Real words", "Repetition",
+                           "Judge ppl"], body), ""]
         prompts: list[str] = []
         cells: dict[tuple[str, int], list[dict]] = {}
         for i, r in enumerate(rows):
@@ -897,7 +990,7 @@ def render_markdown(summary: dict) -> str:
     for name in names:
         model = _d(models.get(name))
         ms = _milestones(model)
-        if not ms:
+        if not ms or _is_control(name, model):
             continue
         shown = True
         best_step = _int(_d(model.get("best")).get("step"))
@@ -953,7 +1046,12 @@ def render_markdown(summary: dict) -> str:
         out += ["Open the UI:", "", "```", _mlflow_command(ml.get("tracking_uri")), "```", ""]
         runs = _d(ml.get("runs"))
         if runs:
-            out += [_md_table(["Stage", "Run id"], [[_m(k), _code(v) if v is not None else "–"] for k, v in runs.items()]), ""]
+            rows = []
+            for k, v in runs.items():
+                link = _run_link(ml.get("tracking_uri"), v)
+                cell = _code(v) if v is not None else "–"
+                rows.append([_m(k), f"[{cell}]({link})" if link else cell])
+            out += [_md_table(["Stage", "Run id"], rows), ""]
     else:
         out += ["Tracking was disabled or did not record runs.", ""]
 
@@ -965,6 +1063,22 @@ def render_markdown(summary: dict) -> str:
     else:
         out += ["No parameters recorded.", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _md_components_table(rows: list[dict]) -> str:
+    body = []
+    for r in rows:
+        delta = _finite(r.get("delta_bpb"))
+        body.append([
+            f"**{_m(r.get('component', '?'))}**",
+            _m(f"{r.get('stage', '?')} vs {r.get('control', '?')}"),
+            _m(r.get("step") if r.get("step") is not None else "–"),
+            _f(r.get("stage_bpb"), 4),
+            _f(r.get("control_bpb"), 4),
+            "–" if delta is None else f"{delta:+.4f}",
+            _m(r.get("verdict") or "–"),
+        ])
+    return _md_table(["Component", "Stage vs control", "Step", "Stage bpb", "Control bpb", "Δ bpb", "Verdict"], body)
 
 
 def _md_sample_cell(samples: list[dict], adherence: bool = False) -> str:

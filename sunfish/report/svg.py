@@ -123,7 +123,7 @@ def line_chart(
     x_label: str = "",
     y_label: str = "",
     log_y: bool = False,
-    width: int = 560,
+    width: int = 540,
     height: int = 320,
     y_min: float | None = None,
     y_max: float | None = None,
