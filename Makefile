@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup pipeline test test-fast ui clean-outputs
+.PHONY: setup pipeline test test-fast ui team-server compare clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -26,5 +26,19 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The MLflow UI over this project's store: one row per experiment, expand it for its stage runs.
 ui: setup
 	mlflow ui --backend-store-uri "sqlite:///$(abspath mlflow.db)" --host 127.0.0.1 --port 5000
+
+# A tracking server shared by a team: runs in TEAM_DIR/mlflow.db, artifacts (checkpoints included)
+# proxied into TEAM_DIR/artifacts. Point the stages at it with MLFLOW_TRACKING_URI=http://<host>:5000.
+TEAM_DIR ?= mlflow-server
+HOST ?= 127.0.0.1
+team-server: setup
+	mkdir -p "$(TEAM_DIR)/artifacts"
+	mlflow server --backend-store-uri "sqlite:///$(abspath $(TEAM_DIR))/mlflow.db" \
+		--artifacts-destination "$(abspath $(TEAM_DIR))/artifacts" --host $(HOST) --port 5000
+
+# Experiments side by side in the terminal (sunfish compare --help for filters).
+compare: setup
+	sunfish compare

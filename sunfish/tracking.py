@@ -15,6 +15,16 @@ record of the run is appended to ``<repo>/state/mlflow_fallback/<stage>.jsonl``;
 At the end of the stage a summary says how many metric records are only there; ``sunfish tracking
 sync`` (:func:`sunfish.tracking_sync.sync_fallback`) replays them. Closing a run waits at most
 ``close_timeout`` (60 s) for the queue to drain, then writes what is left to the fallback file.
+
+Stage runs of one pipeline execution are grouped under a parent run, so the MLflow UI compares
+experiments side by side rather than dozens of stage runs. The parent is named after the DVC
+experiment (``DVC_EXP_NAME``), or ``workspace@<commit>`` for a plain ``dvc repro`` (with ``+<hash>``
+of params.yaml when it differs from the commit's). Every stage run carries ``mlflow.parentRunId``
+and the tag ``sunfish.experiment``; the parent collects the params of its stages (same names as in
+params.yaml) and the headline metrics (same names as in DVC's metrics files). A later execution
+under the same name whose params disagree with the parent's gets a new parent. Finding or creating
+the parent holds a lock file per store, so two queue workers never make two parents of one
+experiment.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import queue
 import random
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -41,7 +52,12 @@ from typing import Any
 
 from sunfish.tracking_sync import append_records, open_client, sync_fallback
 
-__all__ = ["StageRun", "repo_root", "stage_run", "sync_fallback", "tracking_uri"]
+try:  # POSIX; elsewhere parent creation is unlocked (queue workers then rarely race)
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["StageRun", "experiment_label", "repo_root", "stage_run", "sync_fallback", "tracking_uri"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +66,9 @@ MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 # MLflow error codes meaning "this request is invalid" (e.g. a param changed on resume): the record
 # is refused, the store is fine, so the run keeps logging to MLflow.
 _REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST"}
+PARENT_TAG = "sunfish.parent"  # "true" on the run that groups the stage runs of one execution
+EXPERIMENT_TAG = "sunfish.experiment"  # the execution's label, on the parent and on every stage run
+PARENT_ID_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 _CONTROL = ("flush", "stop")
 # Runs not closed by stage_run (direct StageRun use): drained at interpreter exit.
 _OPEN: weakref.WeakSet[StageRun] = weakref.WeakSet()
@@ -115,6 +134,10 @@ def _is_lock_contention(exc: BaseException) -> bool:
     return "locked" in text or "busy" in text
 
 
+# Lock contention met by this process: {"retries": n, "seconds": waited}; reported when a stage ends.
+LOCK_WAITS = {"retries": 0, "seconds": 0.0}
+
+
 def _with_retry(fn, *args, attempts: int = 8, **kwargs):
     """Retry on SQLite lock contention (two experiments writing one store at once)."""
     delay = 0.1
@@ -124,7 +147,10 @@ def _with_retry(fn, *args, attempts: int = 8, **kwargs):
         except Exception as exc:  # mlflow wraps sqlite errors in MlflowException
             if attempt == attempts - 1 or not _is_lock_contention(exc):
                 raise
-            time.sleep(delay + random.random() * delay)
+            pause = delay + random.random() * delay
+            LOCK_WAITS["retries"] += 1
+            LOCK_WAITS["seconds"] += pause
+            time.sleep(pause)
             delay = min(delay * 2, 2.0)
     return None
 
@@ -154,6 +180,7 @@ class StageRun:
         stage: str | None = None,
         experiment: str | None = None,
         enabled: bool = True,
+        parent_id: str | None = None,
     ):
         self.client = client
         self.run_id = run_id
@@ -164,6 +191,7 @@ class StageRun:
         self.stage = stage or self.fallback_path.stem
         self.experiment = experiment
         self.enabled = enabled
+        self.parent_id = parent_id
         self.local_id = None if run_id else uuid.uuid4().hex
         self.lost_to_fallback = 0  # JSONL records written to the fallback file
         self.metrics_to_fallback = 0  # metric values among them
@@ -201,6 +229,21 @@ class StageRun:
                 items.append((_metric_key(key), value, now, int(step)))
         if items:
             self._submit(("metrics", items))
+
+    def log_experiment_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """Headline figures (named as in DVC's metrics files, e.g. ``cfg.best_val_bpb``) on this run
+        and on the parent run, where the MLflow UI compares experiments side by side. Non-numeric
+        values (``"3/5"``) are skipped, as DVC skips them in plots."""
+        if not self.enabled:
+            return
+        clean = {k: v for k, v in metrics.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+        self.log_metrics(clean, 0)
+        if self.parent_id is None:
+            return
+        now = int(time.time() * 1000)
+        items = [(_metric_key(k), float(v), now, 0) for k, v in clean.items() if math.isfinite(float(v))]
+        if items:
+            self._submit(("parent_metrics", (self.parent_id, items)))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = {str(k): str(v) for k, v in tags.items() if v is not None}
@@ -388,6 +431,12 @@ class StageRun:
         elif kind == "end":
             status, end_time = payload
             _with_retry(client.set_terminated, run_id, status, end_time)
+        elif kind == "parent_metrics":
+            from mlflow.entities import Metric
+
+            parent, items = payload
+            metrics = [Metric(k, v, ts, step) for (k, v, ts, step) in items]
+            _with_retry(client.log_batch, parent, metrics=metrics, synchronous=True)
 
     # -- fallback file ----------------------------------------------------------------------------
     def _write_fallback(self, ops: list[tuple[str, Any]], rejected: str | None = None) -> None:
@@ -402,6 +451,8 @@ class StageRun:
                 records.append(self._record(metrics=metrics))
                 n_metrics, metrics = n_metrics + len(metrics), []
             records.append(self._record(**self._fields(op)))
+            if op[0] == "parent_metrics":
+                n_metrics += len(op[1][1])
         if metrics:
             records.append(self._record(metrics=metrics))
             n_metrics += len(metrics)
@@ -442,6 +493,9 @@ class StageRun:
             return {"tags": payload}
         if kind == "end":
             return {"status": payload[0], "end_time": payload[1]}
+        if kind == "parent_metrics":  # replayed into the parent run by `sunfish tracking sync`
+            parent, items = payload
+            return {"run_id": parent, "metrics": [[k, v, step, ts] for (k, v, ts, step) in items]}
         path, artifact_path = payload
         return {"artifact": self._keep_artifact(Path(path)), "source": path, "artifact_path": artifact_path}
 
@@ -527,35 +581,45 @@ def stage_run(
         yield StageRun(None, None, fallback, stage=stage, enabled=False)
         return
     uri = tracking_uri(root, configured_uri)
+    commit = git_commit(root)
+    label = experiment_label(commit)
+    shared = {
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
+        "dvc.exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV"),
+        "git.commit": commit,
+        EXPERIMENT_TAG: label,
+    }
     all_tags = {
         "sunfish.stage": stage,
         "dvc.stage": stage,
-        "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
-        "dvc.exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV"),
-        "git.commit": git_commit(root),
+        **shared,
         "params.hash": params_hash(flat_params or {}),
         "mlflow.source.name": f"dvc stage {stage}",
         **(tags or {}),
     }
     all_tags = {k: str(v) for k, v in all_tags.items() if v is not None}
-    client = active_id = None
+    client = active_id = parent_id = None
     resumed = None
     known_params: dict[str, str] = {}
     try:
         client = open_client(uri)
+        exp_id = _experiment_id(client, experiment, root, uri)
+        parent_id = _parent_run(client, exp_id, uri, label, shared, flat_params or {})
+        if parent_id:
+            all_tags[PARENT_ID_TAG] = parent_id
         resumed = _reopen(client, run_id, uri) if run_id else None
         if resumed is not None:
             active_id, known_params = resumed.info.run_id, dict(resumed.data.params)
         else:
-            exp_id = _experiment_id(client, experiment, root)
             run = _with_retry(client.create_run, exp_id, run_name=stage, tags=all_tags)
             active_id = run.info.run_id
-        log.info("MLflow run %s (stage %s) in %s", active_id, stage, uri)
+        log.info("MLflow run %s (stage %s, experiment %s) in %s", active_id, stage, label, uri)
     except Exception as exc:
         log.warning("MLflow store %s unavailable (%s); training goes on, records go to %s",
                     uri, exc, fallback)
-        client, active_id = None, run_id  # a resumed run keeps its id, so a replay continues it
-    handle = StageRun(client, active_id, fallback, uri=uri, stage=stage, experiment=experiment)
+        client, active_id, parent_id = None, run_id, None  # a resumed run keeps its id for the replay
+    handle = StageRun(client, active_id, fallback, uri=uri, stage=stage, experiment=experiment,
+                      parent_id=parent_id)
     if client is None or resumed is not None:
         handle.set_tags(all_tags)  # what create_run would have set (refreshed on resume: commit, exp name)
     if flat_params:
@@ -578,6 +642,116 @@ def stage_run(
         raise
     finally:
         handle.close(status, timeout=timeout)
+        if parent_id is not None and not handle._failed:
+            _end_parent(client, parent_id, status)
+        if LOCK_WAITS["retries"]:
+            log.info("stage %s waited %.1f s for the SQLite store in %d retries (another writer held it)",
+                     stage, LOCK_WAITS["seconds"], LOCK_WAITS["retries"])
+
+
+def experiment_label(commit: str | None) -> str:
+    """What groups the stage runs of one execution: the DVC experiment's name, else the commit.
+
+    A plain ``dvc repro`` with a params.yaml that differs from the commit's gets ``+<hash>`` of
+    the file, so two different workspace configurations never share a parent.
+    """
+    name = os.environ.get("DVC_EXP_NAME")
+    if name:
+        return name
+    label = f"workspace@{commit[:7]}" if commit else "workspace"
+    params = Path.cwd() / "params.yaml"
+    if commit and params.is_file() and _differs_from_head(params):
+        label += "+" + hashlib.sha256(params.read_bytes()).hexdigest()[:7]
+    return label
+
+
+def _differs_from_head(path: Path) -> bool:
+    try:
+        out = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", path.name], cwd=path.parent,
+                             capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 1
+
+
+@contextmanager
+def _parent_lock(uri: str) -> Iterator[None]:
+    """One process at a time finds-or-creates parent runs in a store (queue workers start together)."""
+    if fcntl is None:  # pragma: no cover - not POSIX
+        yield
+        return
+    name = f"sunfish-parent-{hashlib.sha1(uri.encode()).hexdigest()[:16]}.lock"
+    fd = os.open(os.path.join(tempfile.gettempdir(), name), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _parent_run(client: Any, exp_id: str, uri: str, label: str, tags: Mapping[str, Any],
+                flat_params: Mapping[str, Any]) -> str | None:
+    """The parent run of this execution (found or created), with this stage's params added.
+
+    The newest parent of ``label`` is reused unless one of its params disagrees with this stage's
+    (the same experiment name run again with other settings): then a new parent is started.
+    A failure here leaves the stage run without a parent rather than stopping the stage.
+    """
+    from mlflow.entities import Param, RunTag
+
+    wanted = {str(k): _param_value(v) for k, v in flat_params.items()}
+    # not dvc.exp_name: filtering on it keeps meaning "the stage runs of experiment X"
+    tags = {k: str(v) for k, v in tags.items() if v is not None and k != "dvc.exp_name"}
+    try:
+        with _parent_lock(uri):
+            newest = find_parents(client, [exp_id], label=label, max_results=1)
+            parent = newest[0] if newest else None
+            if parent is not None and any(parent.data.params.get(k, v) != v for k, v in wanted.items()):
+                log.info("experiment %s ran again with other params: a new parent run", label)
+                parent = None
+            if parent is None:
+                parent_tags = {**tags, PARENT_TAG: "true",
+                               "mlflow.source.name": "dvc pipeline"}
+                parent = _with_retry(client.create_run, exp_id, run_name=label, tags=parent_tags)
+                known: dict[str, str] = {}
+            else:
+                known = dict(parent.data.params)
+                _with_retry(client.update_run, parent.info.run_id, "RUNNING")
+            parent_id = parent.info.run_id
+            new = [Param(k, v) for k, v in wanted.items() if k not in known]
+            for i in range(0, len(new), 100):  # log_batch takes at most 100 params
+                _with_retry(client.log_batch, parent_id, params=new[i : i + 100], synchronous=True)
+            latest = {k: v for k, v in tags.items() if k != EXPERIMENT_TAG}
+            if latest:  # the commit an experiment name was last run at
+                _with_retry(client.log_batch, parent_id, tags=[RunTag(k, v) for k, v in latest.items()],
+                            synchronous=True)
+            return parent_id
+    except Exception as exc:
+        log.warning("could not find or create the parent MLflow run of %s (%s); the stage run is not grouped",
+                    label, exc)
+        return None
+
+
+def find_parents(client: Any, experiment_ids: list[str], label: str | None = None,
+                 max_results: int = 1000) -> list[Any]:
+    """Parent runs, newest first; only those of ``label`` when given."""
+    query = f"tags.`{PARENT_TAG}` = 'true'"
+    if label is not None:
+        query += f" and tags.`{EXPERIMENT_TAG}` = '{_quote(label)}'"
+    return _with_retry(client.search_runs, experiment_ids, filter_string=query, max_results=max_results,
+                       order_by=["attributes.start_time DESC"])
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _end_parent(client: Any, parent_id: str, status: str) -> None:
+    """The parent's status follows its latest stage: FINISHED, FAILED or KILLED, with that end time."""
+    try:
+        _with_retry(client.set_terminated, parent_id, status, int(time.time() * 1000))
+    except Exception as exc:
+        log.warning("could not update the parent MLflow run %s (%s)", parent_id, exc)
 
 
 def _reopen(client: Any, run_id: str, uri: str):
@@ -596,11 +770,15 @@ def _reopen(client: Any, run_id: str, uri: str):
     return run
 
 
-def _experiment_id(client: Any, experiment: str, root: Path) -> str:
+def _experiment_id(client: Any, experiment: str, root: Path, uri: str) -> str:
+    """The experiment's id, created if new: with artifacts in <root>/mlartifacts for a local store;
+    a tracking server chooses itself (its --artifacts-destination, shared by the team)."""
     exp = _with_retry(client.get_experiment_by_name, experiment)
     if exp is not None:
         return exp.experiment_id
+    local = uri.startswith(("sqlite:", "file:", "/"))
     try:
-        return _with_retry(client.create_experiment, experiment, artifact_location=artifact_location(root))
+        return _with_retry(client.create_experiment, experiment,
+                           artifact_location=artifact_location(root) if local else None)
     except Exception:  # created concurrently by another experiment
         return _with_retry(client.get_experiment_by_name, experiment).experiment_id

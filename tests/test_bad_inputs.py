@@ -407,3 +407,15 @@ def test_a_good_corpus_prepares(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["stage", "prepare"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "data" / "prepared" / "meta.json").read_text())["splits"]["train"]["tokens"] >= 65
+
+
+def test_long_prompts_keep_the_end_the_model_was_trained_on(loaded):
+    """AR continues the end of its context; the diffusion prompt encoder was trained on the start."""
+    from sunfish.sampling import clean_prompt
+
+    tok = loaded["tokenizer"]
+    text = " ".join(f"word{i}" for i in range(40))
+    ids = tok.encode(text)
+    last, _ = clean_prompt(text, tok, 8)
+    first, _ = clean_prompt(text, tok, 8, keep="first")
+    assert last == ids[-8:] and first == ids[:8] and first != last

@@ -81,3 +81,77 @@ def test_unreachable_store_keeps_records_locally(tmp_path, caplog):
     steps = [m[2] for line in lines for m in line["metrics"]]
     assert steps == [1, 2, 3]
     assert "MLflow logging failed" in caplog.text
+
+
+# -- grouping: one parent run per pipeline execution ------------------------------------------------
+def _client(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(root))
+
+
+def _parents(root: Path) -> list:
+    from sunfish.tracking import find_parents
+
+    client = _client(root)
+    return find_parents(client, [client.get_experiment_by_name("sunfish").experiment_id])
+
+
+def test_stage_runs_of_one_experiment_share_a_parent_with_their_params(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
+    with stage_run("train_stage_0", root=tmp_path, flat_params={"train.lr": 0.001}) as train:
+        train.log_metrics({"train/loss": 1.0}, 1)
+    with stage_run("evaluate", root=tmp_path, flat_params={"cfg.guidance_scale": 3.0}) as ev:
+        ev.log_experiment_metrics({"cfg.best_val_bpb": 2.5, "cfg.adherence": 0.75, "cfg.checklist": "3/5"})
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-b")
+    with stage_run("evaluate", root=tmp_path, flat_params={"cfg.guidance_scale": 7.0}) as other:
+        pass
+
+    client = _client(tmp_path)
+    parents = {p.data.tags["sunfish.experiment"]: p for p in _parents(tmp_path)}
+    assert set(parents) == {"exp-a", "exp-b"}
+    a = parents["exp-a"]
+    assert a.info.run_name == "exp-a" and a.info.status == "FINISHED"
+    assert a.data.params == {"train.lr": "0.001", "cfg.guidance_scale": "3.0"}
+    assert a.data.metrics == {"cfg.best_val_bpb": 2.5, "cfg.adherence": 0.75}
+    for child in (train, ev):
+        tags = client.get_run(child.run_id).data.tags
+        assert tags["mlflow.parentRunId"] == a.info.run_id
+        assert tags["sunfish.experiment"] == "exp-a"
+    assert client.get_run(ev.run_id).data.metrics["cfg.adherence"] == 0.75
+    assert client.get_run(other.run_id).data.tags["mlflow.parentRunId"] == parents["exp-b"].info.run_id
+
+
+def test_same_name_with_other_params_gets_a_new_parent_and_failure_shows(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
+    with stage_run("evaluate", root=tmp_path, flat_params={"cfg.guidance_scale": 3.0}):
+        pass
+    with pytest.raises(RuntimeError):
+        with stage_run("evaluate", root=tmp_path, flat_params={"cfg.guidance_scale": 5.0}):
+            raise RuntimeError("boom")
+    parents = _parents(tmp_path)  # newest first
+    assert [p.data.params["cfg.guidance_scale"] for p in parents] == ["5.0", "3.0"]
+    assert [p.info.status for p in parents] == ["FAILED", "FINISHED"]
+
+
+def test_workspace_label_is_the_commit_plus_a_hash_of_changed_params(tmp_path, monkeypatch):
+    import subprocess
+
+    from sunfish.tracking import experiment_label, git_commit
+
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e.invalid", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@e.invalid", "PATH": __import__("os").environ["PATH"]}
+    (tmp_path / "params.yaml").write_text("cfg: {guidance_scale: 7.0}\n")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "x"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, env=env)
+    monkeypatch.chdir(tmp_path)
+    commit = git_commit(tmp_path)
+    assert experiment_label(commit) == f"workspace@{commit[:7]}"
+    (tmp_path / "params.yaml").write_text("cfg: {guidance_scale: 3.0}\n")
+    changed = experiment_label(commit)
+    assert changed.startswith(f"workspace@{commit[:7]}+") and len(changed) == len(commit[:7]) + 18
+    monkeypatch.setenv("DVC_EXP_NAME", "bushy-tree")
+    assert experiment_label(commit) == "bushy-tree"

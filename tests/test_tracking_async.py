@@ -420,7 +420,9 @@ def _write_metrics(root: str, barrier, out: str, count: int) -> None:
     with stage_run("train_stage_0", root=Path(root), flat_params={"pid": os.getpid()}) as run:
         for step in range(count):
             run.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
-    Path(out).write_text(json.dumps({"run_id": run.run_id, "fallback": run.lost_to_fallback}))
+    from sunfish.tracking import LOCK_WAITS
+
+    Path(out).write_text(json.dumps({"run_id": run.run_id, "fallback": run.lost_to_fallback, **LOCK_WAITS}))
 
 
 @pytest.mark.slow
@@ -442,8 +444,72 @@ def test_two_processes_write_one_sqlite_store(tmp_path):
             if p.is_alive():
                 p.kill()
     results = [json.loads(o.read_text()) for o in outs]
+    print("SQLite lock retries per writer:", [(r["retries"], round(r["seconds"], 2)) for r in results])
     assert [r["fallback"] for r in results] == [0, 0]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     for r in results:
         assert len(client.get_metric_history(r["run_id"], "train/loss")) == 300
     assert not (tmp_path / "state" / "mlflow_fallback").exists()
+
+
+def _open_stage(root: str, barrier, out: str, stage: str, count: int) -> None:
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ["DVC_EXP_NAME"] = "sweep-1"
+    import sunfish.tracking
+    from sunfish.tracking import stage_run
+
+    search = sunfish.tracking.find_parents
+
+    def slow_search(*args, **kwargs):
+        # all three search at the same instant when nothing serialises them (here the barrier times
+        # out for the lock holder while the others wait for the lock), then widen the window
+        # between "no parent yet" and "create one"
+        try:
+            barrier.wait(4)
+        except threading.BrokenBarrierError:
+            pass
+        found = search(*args, **kwargs)
+        time.sleep(0.3)
+        return found
+
+    sunfish.tracking.find_parents = slow_search
+    barrier.wait(120)
+    with stage_run(stage, root=Path(root), flat_params={"cfg.guidance_scale": 3.0}) as run:
+        for step in range(count):
+            run.log_metrics({"val/bpb": 1.0 / (step + 1)}, step)
+        run.log_experiment_metrics({f"{stage}.best_val_bpb": 1.0})
+    Path(out).write_text(json.dumps({"run_id": run.run_id, "fallback": run.lost_to_fallback}))
+
+
+@pytest.mark.slow
+def test_workers_starting_together_make_one_parent(tmp_path):
+    """Three processes of one experiment open their stage runs at the same instant: one parent."""
+    from mlflow.tracking import MlflowClient
+
+    from sunfish.tracking import find_parents
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_experiment("sunfish")  # the store exists: nothing serialises the workers but the lock
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(3)
+    outs = [tmp_path / f"out{i}.json" for i in range(3)]
+    procs = [ctx.Process(target=_open_stage, args=(str(tmp_path), barrier, str(o), f"s{i}", 200))
+             for i, o in enumerate(outs)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(180)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    parents = find_parents(client, [client.get_experiment_by_name("sunfish").experiment_id])
+    assert len(parents) == 1
+    assert parents[0].data.metrics == {"s0.best_val_bpb": 1.0, "s1.best_val_bpb": 1.0, "s2.best_val_bpb": 1.0}
+    for o in outs:
+        r = json.loads(o.read_text())
+        assert r["fallback"] == 0
+        assert client.get_run(r["run_id"]).data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert len(client.get_metric_history(r["run_id"], "val/bpb")) == 200
