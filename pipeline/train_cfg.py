@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
 
 import torch
 
-from pipeline.common import open_stage
+from pipeline.common import log, open_stage, write_csv, write_json
 from pipeline.training import read_meta, run_training
+
+HEALTH_SEED = 0
 
 
 def run() -> None:
@@ -48,3 +52,35 @@ def run() -> None:
                     "data.tokenizer": file_digest(ctx.prepared / "tokenizer.json")},
         description=f"prompt-conditioned {p.cfg.objective} diffusion, CFG dropout {p.cfg.conditioning_dropout}",
     )
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes reports
+        log_milestone_health(ctx, flat)
+
+
+def log_milestone_health(ctx, flat: dict) -> list[dict]:
+    """Embedding health of every milestone checkpoint: the evidence that embeddings do not collapse.
+
+    Mean pairwise cosine of the token embeddings, and for the continuous objective the rounding
+    accuracy at the smallest noise level. Read from the saved milestones rather than during
+    training so the figures belong exactly to the checkpoints (a resumed run has them all), into
+    reports/curves/cfg/health.csv, the stage's metrics ("health") and its MLflow run.
+    """
+    from sunfish.training.checkpoint import list_milestones, load_checkpoint
+
+    rows = []
+    for step, directory in list_milestones(ctx.models / "cfg"):
+        model = load_checkpoint(directory, expect_kind="diffusion")[0]
+        rows.append({"step": step, **model.health(torch.Generator().manual_seed(HEALTH_SEED))})
+    if not rows:
+        return rows
+    fields = ["step", *[k for k in rows[-1] if k != "step"]]
+    write_csv(ctx.reports / "curves" / "cfg" / "health.csv", rows, fields)
+    metrics_file = ctx.reports / "metrics" / "cfg.json"
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    metrics["health"] = {k: rows[-1][k] for k in fields[1:]}
+    write_json(metrics_file, metrics)
+    with ctx.tracking(flat, run_id=metrics.get("mlflow_run_id")) as run:
+        for row in rows:
+            run.log_metrics({f"health/{k}": row[k] for k in fields[1:]}, row["step"])
+    log.info("cfg embedding health at the last milestone: %s",
+             ", ".join(f"{k} {rows[-1][k]:.4f}" for k in fields[1:]))
+    return rows

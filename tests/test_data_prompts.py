@@ -179,3 +179,21 @@ def test_same_pairs_in_another_process_with_another_hash_seed(story_pairs):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(root)}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert json.loads(out.stdout) == story_pairs
+
+
+def test_the_originals_prompt_style_comes_out_of_the_pair_builder():
+    """The original's example prompts are among what the builder writes for stories about those words."""
+    docs = [
+        "Once upon a time, there was a robot. The robot liked to help. Every day the robot cleaned a room.",
+        "Tom had two dogs. The dogs ran in the park. A dog barked at a bird and the dogs played.",
+        "Sue went to the ocean with her mom. The ocean was big and blue. She swam in the ocean all day.",
+    ]
+    seen = [set() for _ in docs]
+    for seed in range(80):
+        for i, pair in enumerate(build_pairs(docs, "tinystories", seed=seed)):
+            seen[i].add(pair["prompt"].rstrip(".?").lower())
+    assert "write a story about a robot" in seen[0]
+    assert "write about dogs" in seen[1]
+    assert "describe the ocean" in seen[2]
+    for i, target in enumerate(("robot", "dog", "ocean")):
+        assert all(adherent(p, [target, target + "s"]) for p in seen[i] if not p.startswith("words:")), seen[i]

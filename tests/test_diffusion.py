@@ -413,3 +413,95 @@ def test_continuous_clamping_and_step_limits():
     assert out.shape == (2, 6)
     with pytest.raises(ValueError, match="num_steps"):
         sample(model, [[2]], num_samples=1, seq_len=6, num_steps=11, guidance_scale=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the `sunfish sample` command on a diffusion checkpoint
+
+
+@pytest.fixture(scope="module")
+def diffusion_checkpoint(tmp_path_factory):
+    from sunfish.data.tokenizer import train_bpe
+    from sunfish.training.checkpoint import save_checkpoint
+
+    tmp = tmp_path_factory.mktemp("cfg_ckpt")
+    text = ["Once upon a time, a little robot went to the park. The dog played with a red ball."] * 8
+    tok = train_bpe(text, vocab_size=300, min_frequency=1)
+    tok.save(tmp / "tokenizer.json")
+    model = tiny(vocab_size=tok.vocab_size, max_seq_len=32, max_prompt_tokens=32,
+                 pad_id=tok.pad_id, eos_id=tok.eos_id)
+    return save_checkpoint(tmp / "cfg" / "final", model, model_name="cfg", step=1,
+                           tokenizer_file=tmp / "tokenizer.json")
+
+
+def _sample_cli(*args: str):
+    from click.testing import CliRunner
+
+    from sunfish.cli import main
+
+    result = CliRunner().invoke(main, ["sample", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_cli_infill_keeps_the_given_text(diffusion_checkpoint):
+    out = _sample_cli(str(diffusion_checkpoint), "--infill", "Once upon a time, [MASK] went to the park.",
+                      "--seq-len", "24", "--num-steps", "4", "--format", "json")
+    row = __import__("json").loads(out)
+    assert row["text"].startswith("Once upon a time,") and " went to the park." in row["text"]
+    filled = row["text"][len("Once upon a time,"): row["text"].index(" went to the park.")]
+    assert filled.strip()  # the span was filled with something
+
+
+def test_cli_json_prints_one_object_per_sample(diffusion_checkpoint):
+    import json
+
+    out = _sample_cli(str(diffusion_checkpoint), "--prompt", "Write a story about a robot", "--guidance-scale", "7",
+                      "--num-samples", "2", "--seq-len", "12", "--num-steps", "3", "--scheduler", "ddpm",
+                      "--seed", "5", "--format", "json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 2
+    for r in rows:
+        assert {"prompt", "guidance_scale", "text", "tokens", "seconds"} <= set(r)
+        assert r["prompt"] == "Write a story about a robot" and r["guidance_scale"] == 7.0
+        assert r["scheduler"] == "ddpm" and r["num_steps"] == 3 and 0 <= r["tokens"] <= 12 and r["seconds"] >= 0
+    again = [json.loads(line) for line in _sample_cli(
+        str(diffusion_checkpoint), "--prompt", "Write a story about a robot", "--guidance-scale", "7",
+        "--num-samples", "2", "--seq-len", "12", "--num-steps", "3", "--scheduler", "ddpm", "--seed", "5",
+        "--format", "json").splitlines()]
+    assert [r["text"] for r in again] == [r["text"] for r in rows]  # seeded
+
+
+def test_train_stage_logs_embedding_health_of_every_milestone(tmp_path):
+    """The continuous objective's non-collapse evidence reaches the metrics, a curve and MLflow."""
+    import contextlib
+    import csv
+    import json
+    from types import SimpleNamespace
+
+    from pipeline.train_cfg import log_milestone_health
+    from sunfish.training.checkpoint import save_checkpoint
+
+    logged = []
+    run = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((step, metrics)))
+    ctx = SimpleNamespace(models=tmp_path / "models", reports=tmp_path / "reports",
+                          tracking=lambda flat, run_id=None: contextlib.nullcontext(run))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    model = tiny("continuous")
+    for step in (2, 4):
+        save_checkpoint(ctx.models / "cfg" / f"step_{step}", model, model_name="cfg", step=step,
+                        tokenizer_file=tmp_path / "tokenizer.json")
+    metrics_file = ctx.reports / "metrics" / "cfg.json"
+    metrics_file.parent.mkdir(parents=True)
+    metrics_file.write_text(json.dumps({"model": "cfg", "mlflow_run_id": None}))
+
+    rows = log_milestone_health(ctx, {})
+
+    expected = model.health(torch.Generator().manual_seed(0))
+    assert [r["step"] for r in rows] == [2, 4]
+    assert rows[-1]["embedding_mean_cosine"] == pytest.approx(expected["embedding_mean_cosine"])
+    assert 0.0 <= rows[-1]["rounding_accuracy_t1"] <= 1.0
+    assert json.loads(metrics_file.read_text())["health"] == {k: rows[-1][k] for k in expected}
+    with (ctx.reports / "curves" / "cfg" / "health.csv").open() as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == [2, 4]
+    assert [s for s, m in logged] == [2, 4] and "health/rounding_accuracy_t1" in logged[0][1]

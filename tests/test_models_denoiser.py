@@ -220,3 +220,42 @@ def test_unloadable_prompt_encoder_names_the_remedy(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="prompt_encoder: own"):
         DiffusionLM(small_config(prompt_encoder=str(empty)))
+
+
+@pytest.mark.parametrize("objective", ["masked", "continuous"])
+def test_prompt_prefix_lets_self_attention_read_the_prompt(objective):
+    """With cross-attention silenced, only a model with the prompt prefix still depends on the prompt."""
+    batch = batch_for(B=2)
+    text = batch["text_ids"] if objective == "masked" else torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
+    steps = torch.tensor([5, 5])
+    spread = {}
+    for prefix in (False, True):
+        torch.manual_seed(0)
+        model = DiffusionLM(small_config(objective=objective, prompt_prefix=prefix)).eval()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.normal_(std=0.0 if ".cross_attention." in name else 0.1)
+            cond, uncond = model.predict_cond_uncond(text, batch["prompt_ids"], batch["prompt_mask"], timesteps=steps)
+        spread[prefix] = float((cond - uncond).abs().max())
+        assert DiffusionConfig.from_dict(model.config.to_dict()).prompt_prefix is prefix
+    assert spread[False] == 0.0 and spread[True] > 1e-3
+
+
+@pytest.mark.parametrize("objective", ["masked", "continuous"])
+def test_prompt_pooling_starts_silent_then_carries_the_prompt_without_cross_attention(objective):
+    batch = batch_for(B=2)
+    text = batch["text_ids"] if objective == "masked" else torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
+    steps = torch.tensor([5, 5])
+    torch.manual_seed(0)
+    pooled = DiffusionLM(small_config(objective=objective, prompt_pooling=True)).eval()
+    args = (text, batch["prompt_ids"], batch["prompt_mask"])
+    with torch.no_grad():
+        with_pool = pooled.predict(*args, timesteps=steps)
+        projection, pooled.prompt_pool = pooled.prompt_pool, None
+        assert torch.equal(with_pool, pooled.predict(*args, timesteps=steps))  # zero-initialised: no effect yet
+        pooled.prompt_pool = projection
+        for name, param in pooled.named_parameters():
+            param.normal_(std=0.0 if ".cross_attention." in name else 0.1)
+        cond, uncond = pooled.predict_cond_uncond(*args, timesteps=steps)
+    assert float((cond - uncond).abs().max()) > 1e-3
+    assert pooled.component_of("prompt_pool.weight") == "prompt_encoder"
