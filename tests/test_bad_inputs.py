@@ -315,17 +315,19 @@ def test_sampling_any_prompt_is_deterministic_under_a_seed(loaded, prompt, seed,
     assert isinstance(first[0]["text"], str) and first[0]["text"].encode("utf-8")
 
 
-@pytest.mark.parametrize("kind,limit", [("staged", 31), ("diffusion", 8)])
-def test_a_long_prompt_is_truncated_with_a_warning(loaded, kind, limit, caplog):
+@pytest.mark.parametrize("kind,limit,end", [("staged", 31, "last"), ("diffusion", 8, "first")])
+def test_a_long_prompt_is_truncated_with_a_warning(loaded, kind, limit, end, caplog):
     from sunfish.sampling import sample_from_checkpoint
 
     prompt = "the dog liked to play in the park " * 40
     with caplog.at_level(logging.WARNING, logger="sunfish.sampling"):
         out = sample_from_checkpoint(None, prompt=prompt, max_new_tokens=2, num_steps=2, seq_len=8,
                                      model_and_meta=loaded[kind])
-    assert f"keeping the last {limit}" in caplog.text
+    assert f"keeping the {end} {limit}" in caplog.text
     assert len(loaded["tokenizer"].encode(out[0]["prompt"])) <= limit
-    assert prompt.rstrip().endswith(out[0]["prompt"].strip())  # the end of the prompt is what is kept
+    kept = out[0]["prompt"].strip()
+    # AR keeps the end it continues; the diffusion encoder keeps the start it was trained on
+    assert prompt.rstrip().endswith(kept) if end == "last" else prompt.startswith(kept)
 
 
 def test_a_prompt_of_undecodable_bytes_through_the_real_command(ckpts, loaded):
