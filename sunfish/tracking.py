@@ -40,7 +40,6 @@ import queue
 import random
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -50,12 +49,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sunfish.tracking_sync import append_records, open_client, sync_fallback
-
-try:  # POSIX; elsewhere parent creation is unlocked (queue workers then rarely race)
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from sunfish.tracking_sync import append_records, open_client, side_file_lock, sync_fallback
 
 __all__ = ["StageRun", "experiment_label", "repo_root", "stage_run", "sync_fallback", "tracking_uri"]
 
@@ -677,16 +671,8 @@ def _differs_from_head(path: Path) -> bool:
 @contextmanager
 def _parent_lock(uri: str) -> Iterator[None]:
     """One process at a time finds-or-creates parent runs in a store (queue workers start together)."""
-    if fcntl is None:  # pragma: no cover - not POSIX
+    with side_file_lock("sunfish-parent", uri):
         yield
-        return
-    name = f"sunfish-parent-{hashlib.sha1(uri.encode()).hexdigest()[:16]}.lock"
-    fd = os.open(os.path.join(tempfile.gettempdir(), name), os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _parent_run(client: Any, exp_id: str, uri: str, label: str, tags: Mapping[str, Any],

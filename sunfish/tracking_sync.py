@@ -66,11 +66,21 @@ def store_init_lock(uri: str) -> Iterator[None]:
     directory, never the database itself (closing any descriptor of the database would drop
     SQLite's own POSIX locks in this process).
     """
-    if fcntl is None or not uri.startswith("sqlite:///"):
+    if not uri.startswith("sqlite:///"):
         yield
         return
     db = os.path.abspath(uri[len("sqlite:///") :].split("?", 1)[0])
-    name = f"sunfish-mlflow-{hashlib.sha1(db.encode()).hexdigest()[:16]}.lock"
+    with side_file_lock("sunfish-mlflow", db):
+        yield
+
+
+@contextmanager
+def side_file_lock(prefix: str, key: str) -> Iterator[None]:
+    """An exclusive flock on ``<tmp>/<prefix>-<sha1(key)>.lock``, held for the block (no-op off POSIX)."""
+    if fcntl is None:  # pragma: no cover - not POSIX
+        yield
+        return
+    name = f"{prefix}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.lock"
     fd = os.open(os.path.join(tempfile.gettempdir(), name), os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.test_pipeline import ROOT, TINY, env, project_files, ran_stages, run, set_dotted, tree_digest
+from tests.e2e.test_pipeline import env, ran_stages, run, set_dotted, tiny_repo, tree_digest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -30,22 +30,7 @@ HEADLINE = [f"{m}.best_val_bpb" for m in MODELS] + ["cfg.adherence", "cfg.checkl
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("sunfish-exp")
-    for rel in project_files():
-        dst = repo / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dst)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in TINY.items():
-        set_dotted(params, key, value)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q", "-b", "main"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-q", "-m", "tiny profile"], repo)
-    start = time.perf_counter()
-    run(["dvc", "repro"], repo)
-    print(f"tiny dvc repro: {time.perf_counter() - start:.0f}s")
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-q", "-m", "tiny run"], repo)
+    tiny_repo(repo)
     return repo
 
 

@@ -97,9 +97,9 @@ def tree_digest(*paths: Path) -> str:
     return h.hexdigest()
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("sunfish-e2e")
+def tiny_repo(repo: Path) -> subprocess.CompletedProcess:
+    """The project copied into ``repo`` with the TINY profile, committed, reproduced and committed
+    again (as a user would, so experiments have a baseline); returns the `dvc repro` process."""
     for rel in project_files():
         dst = repo / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -114,10 +114,16 @@ def repo(tmp_path_factory) -> Path:
     start = time.perf_counter()
     proc = run(["dvc", "repro"], repo)
     print(f"tiny dvc repro: {time.perf_counter() - start:.0f}s")
-    assert "Running stage 'report'" in proc.stdout
-    # as a user would: keep the results in git so experiments have a baseline
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "tiny run"], repo)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("sunfish-e2e")
+    proc = tiny_repo(repo)
+    assert "Running stage 'report'" in proc.stdout
     return repo
 
 
