@@ -78,6 +78,20 @@ class BrokenClient:
 
 
 # -- a. the caller never waits on the store --------------------------------------------------------
+
+def _run_together(procs, timeout: float = 180) -> None:
+    """Start every process, wait for all, require success; never leave one running."""
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+
 def test_log_metrics_returns_while_the_worker_is_blocked(tmp_path):
     client = RecordingClient(block=True)  # no log_batch can complete until release is set
     run = StageRun(client, "rid", tmp_path / "fb.jsonl", flush_every=5)
@@ -433,16 +447,7 @@ def test_two_processes_write_one_sqlite_store(tmp_path):
     barrier = ctx.Barrier(2)
     outs = [tmp_path / f"out{i}.json" for i in range(2)]
     procs = [ctx.Process(target=_write_metrics, args=(str(tmp_path), barrier, str(o), 300)) for o in outs]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(180)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+    _run_together(procs)
     results = [json.loads(o.read_text()) for o in outs]
     print("SQLite lock retries per writer:", [(r["retries"], round(r["seconds"], 2)) for r in results])
     assert [r["fallback"] for r in results] == [0, 0]
@@ -495,16 +500,7 @@ def test_workers_starting_together_make_one_parent(tmp_path):
     outs = [tmp_path / f"out{i}.json" for i in range(3)]
     procs = [ctx.Process(target=_open_stage, args=(str(tmp_path), barrier, str(o), f"s{i}", 200))
              for i, o in enumerate(outs)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(180)
-            assert p.exitcode == 0
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+    _run_together(procs)
     parents = find_parents(client, [client.get_experiment_by_name("sunfish").experiment_id])
     assert len(parents) == 1
     assert parents[0].data.metrics == {"s0.best_val_bpb": 1.0, "s1.best_val_bpb": 1.0, "s2.best_val_bpb": 1.0}
