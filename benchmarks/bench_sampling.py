@@ -107,7 +107,7 @@ def _prompts(tok, n: int, data_dir: Path, max_tokens: int) -> list[list[int]]:
     if tok is not None and path.exists():
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:n]]
         if records:
-            return [tok.encode(r["prompt"])[:max_tokens] for r in records]
+            return [tok.encode_prompt(r["prompt"])[:max_tokens] for r in records]
     return [[2 + (i % 7), 3, 4 + i % 5] for i in range(n)]
 
 

@@ -156,7 +156,7 @@ def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams) -> 
 
     model = model_tuple[0]
     chosen = records[: ev.cfg_prompts]
-    prompt_ids = [tok.encode(r["prompt"])[: model.config.max_prompt_tokens] for r in chosen]
+    prompt_ids = [tok.encode_prompt(r["prompt"])[: model.config.max_prompt_tokens] for r in chosen]
     sweep = []
     for w in ev.guidance_scales:
         gen = torch.Generator().manual_seed(ev.seed)

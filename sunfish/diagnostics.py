@@ -1414,7 +1414,8 @@ def memorisation_loss(model: nn.Module, batch: dict, *, mask_share: float = 0.5,
     inputs = torch.where(chosen, torch.full_like(ids, model.mask_id), ids)
     memory, memory_mask = model.encode_prompt(batch["prompt_ids"], batch["prompt_mask"])
     hidden = model.hidden_states(inputs, memory, memory_mask, text_mask)
-    return F.cross_entropy(model.token_logits(hidden[chosen]).float(), ids[chosen])
+    log_probs = model.masked_log_probs(hidden, memory, memory_mask, batch["prompt_ids"], chosen)
+    return F.nll_loss(log_probs, ids[chosen])
 
 
 def _eval_loss(model: nn.Module, batch: dict, seed: int) -> float:

@@ -139,24 +139,25 @@ def _evaluate_run_for(target: str, model: str, uri: str, mlflow_experiment: str)
 
 
 def clean_prompt(
-    prompt: str | None, tokenizer, max_tokens: int, keep: str = "last"
+    prompt: str | None, tokenizer, max_tokens: int, keep: str = "last", diffusion: bool = False
 ) -> tuple[list[int] | None, str | None]:
     """Tokenise a user prompt; drop control characters, truncate with a warning; empty = none.
 
     ``keep`` says which end survives truncation: an autoregressive model continues the end of its
     context ("last"); the diffusion model's prompt encoder was trained on the first
     ``max_prompt_tokens`` of each prompt ("first"), so it must see the same part at sampling time.
+    ``diffusion``: tokenise as the diffusion model's training prompts were (``encode_prompt``).
     """
     if prompt is None:
         return None, None
     text = "".join(ch for ch in prompt if ch in "\n\t" or ch.isprintable())
     if not text.strip():
         return None, None
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode_prompt(text) if diffusion else tokenizer.encode(text)
     if len(ids) > max_tokens:
         log.warning("prompt is %d tokens; keeping the %s %d", len(ids), keep, max_tokens)
         ids = ids[:max_tokens] if keep == "first" else ids[-max_tokens:]
-        text = tokenizer.decode(ids)
+        text = tokenizer.decode(ids).lstrip() if diffusion else tokenizer.decode(ids)
     return ids, text
 
 
@@ -224,7 +225,7 @@ def sample_from_checkpoint(
         from sunfish.cli import UsageProblem
 
         raise UsageProblem(f"--seq-len {length} exceeds the model's max_seq_len {model.config.max_seq_len}")
-    prompt_ids, text = clean_prompt(prompt, tok, model.config.max_prompt_tokens, keep="first")
+    prompt_ids, text = clean_prompt(prompt, tok, model.config.max_prompt_tokens, keep="first", diffusion=True)
     infill_arg = None
     if infill is not None:
         infill_arg = _infill_ids(infill, tok, length)

@@ -153,7 +153,7 @@ def test_pair_dataset_tensors(tok):
     assert not bool(batch["prompt_mask"][1].any()) and bool((batch["prompt_ids"][1] == tok.pad_id).all())
     assert bool(batch["prompt_mask"][2].all())
     prompt0 = batch["prompt_ids"][0][batch["prompt_mask"][0]]
-    assert prompt0.tolist() == tok.encode("Write a story about a dog")[:5]
+    assert prompt0.tolist() == tok.encode(" Write a story about a dog")[:5]  # tokenised as inside a text
 
 
 def test_pair_dataset_sampling_and_order(tok):

@@ -139,3 +139,11 @@ def test_training_is_deterministic_across_processes(tok):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout == tok.tokenizer.to_str()
+
+
+def test_prompts_are_tokenised_as_their_words_appear_inside_a_text(tok):
+    # a bare topic gets the tokens the stories use for the word, so the copy head can copy them
+    assert tok.encode_prompt("dog") == tok.encode(" dog")
+    assert tok.encode_prompt("  Write about dogs") == tok.encode(" Write about dogs")
+    assert tok.encode_prompt("") == [] and tok.encode_prompt("   ") == []  # still the null prompt
+    assert tok.encode_prompt_batch(["dog", ""]) == [tok.encode(" dog"), []]

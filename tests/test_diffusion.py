@@ -77,9 +77,11 @@ def test_guided_log_probs_are_normalised_and_match_endpoints():
 # conditioning
 
 
-@pytest.mark.parametrize("objective", ["masked", "continuous"])
+@pytest.mark.parametrize("objective", ["masked", "continuous", "masked+copy"])
 def test_cond_uncond_in_one_batched_pass_matches_separate_passes(objective):
-    model = tiny(objective).eval()
+    copy = objective == "masked+copy"
+    objective = objective.removesuffix("+copy")
+    model = tiny(objective, prompt_copy=copy, prompt_encoder_layers=0 if copy else 1).eval()
     batch = pair_batch(B=3)
     calls = []
     handle = model.blocks[0].register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))

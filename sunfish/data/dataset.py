@@ -155,7 +155,7 @@ class PairDataset:
         self.seq_len = int(seq_len)
         self.max_prompt_tokens = int(max_prompt_tokens)
         texts = tokenizer.encode_batch([r["text"] for r in records])
-        prompts = tokenizer.encode_batch([r["prompt"] for r in records])
+        prompts = tokenizer.encode_prompt_batch([r["prompt"] for r in records])
         eos = tokenizer.eos_id
         texts = [ids[:seq_len] + ([eos] if len(ids) < seq_len else []) for ids in texts]
         self.text_ids, self.text_mask = _pad(texts, seq_len, tokenizer.pad_id)

@@ -51,6 +51,20 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """A diffusion prompt's ids: tokenised after a space, as its words would be inside a text.
+
+        Byte-level BPE gives a word a different token at the start of a string ("cobweb" -> c ob w
+        eb) than after a space (" cobweb" -> " co" b w eb, as in the stories). The denoiser's copy
+        head can only copy tokens the text uses, so a bare topic must get the in-text tokens. An
+        empty prompt stays empty (the null prompt).
+        """
+        return self.encode_prompt_batch([prompt])[0]
+
+    def encode_prompt_batch(self, prompts: Sequence[str]) -> list[list[int]]:
+        spaced = [" " + p.lstrip() if p.strip() else "" for p in prompts]
+        return self.encode_batch(spaced)
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts at once (the Rust side runs them in parallel)."""
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]

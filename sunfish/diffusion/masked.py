@@ -51,15 +51,15 @@ def training_loss(model, batch: dict, memory: torch.Tensor, memory_mask: torch.T
     masked = (uniform((batch_size, length), None, ids.device) < t[:, None]) & text_mask
     inputs = torch.where(masked, torch.full_like(ids, model.mask_id), ids)
     hidden = model.hidden_states(inputs, memory, memory_mask, text_mask)
-    logits = model.token_logits(hidden[masked]).float()
-    ce = F.cross_entropy(logits, ids[masked], reduction="none")
+    log_probs = model.masked_log_probs(hidden, memory, memory_mask, batch["prompt_ids"], masked)
+    ce = F.nll_loss(log_probs, ids[masked], reduction="none")
     weight = (1.0 / t)[:, None].expand(batch_size, length)[masked]
     n_real = text_mask.sum().clamp(min=1)
     loss = (ce * weight).sum() / n_real
     metrics = {
         "elbo_per_token": float(loss.detach()),
         "masked_ce": float(ce.detach().mean()) if ce.numel() else 0.0,
-        "masked_accuracy": float((logits.argmax(-1) == ids[masked]).float().mean()) if ce.numel() else 0.0,
+        "masked_accuracy": float((log_probs.argmax(-1) == ids[masked]).float().mean()) if ce.numel() else 0.0,
         "masked_fraction": float(masked.sum() / n_real),
     }
     return loss, metrics
@@ -80,8 +80,8 @@ def elbo(model, batch: dict, memory: torch.Tensor, memory_mask: torch.Tensor, ge
     masked = (rank < n_masked[:, None]) & text_mask
     inputs = torch.where(masked, torch.full_like(ids, model.mask_id), ids)
     hidden = model.hidden_states(inputs, memory, memory_mask, text_mask)
-    logits = model.token_logits(hidden[masked]).float()
-    ce = F.cross_entropy(logits, ids[masked], reduction="none").double()
+    log_probs = model.masked_log_probs(hidden, memory, memory_mask, batch["prompt_ids"], masked)
+    ce = F.nll_loss(log_probs, ids[masked], reduction="none").double()
     weight = (lengths.double() / n_masked.double())[:, None].expand(batch_size, length)[masked]
     return (ce * weight).sum()
 
@@ -137,6 +137,7 @@ def sample(
         memory = model.encode_prompt_with_null(prompt_ids, prompt_mask)
     else:
         memory = model.encode_prompt(prompt_ids, prompt_mask)
+    rows = num_samples
 
     def network() -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states (conditional, unconditional or None) for the current x."""
@@ -146,9 +147,11 @@ def sample(
 
     def log_probs(hidden: tuple[torch.Tensor, torch.Tensor | None], where: torch.Tensor) -> torch.Tensor:
         """float64 log-probabilities at the positions ``where`` only (the head is the big matmul)."""
-        cond = model.token_logits(hidden[0][where])
+        states, mask = memory
+        cond = model.masked_log_probs(hidden[0], states[:rows], mask[:rows], prompt_ids, where)
         if guided:
-            return guided_log_probs(cond, model.token_logits(hidden[1][where]), guidance_scale)
+            uncond = model.masked_log_probs(hidden[1], states[rows:], mask[rows:], prompt_ids, where)
+            return guided_log_probs(cond, uncond, guidance_scale)
         return torch.log_softmax(cond.double(), dim=-1)
 
     times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sunfish.models.prompt_copy import PromptCopyHead
 from sunfish.models.prompt_encoder import (
     MLP,
     Attention,
@@ -84,6 +85,7 @@ class DiffusionConfig:
     max_prompt_tokens: int = 32
     prompt_prefix: bool = False
     prompt_pooling: bool = False
+    prompt_copy: bool = False
     dropout: float = 0.0
     pad_id: int = 1
     eos_id: int = 0
@@ -103,6 +105,12 @@ class DiffusionConfig:
         if self.vocab_size < 2 or self.timesteps < 1 or self.max_seq_len < 1 or self.max_prompt_tokens < 1:
             problems.append(
                 "vocab_size >= 2, timesteps >= 1, max_seq_len >= 1 and max_prompt_tokens >= 1 are required"
+            )
+        if self.prompt_copy and (self.objective != "masked" or not is_own(self.prompt_encoder)):
+            problems.append(
+                "prompt_copy needs the masked objective and the own prompt encoder (it copies prompt "
+                f"tokens into the text's vocabulary), not objective={self.objective!r} with "
+                f"prompt_encoder={self.prompt_encoder!r}"
             )
         for name in ("pad_id", "eos_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
@@ -132,7 +140,8 @@ class DiffusionConfig:
         """From ``params.cfg`` (CfgConfig), the chosen ModelPreset and the tokenizer's vocabulary.
 
         A preset that fixes ``vocab_size`` (micro, full: 8192, the original's) wins when it is at
-        least the tokenizer's; the unused rows simply learn never to be predicted.
+        least the tokenizer's; the unused rows simply learn never to be predicted. ``cfg.prompt_copy``
+        turns the copy head on where it applies (masked objective, own prompt encoder).
         """
         vocab = vocab_size
         if preset.vocab_size is not None:
@@ -157,6 +166,9 @@ class DiffusionConfig:
             prompt_encoder=cfg.prompt_encoder,
             prompt_encoder_layers=cfg.prompt_encoder_layers,
             max_prompt_tokens=cfg.max_prompt_tokens,
+            prompt_copy=bool(getattr(cfg, "prompt_copy", False))
+            and cfg.objective == "masked"
+            and is_own(cfg.prompt_encoder),
             dropout=cfg.dropout,
             pad_id=pad_id,
             eos_id=eos_id,
@@ -241,6 +253,8 @@ class DiffusionLM(nn.Module):
         self.x0_head = None if masked else nn.Linear(c.d_model, c.d_model, bias=False)
         init_weights(self)
         zero_residual_outputs(self)
+        # after init_weights: the copy head sets its own gate bias
+        self.copy_head = PromptCopyHead(c.d_model) if c.prompt_copy else None
         if not self.token_embedding.weight.is_meta:
             nn.init.zeros_(self.local_mixing.weight)  # starts as the identity
             # unit-scale token vectors, like the LayerNorm outputs they are added to; the tied head
@@ -335,13 +349,44 @@ class DiffusionLM(nn.Module):
         table = self.token_embedding.weight[: self.config.vocab_size]
         return (hidden @ table.t()) * self.config.d_model**-0.5
 
+    def masked_log_probs(
+        self,
+        hidden: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        prompt_ids: torch.Tensor | None,
+        where: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Masked objective: log p(x_i) over the real vocabulary, float32.
+
+        At the positions ``where`` selects ([N, V]), or everywhere ([B, L, V]) when it is None.
+        Without the copy head this is the log-softmax of :meth:`token_logits`; with it, the mixture
+        with the copy distribution over ``prompt_ids`` (see :mod:`sunfish.models.prompt_copy`);
+        ``memory``/``memory_mask`` are :meth:`encode_prompt`'s output for the same rows.
+        """
+        selected = hidden if where is None else hidden[where]
+        log_vocab = torch.log_softmax(self.token_logits(selected).float(), dim=-1)
+        if self.copy_head is None or prompt_ids is None or prompt_ids.shape[1] == 0:
+            return log_vocab
+        width = min(prompt_ids.shape[1], memory.shape[1] - 1)
+        return self.copy_head(
+            hidden, log_vocab, memory[:, 1 : 1 + width], memory_mask[:, 1 : 1 + width],
+            prompt_ids[:, :width], where,
+        )
+
     def rounding_logits(self, x0: torch.Tensor) -> torch.Tensor:
         """Continuous objective: x0 (embedding space) against the unit-norm embedding matrix."""
         return x0.float() @ self.unit_embeddings().t()
 
-    def prediction(self, hidden: torch.Tensor) -> torch.Tensor:
-        """What the objective consumes: logits (masked) or x0_hat (continuous)."""
+    def prediction(self, hidden: torch.Tensor, memory=None, memory_mask=None, prompt_ids=None) -> torch.Tensor:
+        """What the objective consumes: logits (masked) or x0_hat (continuous).
+
+        With the copy head the masked prediction is log-probabilities (normalised logits: softmax
+        and cross-entropy read them the same way), which needs the prompt.
+        """
         if self.config.objective == "masked":
+            if self.copy_head is not None and prompt_ids is not None:
+                return self.masked_log_probs(hidden, memory, memory_mask, prompt_ids)
             return self.token_logits(hidden)
         return self.x0_head(hidden)
 
@@ -356,7 +401,7 @@ class DiffusionLM(nn.Module):
     ) -> torch.Tensor:
         memory, memory_mask = self.encode_prompt(prompt_ids, prompt_mask)
         hidden = self.hidden_states(inputs, memory, memory_mask, text_mask, timesteps, self_condition)
-        return self.prediction(hidden)
+        return self.prediction(hidden, memory, memory_mask, prompt_ids)
 
     def encode_prompt_with_null(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
@@ -380,10 +425,19 @@ class DiffusionLM(nn.Module):
 
         ``memory`` = :meth:`encode_prompt_with_null` output, to encode the prompts once per sample.
         """
+        if memory is None:
+            memory = self.encode_prompt_with_null(prompt_ids, prompt_mask)
         cond, uncond = self.hidden_cond_uncond(
             inputs, prompt_ids, prompt_mask, text_mask, timesteps, self_condition, memory
         )
-        return self.prediction(cond), self.prediction(uncond)
+        batch = inputs.shape[0]
+        states, mask = memory
+        if prompt_ids is not None:
+            prompt_ids = prompt_ids[:batch]
+        return (
+            self.prediction(cond, states[:batch], mask[:batch], prompt_ids),
+            self.prediction(uncond, states[batch:], mask[batch:], prompt_ids),
+        )
 
     def hidden_cond_uncond(
         self,
@@ -483,7 +537,7 @@ class DiffusionLM(nn.Module):
     def component_of(self, name: str) -> str:
         if name.startswith(("token_embedding", "local_mixing")):
             return "embedding"
-        if name.startswith(("prompt_encoder", "prompt_pool")):
+        if name.startswith(("prompt_encoder", "prompt_pool", "copy_head")):
             return "prompt_encoder"
         if name.startswith("time_embedding"):
             return "timestep"

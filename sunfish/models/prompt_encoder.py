@@ -330,13 +330,15 @@ class PromptEncoder(nn.Module):
     def tokenize(self, texts: list[str], tokenizer=None, device: torch.device | str = "cpu"):
         """Prompt texts -> (prompt_ids Long[B, P], prompt_mask Bool[B, P]), truncated to max_prompt_tokens.
 
-        ``tokenizer`` (anything with ``encode(text) -> list[int]``) is required for the own
-        encoder and ignored for a pretrained one, which uses its own tokenizer.
+        ``tokenizer`` (anything with ``encode(text) -> list[int]``; its ``encode_prompt`` when it
+        has one, as our TextTokenizer does) is required for the own encoder and ignored for a
+        pretrained one, which uses its own tokenizer.
         """
         if self.tokenizer is not None:
             ids = [list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
         elif tokenizer is not None:
-            ids = [list(tokenizer.encode(text)) for text in texts]
+            encode = getattr(tokenizer, "encode_prompt", tokenizer.encode)
+            ids = [list(encode(text)) for text in texts]
         else:
             raise ValueError("the own prompt encoder needs our tokenizer to tokenise prompt text")
         return pad_prompts(ids, self.max_prompt_tokens, device=device)
