@@ -8,6 +8,11 @@ and the judge perplexity of every model's samples under the best autoregressive 
 Results are cached per checkpoint outside the DVC outputs (state/eval_cache, see
 sunfish.evaluation.cache): DVC deletes reports/ before rerunning the stage, and a run that gained
 one milestone should evaluate that milestone only.
+
+The diffusion model's guidance sweep costs a sampling run per scale, so every milestone gets the
+progress scales only (0, 1 and cfg.guidance_scale) and the milestone the report publishes (the
+best) gets the whole eval.guidance_scales curve: the same samples for the scales they share (each
+scale draws from its own generator seeded with eval.seed), the missing scales added.
 """
 
 from __future__ import annotations
@@ -38,8 +43,13 @@ EVAL_SOURCES = (
 )
 AR_SETTINGS = ("prompts", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
                "max_eval_tokens")
-CFG_SETTINGS = ("seed", "max_eval_tokens", "guidance_scales", "cfg_prompts", "cfg_seq_len")
+CFG_SETTINGS = ("seed", "max_eval_tokens", "cfg_prompts", "cfg_seq_len")
 CFG_SAMPLING = ("num_steps", "scheduler", "eta")
+
+
+def progress_scales(guidance_scale: float) -> list[float]:
+    """The guidance scales swept at every milestone: unconditional, conditional and the chosen w."""
+    return sorted({0.0, 1.0, float(guidance_scale)})
 BEST_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
 
@@ -149,7 +159,40 @@ def _ar_samples(model, tok, ev) -> list[dict]:
     return out
 
 
-def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams) -> list[dict]:
+def complete_sweeps(
+    evaluated: Mapping[str, list[dict]],
+    scales: list[float],
+    cache,
+    sweep: Callable[[dict, list[float]], list[dict]],
+) -> int:
+    """Give the best milestone of every diffusion model the guidance rows of all ``scales``.
+
+    ``sweep(entry, missing)`` samples the missing scales of one entry; the result is cached under
+    the entry's key plus the scales, and the entry's ``cache_key`` becomes that key (the judge's
+    figures follow it). Returns how many entries gained rows.
+    """
+    from sunfish.evaluation.cache import digest
+    from sunfish.evaluation.checklist import best_checkpoint
+
+    completed = 0
+    for entries in evaluated.values():
+        if not entries or entries[0].get("kind") != "diffusion":
+            continue
+        step = best_checkpoint(entries)
+        entry = next((e for e in entries if e["step"] == step), entries[-1])
+        have = {float(g["scale"]) for g in entry.get("guidance", [])}
+        missing = [float(w) for w in scales if float(w) not in have]
+        if not missing:
+            continue
+        key = digest("sweep", entry["cache_key"], missing)
+        rows, _ = cache.get_or_compute(key, functools.partial(sweep, entry, missing))
+        entry["guidance"] = sorted([*entry.get("guidance", []), *rows], key=lambda g: g["scale"])
+        entry["cache_key"] = key
+        completed += 1
+    return completed
+
+
+def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, scales) -> list[dict]:
     from sunfish.data.prompts import adherent
     from sunfish.diffusion.sample import sample as diffusion_sample
     from sunfish.evaluation.text_quality import quality, wilson_interval
@@ -158,7 +201,7 @@ def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams) -> 
     chosen = records[: ev.cfg_prompts]
     prompt_ids = [tok.encode_prompt(r["prompt"])[: model.config.max_prompt_tokens] for r in chosen]
     sweep = []
-    for w in ev.guidance_scales:
+    for w in scales:
         gen = torch.Generator().manual_seed(ev.seed)
         ids = diffusion_sample(
             model, prompt_ids, num_samples=len(prompt_ids), seq_len=ev.cfg_seq_len, num_steps=cfg.num_steps,
@@ -241,11 +284,24 @@ def _compute_checkpoint(ctx, res: _Resources, name: str, step: int, directory: P
         entry["samples"] = _ar_samples(loaded, tok, ev)
         entry["quality"] = quality([s["continuation"] for s in entry["samples"]], vocabulary, bigrams)
     else:
-        entry["guidance"] = _guidance_sweep(loaded, tok, ev, p.cfg, res.val_records, vocabulary, bigrams)
+        entry["guidance"] = _guidance_sweep(loaded, tok, ev, p.cfg, res.val_records, vocabulary, bigrams,
+                                            progress_scales(p.cfg.guidance_scale))
     entry["seconds"] = time.perf_counter() - start
     log.info("%s step %d: val loss %.3f, ppl %.2f, bpb %.3f (%.1fs)", name, step, entry["val_loss"],
              entry["val_ppl"], entry["val_bpb"], entry["seconds"])
     return entry
+
+
+def show_chosen_scale(entries: list[dict], scale: float) -> None:
+    """A diffusion milestone's samples, quality and adherence are those of the guidance row at
+    ``scale`` (cfg.guidance_scale): what choosing the best milestone and the checklist read."""
+    for e in entries:
+        at_w = _closest(e.get("guidance") or [], scale)
+        if at_w:
+            e["samples"] = [{"prompt": s["prompt"], "text": s["text"]} for s in at_w["samples"]]
+            e["quality"] = dict(at_w["quality"])
+            e["adherence"] = at_w["adherence"]
+            e["adherence_scale"] = at_w["scale"]
 
 
 def _closest(sweep: list[dict], scale: float) -> dict:
@@ -265,7 +321,8 @@ def _settings(ctx, data_id: str, code_id: str) -> Callable[[str], dict]:
         if kind == "staged":
             return {**common, **{k: getattr(p.eval, k) for k in AR_SETTINGS}}
         return {**common, **{k: getattr(p.eval, k) for k in CFG_SETTINGS},
-                **{f"cfg.{k}": getattr(p.cfg, k) for k in CFG_SAMPLING}}
+                **{f"cfg.{k}": getattr(p.cfg, k) for k in CFG_SAMPLING},
+                "scales": progress_scales(p.cfg.guidance_scale)}
 
     return settings_for
 
@@ -279,13 +336,8 @@ def summarise(evaluated: dict[str, list[dict]], ctx, judge: dict | None) -> tupl
     metrics: dict = {}
     for name, entries in evaluated.items():
         kind = "diffusion" if entries[0]["kind"] == "diffusion" else "staged"
-        for e in entries:
-            if kind == "diffusion":
-                at_w = _closest(e["guidance"], p.cfg.guidance_scale)
-                e["samples"] = [{"prompt": s["prompt"], "text": s["text"]} for s in at_w["samples"]]
-                e["quality"] = dict(at_w["quality"])
-                e["adherence"] = at_w["adherence"]
-                e["adherence_scale"] = at_w["scale"]
+        if kind == "diffusion":
+            show_chosen_scale(entries, p.cfg.guidance_scale)
         best = best_entry(entries)
         best_m = next((e for e in entries if e["step"] == best["step"]), entries[-1])
         judge_ppl = (best_m.get("quality") or {}).get("judge_ppl")
@@ -338,6 +390,20 @@ def run() -> None:
         )
         computed = sum(1 for es in evaluated.values() for e in es if not e["cached"])
         reused = sum(1 for es in evaluated.values() for e in es if e["cached"])
+
+        def whole_sweep(entry: dict, missing: list[float]) -> list[dict]:
+            from sunfish.training.checkpoint import load_checkpoint
+
+            vocabulary, bigrams = res.corpus
+            loaded = load_checkpoint(ctx.root / entry["checkpoint"])
+            return _guidance_sweep(loaded, tok, ev, p.cfg, res.val_records, vocabulary, bigrams, missing)
+
+        for entries in evaluated.values():
+            show_chosen_scale(entries, p.cfg.guidance_scale)  # the best milestone depends on it
+        completed = complete_sweeps(evaluated, list(ev.guidance_scales), cache, whole_sweep)
+        if completed:
+            log.info("guidance curve over %s at the best milestone of %d diffusion model(s)",
+                     ", ".join(f"{w:g}" for w in ev.guidance_scales), completed)
         log.info("evaluated %d checkpoints, %d of them from the cache (%s)", computed + reused, reused, cache.directory)
 
         # the judge: the best AR checkpoint, chosen once every model has its best milestone

@@ -438,3 +438,38 @@ def test_summarise_checklist_uses_judge_and_metrics_are_flat():
     assert metrics["stage_0.checklist"] == f"{metrics['stage_0.checklist_passed']}/{metrics['stage_0.checklist_measured']}"
     assert metrics["cfg.adherence"] == 0.5 and metrics["cfg.adherence_w0"] == 0.125
     assert metrics["cfg.judge_ppl"] == 120.0
+
+
+def _swept_entry(step: int, val_loss: float, scales) -> dict:
+    return {"step": step, "kind": "diffusion", "val_loss": val_loss, "val_bpb": val_loss / 3,
+            "cache_key": f"k{step}", "checkpoint": f"models/cfg/step_{step}",
+            "guidance": [{"scale": w, "adherence": 0.1 * w, "quality": {"real_word_share": 0.5, "distinct_2": 0.5},
+                          "samples": []} for w in scales]}
+
+
+def test_the_whole_guidance_curve_is_sampled_at_the_best_milestone_only(tmp_path):
+    from pipeline.evaluate import complete_sweeps, progress_scales, show_chosen_scale
+    from sunfish.evaluation.cache import EvalCache
+
+    progress = progress_scales(7.0)
+    assert progress == [0.0, 1.0, 7.0] and progress_scales(1.0) == [0.0, 1.0]
+    full = [0.0, 1.0, 3.0, 5.0, 7.0, 10.0, 15.0]
+    entries = [_swept_entry(10, 5.0, progress), _swept_entry(20, 4.0, progress), _swept_entry(30, 4.5, progress)]
+    evaluated = {"cfg": entries, "stage_0": [{"step": 5, "kind": "staged", "val_loss": 3.0, "cache_key": "s"}]}
+    show_chosen_scale(entries, 7.0)
+    asked: list[tuple[int, list[float]]] = []
+
+    def sweep(entry, missing):
+        asked.append((entry["step"], missing))
+        return [{"scale": w, "adherence": 0.0, "quality": {}, "samples": []} for w in missing]
+
+    cache = EvalCache(tmp_path / "cache")
+    assert complete_sweeps(evaluated, full, cache, sweep) == 1
+    assert asked == [(20, [3.0, 5.0, 10.0, 15.0])]  # the best milestone, only the scales it lacks
+    assert [g["scale"] for g in entries[1]["guidance"]] == full
+    assert [g["scale"] for g in entries[0]["guidance"]] == progress  # the others keep the progress rows
+    assert entries[1]["cache_key"] != "k20"  # the judge's figures follow the completed sweep
+
+    again = [_swept_entry(10, 5.0, progress), _swept_entry(20, 4.0, progress), _swept_entry(30, 4.5, progress)]
+    complete_sweeps({"cfg": again}, full, cache, sweep)
+    assert len(asked) == 1 and [g["scale"] for g in again[1]["guidance"]] == full  # from the cache
