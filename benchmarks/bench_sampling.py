@@ -112,7 +112,7 @@ def _prompts(tok, n: int, data_dir: Path, max_tokens: int) -> list[list[int]]:
 
 
 def time_diffusion(model, prompts, *, batch: int, count: int, seq_len: int, num_steps: int, w: float,
-                   scheduler: str, eta: float, repeats: int) -> tuple[float, list[list[int]]]:
+                   scheduler: str, eta: float, repeats: int, top_p: float = 1.0) -> tuple[float, list[list[int]]]:
     """(median seconds for ``count`` samples drawn ``batch`` at a time, the ids of the last repeat)."""
     from sunfish.diffusion.sample import sample
 
@@ -124,7 +124,7 @@ def time_diffusion(model, prompts, *, batch: int, count: int, seq_len: int, num_
             rows = prompts[first: first + batch]
             gen = torch.Generator().manual_seed(first)
             out = sample(model, rows, num_samples=len(rows), seq_len=seq_len, num_steps=num_steps,
-                         guidance_scale=w, scheduler=scheduler, eta=eta, generator=gen)
+                         guidance_scale=w, scheduler=scheduler, eta=eta, generator=gen, top_p=top_p)
             ids += out.tolist()
         times.append(time.perf_counter() - start)
     return statistics.median(times), ids
@@ -187,7 +187,7 @@ def run_sampling(ctx, args, report: dict) -> None:
                 with bt.OtherLoad() as other:
                     seconds, ids = time_diffusion(model, prompts, batch=batch, count=count, seq_len=seq_len,
                                                   num_steps=steps, w=w, scheduler=scheduler, eta=p.cfg.eta,
-                                                  repeats=args.repeats)
+                                                  repeats=args.repeats, top_p=p.cfg.top_p)
                 texts = [_decode(tok, r) for r in ids]
                 tps = count * seq_len / seconds
                 rows.append({"name": f"{objective}/{scheduler}/b{batch}", "objective": objective,

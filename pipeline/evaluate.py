@@ -44,7 +44,7 @@ EVAL_SOURCES = (
 AR_SETTINGS = ("prompts", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
                "max_eval_tokens")
 CFG_SETTINGS = ("seed", "max_eval_tokens", "cfg_prompts", "cfg_seq_len")
-CFG_SAMPLING = ("num_steps", "scheduler", "eta")
+CFG_SAMPLING = ("num_steps", "scheduler", "eta", "top_p")
 
 
 def progress_scales(guidance_scale: float) -> list[float]:
@@ -205,7 +205,7 @@ def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, sca
         gen = torch.Generator().manual_seed(ev.seed)
         ids = diffusion_sample(
             model, prompt_ids, num_samples=len(prompt_ids), seq_len=ev.cfg_seq_len, num_steps=cfg.num_steps,
-            guidance_scale=w, scheduler=cfg.scheduler, eta=cfg.eta, generator=gen,
+            guidance_scale=w, scheduler=cfg.scheduler, eta=cfg.eta, generator=gen, top_p=cfg.top_p,
         )
         samples = []
         for rec, row in zip(chosen, ids.tolist()):
@@ -382,7 +382,7 @@ def run() -> None:
     cache = EvalCache(ctx.root / "state" / "eval_cache" if ev.cache else None)
 
     flat = ctx.flat_params("eval")
-    flat.update({f"cfg.{k}": getattr(p.cfg, k) for k in ("guidance_scale", "num_steps", "scheduler", "eta")})
+    flat.update({f"cfg.{k}": getattr(p.cfg, k) for k in ("guidance_scale", "num_steps", "scheduler", "eta", "top_p")})
     with ctx.tracking(flat) as run:
         evaluated = evaluate_milestones(
             ctx.models, EVALUATED_MODELS, _settings(ctx, data_id, code_id), cache,

@@ -265,8 +265,9 @@ def config_show(params_path: Path, model: str | None, fmt: str) -> None:
 @click.option("--temperature", type=click.FloatRange(0.0, 10.0), default=0.8, show_default=True,
               help="AR sampling temperature; 0 = greedy")
 @click.option("--top-k", type=click.IntRange(0), default=40, show_default=True, help="AR only; 0 = off")
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.95, show_default=True,
-              help="AR only: nucleus sampling mass")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="nucleus sampling mass; default 0.95 (AR), cfg.top_p of ./params.yaml else 0.9 (diffusion, "
+                   "masked objective; 1 = exact)")
 @click.option("--repetition-penalty", type=click.FloatRange(1.0, 10.0), default=1.1, show_default=True,
               help="AR only")
 @click.option("--guidance-scale", type=click.FloatRange(0.0, 100.0), default=None,
@@ -309,6 +310,8 @@ def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, 
     guidance_scale = guidance_scale if guidance_scale is not None else defaults.get("guidance_scale")
     num_steps = num_steps or defaults.get("num_steps")
     scheduler = scheduler or defaults.get("scheduler")
+    if kind == "diffusion" and top_p is None:
+        top_p = defaults.get("top_p")
     results = sample_from_checkpoint(
         checkpoint, prompt=prompt, infill=infill, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, guidance_scale=guidance_scale,
@@ -324,7 +327,7 @@ def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, 
 
 
 MASK_MARKER = "[MASK]"  # sunfish.sampling.MASK_MARKER (not imported: keeps the CLI import cheap)
-AR_ONLY = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+AR_ONLY = ("max_new_tokens", "temperature", "top_k", "repetition_penalty")
 DIFFUSION_ONLY = ("infill", "guidance_scale", "seq_len", "num_steps", "scheduler")
 
 
@@ -370,7 +373,8 @@ def _project_sampling_defaults() -> dict:
         cfg = load_params(path).cfg
     except Exception:  # a broken params.yaml must not stop sampling from a checkpoint
         return {}
-    return {"guidance_scale": cfg.guidance_scale, "num_steps": cfg.num_steps, "scheduler": cfg.scheduler}
+    return {"guidance_scale": cfg.guidance_scale, "num_steps": cfg.num_steps, "scheduler": cfg.scheduler,
+            "top_p": cfg.top_p}
 
 
 @main.command()

@@ -290,6 +290,7 @@ class CfgConfig(Section):
     prompt_encoder: str = Field("own", description="own | gpt2 | a local path or hub name of a GPT-2 model")
     prompt_encoder_layers: int = Field(0, ge=0, le=24, description="transformer layers over the prompt embeddings (0 measured best)")
     max_prompt_tokens: int = Field(32, ge=1, le=1024)
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="masked sampler: nucleus mass per revealed token; 1 = exact")
     prompt_copy: bool = Field(True, description="copy head: text positions may copy prompt tokens (masked objective, own encoder)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     budget: Budget = Budget()

@@ -23,6 +23,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MASK_MARKER = "[MASK]"
+AR_TOP_P = 0.95  # nucleus mass when none is given: the AR stages
+DIFFUSION_TOP_P = 0.9  # and the masked diffusion sampler (params cfg.top_p's default)
 MLFLOW_PREFIXES = ("runs:/", "mlflow:")
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
@@ -169,7 +171,7 @@ def sample_from_checkpoint(
     max_new_tokens: int = 60,
     temperature: float = 0.8,
     top_k: int = 40,
-    top_p: float = 0.95,
+    top_p: float | None = None,
     repetition_penalty: float = 1.1,
     guidance_scale: float | None = None,
     num_samples: int = 1,
@@ -203,7 +205,8 @@ def sample_from_checkpoint(
             gen = torch.Generator().manual_seed(seed + i)
             start = time.perf_counter()
             new = generate(
-                model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                top_p=AR_TOP_P if top_p is None else top_p,
                 repetition_penalty=repetition_penalty, generator=gen, eos_id=tok.eos_id,
             )
             continuation = tok.decode(new)
@@ -235,7 +238,7 @@ def sample_from_checkpoint(
         out = diffusion_sample(
             model, [prompt_ids] if prompt_ids is not None else None, num_samples=1, seq_len=length,
             num_steps=min(steps, getattr(model.config, "timesteps", steps)), guidance_scale=w, scheduler=sched,
-            eta=eta, generator=gen, infill=infill_arg,
+            eta=eta, generator=gen, infill=infill_arg, top_p=DIFFUSION_TOP_P if top_p is None else top_p,
         )
         ids = out[0].tolist()
         if tok.eos_id in ids and infill is None:

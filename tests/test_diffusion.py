@@ -474,6 +474,30 @@ def test_cli_json_prints_one_object_per_sample(diffusion_checkpoint):
     assert [r["text"] for r in again] == [r["text"] for r in rows]  # seeded
 
 
+def test_cli_top_p_applies_to_diffusion_and_a_tiny_nucleus_is_the_most_likely_token(diffusion_checkpoint):
+    import json
+
+    args = [str(diffusion_checkpoint), "--prompt", "robot", "--guidance-scale", "1", "--seq-len", "12",
+            "--num-steps", "12", "--format", "json"]
+    greedy = [json.loads(_sample_cli(*args, "--top-p", "0.000001", "--seed", str(seed)))["text"] for seed in (1, 2)]
+    full = [json.loads(_sample_cli(*args, "--top-p", "1", "--seed", str(seed)))["text"] for seed in (1, 2)]
+    assert greedy[0] and full[0]
+    assert greedy[0] != full[0] or greedy[1] != full[1]  # the nucleus changed what was drawn
+
+
+def test_nucleus_keeps_the_smallest_set_holding_top_p():
+    from sunfish.diffusion.masked import nucleus
+
+    log_p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.9, 0.03, 0.02]]).log()
+    assert torch.equal(nucleus(log_p, 1.0), log_p)
+    kept = nucleus(log_p, 0.75).exp()
+    assert torch.allclose(kept[0], torch.tensor([0.625, 0.375, 0.0, 0.0]))  # 0.5 + 0.3 reach 0.75
+    assert torch.allclose(kept[1], torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    assert torch.allclose(nucleus(log_p, 1e-9).exp().amax(-1), torch.ones(2))  # never empty: the top token stays
+    with pytest.raises(ValueError, match="top_p"):
+        sample(tiny(), None, num_samples=1, seq_len=4, num_steps=2, guidance_scale=0.0, top_p=0.0)
+
+
 def test_train_stage_logs_embedding_health_of_every_milestone(tmp_path):
     """The continuous objective's non-collapse evidence reaches the metrics, a curve and MLflow."""
     import contextlib

@@ -86,6 +86,19 @@ def elbo(model, batch: dict, memory: torch.Tensor, memory_mask: torch.Tensor, ge
     return (ce * weight).sum()
 
 
+def nucleus(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Rows of log-probabilities restricted to their top-p nucleus and renormalised (1 = unchanged).
+
+    The most likely token always stays, so a row is never empty.
+    """
+    if top_p >= 1.0:
+        return log_probs
+    probs, order = log_probs.exp().sort(dim=-1, descending=True)
+    outside = (probs.cumsum(dim=-1) - probs) >= top_p  # the mass before a token already reached top_p
+    drop = torch.zeros_like(outside).scatter(-1, order, outside)
+    return torch.log_softmax(log_probs.masked_fill(drop, float("-inf")), dim=-1)
+
+
 def _sample_from(log_probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw from rows of float64 log-probabilities with uniforms ``u`` [N]."""
     cdf = log_probs.exp().cumsum(dim=-1)
@@ -106,6 +119,7 @@ def sample(
     exact_counts: bool = False,
     generator: torch.Generator | None = None,
     infill: tuple[torch.Tensor, torch.Tensor] | None = None,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """Ancestral sampling from t = 1 to t = 0 in ``num_steps`` equal steps.
 
@@ -119,7 +133,9 @@ def sample(
     same schedule in expectation without its count noise; token values are drawn as above.
 
     ``prompt_ids`` None = unconditional (the null prompt). ``infill`` = (ids [N, L], keep [N, L]):
-    kept positions start revealed with the given ids and are never masked.
+    kept positions start revealed with the given ids and are never masked. ``top_p`` < 1: each
+    revealed token is drawn from the nucleus of its (guided) distribution, the smallest set of
+    most likely tokens holding ``top_p`` of the mass (1 = the exact reverse process).
     """
     device = model.device
     x = torch.full((num_samples, seq_len), model.mask_id, dtype=torch.long, device=device)
@@ -174,7 +190,7 @@ def sample(
         if cached is None:
             cached = network()
         draws = uniform(int(reveal.sum()), generator, device).double()
-        values = _sample_from(log_probs(cached, reveal), draws)
+        values = _sample_from(nucleus(log_probs(cached, reveal), top_p), draws)
         x = x.masked_scatter(reveal, values)
         cached = None  # the input changed: the next step needs a fresh network output
     return x

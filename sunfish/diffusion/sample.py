@@ -33,6 +33,7 @@ def sample(
     generator: torch.Generator | None = None,
     infill: tuple[torch.Tensor, torch.Tensor] | None = None,
     clamp: bool = False,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """Draw ``num_samples`` texts of ``seq_len`` tokens -> LongTensor [num_samples, seq_len] (CPU).
 
@@ -55,6 +56,8 @@ def sample(
     infill: (ids LongTensor [num_samples or 1, seq_len], keep BoolTensor [same]): kept positions are
         fixed to the given ids; only the others are sampled.
     clamp: continuous objective only: snap x0_hat to the nearest token embedding at every step.
+    top_p: masked objective only: nucleus sampling of each revealed token (1 = exact; params
+        cfg.top_p, 0.9 by default, is what evaluate and the CLI use).
 
     Samples are full-length; the caller trims each at the first eos (``model.config.eos_id``).
     """
@@ -64,6 +67,8 @@ def sample(
         raise ValueError(f"num_steps={num_steps} must be >= 1")
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale={guidance_scale} must be >= 0")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
     was_training = model.training
     model.eval()
     try:
@@ -84,7 +89,7 @@ def sample(
             infill=infill,
         )
         if model.config.objective == "masked":
-            out = masked.sample(model, ids, mask, exact_counts=scheduler == "ddim", **common)
+            out = masked.sample(model, ids, mask, exact_counts=scheduler == "ddim", top_p=top_p, **common)
         else:
             out = continuous.sample(model, ids, mask, scheduler=scheduler, eta=eta, clamp=clamp, **common)
     finally:
