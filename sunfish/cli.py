@@ -271,7 +271,7 @@ def config_show(params_path: Path, model: str | None, fmt: str) -> None:
 @click.option("--repetition-penalty", type=click.FloatRange(1.0, 10.0), default=1.1, show_default=True,
               help="AR only")
 @click.option("--guidance-scale", type=click.FloatRange(0.0, 100.0), default=None,
-              help="diffusion only; default: the checkpoint's cfg.guidance_scale (7.0)")
+              help="diffusion only; default: cfg.guidance_scale of ./params.yaml, else 1.5")
 @click.option("--num-samples", type=click.IntRange(1, 256), default=1, show_default=True)
 @click.option("--seq-len", type=click.IntRange(1, 65536), default=None, help="diffusion only: sample length in tokens")
 @click.option("--num-steps", type=click.IntRange(1, 100000), default=None, help="diffusion only: denoising steps")

@@ -282,7 +282,7 @@ class CfgConfig(Section):
     timesteps: int = Field(1000, ge=1, le=100000)
     noise_schedule: Literal["sqrt", "cosine"] = "sqrt"
     conditioning_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    guidance_scale: float = Field(7.0, ge=0.0, le=100.0)
+    guidance_scale: float = Field(1.5, ge=0.0, le=100.0)
     num_steps: int = Field(50, ge=1)
     scheduler: Literal["ddim", "ddpm"] = "ddim"
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity; 1 = DDPM ancestral")

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 MASK_MARKER = "[MASK]"
 AR_TOP_P = 0.95  # nucleus mass when none is given: the AR stages
 DIFFUSION_TOP_P = 0.9  # and the masked diffusion sampler (params cfg.top_p's default)
+DIFFUSION_GUIDANCE = 1.5  # params cfg.guidance_scale's default
 MLFLOW_PREFIXES = ("runs:/", "mlflow:")
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
@@ -219,7 +220,7 @@ def sample_from_checkpoint(
 
     from sunfish.diffusion.sample import sample as diffusion_sample
 
-    w = guidance_scale if guidance_scale is not None else 7.0
+    w = guidance_scale if guidance_scale is not None else DIFFUSION_GUIDANCE
     steps = num_steps or 50
     sched = scheduler or "ddim"
     eta = 1.0 if sched == "ddpm" else 0.0

@@ -426,6 +426,7 @@ def test_summarise_checklist_uses_judge_and_metrics_are_flat():
            "quality": {"real_word_share": 0.5, "distinct_2": 0.4, "judge_ppl": 120.0}}
     cfg = [{"step": 20, "kind": "diffusion", "checkpoint": "models/cfg/step_20", "val_loss": 5.0, "val_bpb": 2.0,
             "guidance": [{**row, "scale": 0.0, "adherence": 0.125}, {**row, "scale": 7.0, "adherence": 0.5}]}]
+    ctx.params = ctx.params.model_copy(update={"cfg": ctx.params.cfg.model_copy(update={"guidance_scale": 7.0})})
     models, metrics = summarise({"stage_0": ar, "cfg": cfg}, ctx, judge)
     coherent = next(i for i in models["stage_0"]["checklist"] if i["name"] == "coherent sentences")
     assert coherent["value"] == 35.0 and coherent["passed"] is True and "stage_0 step 20" in coherent["criterion"]
