@@ -22,16 +22,6 @@ def model_with(copy: bool, vocab: int = 32, **kw) -> DiffusionLM:
     ))
 
 
-def batch_of(prompts: torch.Tensor, prompt_mask: torch.Tensor, length: int = 6) -> dict:
-    rows = prompts.shape[0]
-    return dict(
-        text_ids=torch.randint(2, 20, (rows, length), generator=torch.Generator().manual_seed(3)),
-        text_mask=torch.ones(rows, length, dtype=torch.bool),
-        prompt_ids=prompts,
-        prompt_mask=prompt_mask,
-    )
-
-
 def test_the_mixture_is_a_distribution_and_the_null_prompt_is_the_vocabulary_softmax():
     model = model_with(True).eval()
     prompts = torch.tensor([[5, 6, 7], [8, 9, 9], [4, 1, 1]])
