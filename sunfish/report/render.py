@@ -436,22 +436,29 @@ def _html_curves(models: dict, names: list[str]) -> str:
 _VERDICT_CLASS = {"helps": "pass", "hurts": "fail"}
 
 
+COMPONENT_COLUMNS = ["Component", "Stage vs control", "Step", "Stage bpb", "Control bpb", "Δ bpb", "Verdict"]
+
+
+def _component_cells(
+    r: dict, escape: Callable[[Any], str], strong: Callable[[str], str], verdict: Callable[[str], str]
+) -> list[str]:
+    """One component-table row; ``escape``/``strong``/``verdict`` give the HTML or Markdown form."""
+    delta = _finite(r.get("delta_bpb"))
+    return [
+        strong(escape(r.get("component", "?"))),
+        escape(f"{r.get('stage', '?')} vs {r.get('control', '?')}"),
+        escape(r.get("step") if r.get("step") is not None else "–"),
+        _f(r.get("stage_bpb"), 4),
+        _f(r.get("control_bpb"), 4),
+        "–" if delta is None else f"{delta:+.4f}",
+        verdict(str(r.get("verdict") or "–")),
+    ]
+
+
 def _html_components_table(rows: list[dict]) -> str:
-    body = []
-    for r in rows:
-        delta = _finite(r.get("delta_bpb"))
-        verdict = str(r.get("verdict") or "–")
-        body.append([
-            f"<strong>{_e(r.get('component', '?'))}</strong>",
-            _e(f"{r.get('stage', '?')} vs {r.get('control', '?')}"),
-            _e(r.get("step") if r.get("step") is not None else "–"),
-            _f(r.get("stage_bpb"), 4),
-            _f(r.get("control_bpb"), 4),
-            "–" if delta is None else f"{delta:+.4f}",
-            f'<span class="{_VERDICT_CLASS.get(verdict, "na")}">{_e(verdict)}</span>',
-        ])
-    return _table(["Component", "Stage vs control", "Step", "Stage bpb", "Control bpb", "Δ bpb", "Verdict"], body,
-                  cls="components", num_cols=(2, 3, 4, 5))
+    body = [_component_cells(r, _e, lambda x: f"<strong>{x}</strong>",
+                             lambda v: f'<span class="{_VERDICT_CLASS.get(v, "na")}">{_e(v)}</span>') for r in rows]
+    return _table(COMPONENT_COLUMNS, body, cls="components", num_cols=(2, 3, 4, 5))
 
 
 def _html_comparison(s: dict) -> str:
@@ -1066,19 +1073,7 @@ def render_markdown(summary: dict) -> str:
 
 
 def _md_components_table(rows: list[dict]) -> str:
-    body = []
-    for r in rows:
-        delta = _finite(r.get("delta_bpb"))
-        body.append([
-            f"**{_m(r.get('component', '?'))}**",
-            _m(f"{r.get('stage', '?')} vs {r.get('control', '?')}"),
-            _m(r.get("step") if r.get("step") is not None else "–"),
-            _f(r.get("stage_bpb"), 4),
-            _f(r.get("control_bpb"), 4),
-            "–" if delta is None else f"{delta:+.4f}",
-            _m(r.get("verdict") or "–"),
-        ])
-    return _md_table(["Component", "Stage vs control", "Step", "Stage bpb", "Control bpb", "Δ bpb", "Verdict"], body)
+    return _md_table(COMPONENT_COLUMNS, [_component_cells(r, _m, lambda x: f"**{x}**", _m) for r in rows])
 
 
 def _md_sample_cell(samples: list[dict], adherence: bool = False) -> str:
