@@ -105,7 +105,10 @@ def _prompts(tok, n: int, data_dir: Path, max_tokens: int) -> list[list[int]]:
     """Held-out prompts (pairs_val.jsonl) when there is a tokenizer, else short fixed id lists."""
     path = data_dir / "pairs_val.jsonl"
     if tok is not None and path.exists():
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:n]]
+        from sunfish.data.prompts import spread_over_documents
+
+        lines = path.read_text(encoding="utf-8").splitlines()
+        records = spread_over_documents([json.loads(line) for line in lines if line.strip()], n)
         if records:
             return [tok.encode_prompt(r["prompt"])[:max_tokens] for r in records]
     return [[2 + (i % 7), 3, 4 + i % 5] for i in range(n)]

@@ -193,12 +193,12 @@ def complete_sweeps(
 
 
 def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, scales) -> list[dict]:
-    from sunfish.data.prompts import adherent
+    from sunfish.data.prompts import adherent, spread_over_documents
     from sunfish.diffusion.sample import sample as diffusion_sample
     from sunfish.evaluation.text_quality import quality, wilson_interval
 
     model = model_tuple[0]
-    chosen = records[: ev.cfg_prompts]
+    chosen = spread_over_documents(records, ev.cfg_prompts)
     prompt_ids = [tok.encode_prompt(r["prompt"])[: model.config.max_prompt_tokens] for r in chosen]
     sweep = []
     for w in scales:

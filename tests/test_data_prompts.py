@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from sunfish.data.corpora import load_documents
-from sunfish.data.prompts import adherent, build_pairs, detokenize_title, document_style, plural, word_forms
+from sunfish.data.prompts import (
+    adherent,
+    build_pairs,
+    detokenize_title,
+    document_style,
+    plural,
+    spread_over_documents,
+    word_forms,
+)
 
 CORPORA = Path(__file__).resolve().parents[1] / "data" / "corpora"
 
@@ -197,3 +205,17 @@ def test_the_originals_prompt_style_comes_out_of_the_pair_builder():
     assert "describe the ocean" in seen[2]
     for i, target in enumerate(("robot", "dog", "ocean")):
         assert all(adherent(p, [target, target + "s"]) for p in seen[i] if not p.startswith("words:")), seen[i]
+
+
+def test_held_out_prompts_spread_over_documents(stories):
+    pairs = build_pairs(stories[:30], "tinystories", seed=0, max_pairs_per_document=3)
+    chosen = spread_over_documents(pairs, 20)
+    texts = [p["text"] for p in chosen]
+    assert len(chosen) == 20 and len(set(texts)) == 20  # 20 documents, not 7 of them three times
+    assert chosen == [p for p in pairs if p in chosen]  # ... in the file's order
+    seen: dict[str, int] = {}
+    nth = [seen.__setitem__(p["text"], seen.get(p["text"], -1) + 1) or seen[p["text"]] for p in pairs]
+    rounds = [p for j in range(3) for p, k in zip(pairs, nth) if k == j]  # every first pair, then every second...
+    assert spread_over_documents(pairs, len(pairs)) == rounds
+    one_each = build_pairs(stories[:30], "tinystories", seed=0)
+    assert spread_over_documents(one_each, 12) == one_each[:12]

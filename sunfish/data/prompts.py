@@ -474,6 +474,23 @@ def build_pairs(documents: list[str], source: str, seed: int, max_pairs_per_docu
     return pairs
 
 
+def spread_over_documents(pairs: list[dict], n: int) -> list[dict]:
+    """The first ``n`` pairs, taking every document's first pair before any document's second.
+
+    With ``max_pairs_per_document`` > 1 a document's pairs sit together, so the first n pairs would
+    cover only n/k held-out documents (and their stories); adherence is a claim about prompts on
+    unseen documents, so it is measured on as many documents as the sample count allows. With one
+    pair per document this is simply ``pairs[:n]``. A document is recognised by its text.
+    """
+    rank: dict[str, int] = {}
+    order = []
+    for i, pair in enumerate(pairs):
+        j = rank.get(pair["text"], 0)
+        rank[pair["text"]] = j + 1
+        order.append((j, i))
+    return [pairs[i] for _, i in sorted(order)[:n]]
+
+
 def adherent(sample: str, target: list[str]) -> bool:
     """True when any target word or phrase occurs in ``sample`` as a whole word, ignoring case."""
     for word in target:
