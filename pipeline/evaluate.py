@@ -330,6 +330,7 @@ def _settings(ctx, data_id: str, code_id: str) -> Callable[[str], dict]:
 def summarise(evaluated: dict[str, list[dict]], ctx, judge: dict | None) -> tuple[dict, dict]:
     """milestones.json's "models" and the flat DVC metrics, from the judged entries."""
     from sunfish.evaluation.checklist import best_entry, checklist_for
+    from sunfish.evaluation.guidance_bar import guidance_bar
 
     p = ctx.params
     models: dict = {}
@@ -358,6 +359,12 @@ def summarise(evaluated: dict[str, list[dict]], ctx, judge: dict | None) -> tupl
             flat["adherence"] = best_m.get("adherence")
             flat["adherence_scale"] = best_m.get("adherence_scale")
             flat["adherence_w0"] = _closest(best_m["guidance"], 0.0).get("adherence")
+            bar = guidance_bar(best_m["guidance"])
+            models[name]["guidance_bar"] = bar
+            if bar is not None:  # the bar's verdict as numbers: 1 met, 0 not met, absent when unmeasured
+                flat["guidance_bar_met"] = None if bar["met"] is None else int(bar["met"])
+                flat["guidance_bar_scale"] = bar["scale"]
+                flat["guidance_bar_judge_ratio"] = bar["judge_ratio"]
         for key, value in flat.items():
             metrics[f"{name}.{key}"] = value
     return models, metrics

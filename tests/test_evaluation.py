@@ -439,6 +439,10 @@ def test_summarise_checklist_uses_judge_and_metrics_are_flat():
     assert metrics["stage_0.checklist"] == f"{metrics['stage_0.checklist_passed']}/{metrics['stage_0.checklist_measured']}"
     assert metrics["cfg.adherence"] == 0.5 and metrics["cfg.adherence_w0"] == 0.125
     assert metrics["cfg.judge_ppl"] == 120.0
+    # the guidance bar: w = 7 has 50% adherence, so it is not met there; its verdict is logged as numbers
+    assert models["cfg"]["guidance_bar"]["met"] is False and models["cfg"]["guidance_bar"]["scale"] == 7.0
+    assert metrics["cfg.guidance_bar_met"] == 0 and metrics["cfg.guidance_bar_scale"] == 7.0
+    assert metrics["cfg.guidance_bar_judge_ratio"] == 1.0 and "stage_0.guidance_bar_met" not in metrics
 
 
 def _swept_entry(step: int, val_loss: float, scales) -> dict:

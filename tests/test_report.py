@@ -228,6 +228,8 @@ def test_html_has_every_part_and_parses(summary):
     assert "prompt adherence" in text
     assert "guidance scale w" in text
     assert "w = 7" in text and "null prompt sample w=3.0" in text
+    # the guidance bar's verdict under the table (adherence 6/8 at best: not met)
+    assert "The bar (one guidance scale with adherence >= 80%" in text and "not met; nearest w = 7" in text
 
     # stage comparison, diagnose, data, mlflow
     assert "-0.110" in text
@@ -249,6 +251,7 @@ def test_markdown_has_the_same_content(summary):
         "## Loss and perplexity curves",
         "## Stage comparison",
         "## Prompt adherence vs guidance",
+        "not met; nearest w = 7: adherence 75% (missed)",
         "## Samples per milestone",
         "## Diagnostics",
         "## MLflow runs",

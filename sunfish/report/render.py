@@ -488,6 +488,25 @@ def _html_comparison(s: dict) -> str:
     return "".join(out)
 
 
+def _bar_sentence(rows: list[dict]) -> str | None:
+    """The guidance bar's verdict on one curve, in a sentence (sunfish.evaluation.guidance_bar)."""
+    from sunfish.evaluation.guidance_bar import guidance_bar
+
+    bar = guidance_bar(rows)
+    if bar is None:
+        return None
+    word = {True: "met", False: "missed", None: "not measured"}
+    marks = bar["marks"]
+    gain = "–" if bar["gain"] is None else f"{bar['gain'] * 100:+.0f} points"
+    ratio = "not compared" if bar["judge_ratio"] is None else f"{bar['judge_ratio']:.2f}x guidance 0's"
+    detail = (f"w = {bar['scale']:g}: adherence {bar['adherence']:.0%} ({word[marks['adherence']]}), "
+              f"{gain} over guidance 0 ({word[marks['gain']]}), judge perplexity {ratio} "
+              f"({word[marks['fluency']]})")
+    verdict = {True: f"met at {detail}", False: f"not met; nearest {detail}",
+               None: f"not measured; best {detail}"}[bar["met"]]
+    return f"The bar ({bar['rule']}): {verdict}."
+
+
 def _html_guidance(models: dict, names: list[str]) -> str:
     out = ['<section id="guidance"><h2>Prompt adherence vs guidance</h2>']
     shown = 0
@@ -555,6 +574,9 @@ def _html_guidance(models: dict, names: list[str]) -> str:
             _table(["Guidance w", "Adherence", "95% CI", "n", "Distinct-2", "Real words", "Repetition", "Judge ppl"], body,
                    num_cols=range(8))
         )
+        sentence = _bar_sentence(rows)
+        if sentence:
+            out.append(f'<p class="bar">{_e(sentence)}</p>')
         # samples per guidance scale: rows = prompts, columns = scales
         prompts: list[str] = []
         cells: dict[tuple[str, int], list[dict]] = {}
@@ -974,6 +996,9 @@ def render_markdown(summary: dict) -> str:
             )
         out += [_md_table(["Guidance w", "Adherence", "95% CI (Wilson)", "n", "Distinct-2", "Real words", "Repetition",
                            "Judge ppl"], body), ""]
+        sentence = _bar_sentence(rows)
+        if sentence:
+            out += [_m(sentence), ""]
         prompts: list[str] = []
         cells: dict[tuple[str, int], list[dict]] = {}
         for i, r in enumerate(rows):
