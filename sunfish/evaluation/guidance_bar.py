@@ -50,10 +50,10 @@ def guidance_bar(rows: Sequence[dict]) -> dict | None:
 
     Returns {"met", "scale", "adherence", "gain", "judge_ratio", "marks": {"adherence", "gain",
     "fluency"}, "rule"}. ``scale`` is the scale that clears the bar with the highest adherence
-    (ties: the smaller scale); when none clears it, the nearest miss: the scale that meets the most marks (then the
-    lowest judge ratio, the highest adherence, the smaller scale). ``met`` is
-    True when a scale clears the bar, False when every scale fails at least one
-    mark, None when some scale fails none but lacks a figure (no w = 0 row, no judge).
+    (ties: the smaller scale); when none clears it, the nearest miss: the scale that meets the most
+    marks, then the lowest judge ratio, the highest adherence, the smaller scale. ``met`` is True
+    when a scale clears the bar, False when every scale fails at least one mark, and None when some
+    scale fails none but lacks a figure (no w = 0 row, no judge).
     """
     usable = [r for r in rows if isinstance(r, dict) and _num(r.get("scale")) is not None
               and _num(r.get("adherence")) is not None]
