@@ -34,6 +34,8 @@ def sample(
     infill: tuple[torch.Tensor, torch.Tensor] | None = None,
     clamp: bool = False,
     top_p: float = 1.0,
+    guidance: str = "token",
+    candidates: int = 4,
 ) -> torch.Tensor:
     """Draw ``num_samples`` texts of ``seq_len`` tokens -> LongTensor [num_samples, seq_len] (CPU).
 
@@ -58,6 +60,10 @@ def sample(
     clamp: continuous objective only: snap x0_hat to the nearest token embedding at every step.
     top_p: masked objective only: nucleus sampling of each revealed token (1 = exact; params
         cfg.top_p, 0.9 by default, is what evaluate and the CLI use).
+    guidance: "token" (CFG on every position's prediction, the formula above) or "sequence"
+        (masked objective only: ``candidates`` conditional samples per prompt, one resampled by
+        exp((w - 1) log p(x|c)/p(x)); see :mod:`sunfish.diffusion.sequence_guidance`). Both are
+        the unconditional model at w = 0 and the conditional one at w = 1.
 
     Samples are full-length; the caller trims each at the first eos (``model.config.eos_id``).
     """
@@ -69,6 +75,10 @@ def sample(
         raise ValueError(f"guidance_scale={guidance_scale} must be >= 0")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if guidance not in ("token", "sequence"):
+        raise ValueError(f"guidance={guidance!r} must be 'token' or 'sequence'")
+    if candidates < 1:
+        raise ValueError(f"candidates={candidates} must be >= 1")
     was_training = model.training
     model.eval()
     try:
@@ -88,7 +98,20 @@ def sample(
             generator=generator,
             infill=infill,
         )
-        if model.config.objective == "masked":
+        by_sequence = (guidance == "sequence" and prompt_ids is not None
+                       and float(guidance_scale) not in (0.0, 1.0))
+        if by_sequence and model.config.objective != "masked":
+            raise ValueError("guidance='sequence' needs the masked objective (it scores samples with the "
+                             "masked ELBO); use guidance='token' for the continuous one")
+        if by_sequence:
+            from sunfish.diffusion.sequence_guidance import draw_candidates, resample
+
+            drawn, log_ratio = draw_candidates(
+                model, ids, mask, candidates=candidates, seq_len=seq_len, num_steps=num_steps,
+                exact_counts=scheduler == "ddim", top_p=top_p, generator=generator, infill=infill,
+            )
+            out = resample(drawn, log_ratio, guidance_scale, generator)
+        elif model.config.objective == "masked":
             out = masked.sample(model, ids, mask, exact_counts=scheduler == "ddim", top_p=top_p, **common)
         else:
             out = continuous.sample(model, ids, mask, scheduler=scheduler, eta=eta, clamp=clamp, **common)
