@@ -115,7 +115,8 @@ def _prompts(tok, n: int, data_dir: Path, max_tokens: int) -> list[list[int]]:
 
 
 def time_diffusion(model, prompts, *, batch: int, count: int, seq_len: int, num_steps: int, w: float,
-                   scheduler: str, eta: float, repeats: int, top_p: float = 1.0) -> tuple[float, list[list[int]]]:
+                   scheduler: str, eta: float, repeats: int, top_p: float = 1.0, guidance: str = "token",
+                   candidates: int = 4) -> tuple[float, list[list[int]]]:
     """(median seconds for ``count`` samples drawn ``batch`` at a time, the ids of the last repeat)."""
     from sunfish.diffusion.sample import sample
 
@@ -127,10 +128,17 @@ def time_diffusion(model, prompts, *, batch: int, count: int, seq_len: int, num_
             rows = prompts[first: first + batch]
             gen = torch.Generator().manual_seed(first)
             out = sample(model, rows, num_samples=len(rows), seq_len=seq_len, num_steps=num_steps,
-                         guidance_scale=w, scheduler=scheduler, eta=eta, generator=gen, top_p=top_p)
+                         guidance_scale=w, scheduler=scheduler, eta=eta, generator=gen, top_p=top_p,
+                         guidance=guidance, candidates=candidates)
             ids += out.tolist()
         times.append(time.perf_counter() - start)
     return statistics.median(times), ids
+
+
+def guidance_for(model, configured: str) -> str:
+    from sunfish.sampling import default_guidance
+
+    return default_guidance(model, configured)
 
 
 def time_ar(model, ev, *, count: int, seq_len: int, eos_id: int, repeats: int) -> tuple[float, list[list[int]]]:
@@ -190,7 +198,9 @@ def run_sampling(ctx, args, report: dict) -> None:
                 with bt.OtherLoad() as other:
                     seconds, ids = time_diffusion(model, prompts, batch=batch, count=count, seq_len=seq_len,
                                                   num_steps=steps, w=w, scheduler=scheduler, eta=p.cfg.eta,
-                                                  repeats=args.repeats, top_p=p.cfg.top_p)
+                                                  repeats=args.repeats, top_p=p.cfg.top_p,
+                                                  guidance=guidance_for(model, args.guidance),
+                                                  candidates=p.cfg.guidance_candidates)
                 texts = [_decode(tok, r) for r in ids]
                 tps = count * seq_len / seconds
                 rows.append({"name": f"{objective}/{scheduler}/b{batch}", "objective": objective,
@@ -199,8 +209,10 @@ def run_sampling(ctx, args, report: dict) -> None:
                              "judge_ppl": judge_ppl(judge, tok, texts) if trained else None,
                              "example": texts[0][:120], "other_cores": other.cores})
     report["sampling"] = {"preset": preset, "seq_len": seq_len, "num_steps": steps, "guidance_scale": w,
+                          "guidance": args.guidance, "candidates": p.cfg.guidance_candidates,
                           "num_samples": count, "judge": args.judge, "rows": rows}
-    print(f"\nsampling: preset {preset}, {count} samples x {seq_len} tokens, num_steps {steps}, guidance {w:g}, "
+    print(f"\nsampling: preset {preset}, {count} samples x {seq_len} tokens, num_steps {steps}, guidance {w:g} "
+          f"({args.guidance}, {p.cfg.guidance_candidates} candidates where sequence), "
           f"{torch.get_num_threads()} thread(s)")
     table_rows = [[r["name"], "yes" if r["trained"] else "no", f"{r['seconds']:.2f}", f"{r['tokens_per_s']:,.0f}",
                    f"{r.get('vs_ar', 1.0):.2f}x", "-" if r["judge_ppl"] is None else f"{r['judge_ppl']:.1f}",
@@ -240,6 +252,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: eval.cfg_seq_len)")
     ap.add_argument("--num-steps", type=int, default=None, help="default: cfg.num_steps")
     ap.add_argument("--guidance-scale", type=float, default=None, help="default: cfg.guidance_scale")
+    ap.add_argument("--guidance", choices=("sequence", "token"), default=None,
+                    help="default: cfg.guidance (sequence applies to the masked objective only)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1, help="timed repeats per row (the median is reported)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training section")
@@ -269,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.seq_len = args.seq_len or p.eval.cfg_seq_len
     args.num_steps = args.num_steps or p.cfg.num_steps
     args.guidance_scale = p.cfg.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    args.guidance = args.guidance or p.cfg.guidance
     args.train_batch_size = args.train_batch_size or p.train.batch_size
     args.train_seq_len = args.train_seq_len or p.train.seq_len
     threads_before = torch.get_num_threads()

@@ -44,7 +44,7 @@ EVAL_SOURCES = (
 AR_SETTINGS = ("prompts", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
                "max_eval_tokens")
 CFG_SETTINGS = ("seed", "max_eval_tokens", "cfg_prompts", "cfg_seq_len")
-CFG_SAMPLING = ("num_steps", "scheduler", "eta", "top_p")
+CFG_SAMPLING = ("num_steps", "scheduler", "eta", "top_p", "guidance", "guidance_candidates")
 
 
 def progress_scales(guidance_scale: float) -> list[float]:
@@ -195,18 +195,32 @@ def complete_sweeps(
 def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, scales) -> list[dict]:
     from sunfish.data.prompts import adherent, spread_over_documents
     from sunfish.diffusion.sample import sample as diffusion_sample
+    from sunfish.diffusion.sequence_guidance import draw_candidates, resample
     from sunfish.evaluation.text_quality import quality, wilson_interval
+    from sunfish.sampling import default_guidance
 
     model = model_tuple[0]
     chosen = spread_over_documents(records, ev.cfg_prompts)
     prompt_ids = [tok.encode_prompt(r["prompt"])[: model.config.max_prompt_tokens] for r in chosen]
+    mode = default_guidance(model, cfg.guidance)
+    shared = None  # sequence guidance: one set of candidates serves every scale but 0 and 1
     sweep = []
     for w in scales:
         gen = torch.Generator().manual_seed(ev.seed)
-        ids = diffusion_sample(
-            model, prompt_ids, num_samples=len(prompt_ids), seq_len=ev.cfg_seq_len, num_steps=cfg.num_steps,
-            guidance_scale=w, scheduler=cfg.scheduler, eta=cfg.eta, generator=gen, top_p=cfg.top_p,
-        )
+        if mode == "sequence" and w not in (0.0, 1.0):
+            if shared is None:
+                padded, mask = model.pad_prompt_ids(prompt_ids)
+                shared = draw_candidates(
+                    model, padded, mask, candidates=cfg.guidance_candidates, seq_len=ev.cfg_seq_len,
+                    num_steps=cfg.num_steps, exact_counts=cfg.scheduler == "ddim", top_p=cfg.top_p,
+                    generator=torch.Generator().manual_seed(ev.seed),
+                )
+            ids = resample(*shared, w, gen)
+        else:
+            ids = diffusion_sample(
+                model, prompt_ids, num_samples=len(prompt_ids), seq_len=ev.cfg_seq_len, num_steps=cfg.num_steps,
+                guidance_scale=w, scheduler=cfg.scheduler, eta=cfg.eta, generator=gen, top_p=cfg.top_p,
+            )
         samples = []
         for rec, row in zip(chosen, ids.tolist()):
             if tok.eos_id in row:
@@ -216,7 +230,8 @@ def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, sca
                             "adherent": adherent(text, rec["target"])})
         hits = sum(s["adherent"] for s in samples)
         sweep.append({
-            "scale": w, "adherence": hits / len(samples), "n": len(samples),
+            "scale": w, "guidance": mode if w not in (0.0, 1.0) else "none", "adherence": hits / len(samples),
+            "n": len(samples),
             "ci": list(wilson_interval(hits, len(samples))),
             "quality": quality([s["text"] for s in samples], vocabulary, bigrams), "samples": samples,
         })

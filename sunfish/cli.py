@@ -271,7 +271,14 @@ def config_show(params_path: Path, model: str | None, fmt: str) -> None:
 @click.option("--repetition-penalty", type=click.FloatRange(1.0, 10.0), default=1.1, show_default=True,
               help="AR only")
 @click.option("--guidance-scale", type=click.FloatRange(0.0, 100.0), default=None,
-              help="diffusion only; default: cfg.guidance_scale of ./params.yaml, else 1.5")
+              help="diffusion only; default: cfg.guidance_scale of ./params.yaml, else 5")
+@click.option("--guidance", type=click.Choice(["sequence", "token"]), default=None,
+              help="diffusion only: sequence = resample whole conditional samples by their prompt information "
+                   "(masked objective), token = CFG on every position; default: cfg.guidance of ./params.yaml, "
+                   "else sequence for masked checkpoints")
+@click.option("--candidates", type=click.IntRange(1, 64), default=None,
+              help="diffusion only: conditional samples per prompt for --guidance sequence; default: "
+                   "cfg.guidance_candidates of ./params.yaml, else 4")
 @click.option("--num-samples", type=click.IntRange(1, 256), default=1, show_default=True)
 @click.option("--seq-len", type=click.IntRange(1, 65536), default=None, help="diffusion only: sample length in tokens")
 @click.option("--num-steps", type=click.IntRange(1, 100000), default=None, help="diffusion only: denoising steps")
@@ -283,7 +290,8 @@ def config_show(params_path: Path, model: str | None, fmt: str) -> None:
                    "else tracking.uri of ./params.yaml, else the project's mlflow.db")
 @friendly_errors
 def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-           guidance_scale, num_samples, seq_len, num_steps, scheduler, seed, fmt, tracking) -> None:
+           guidance_scale, guidance, candidates, num_samples, seq_len, num_steps, scheduler, seed, fmt,
+           tracking) -> None:
     """Generate text from any SunFish checkpoint (a stage or the diffusion model).
 
     CHECKPOINT is a checkpoint directory (models/stage_3/final), its model.safetensors, or a model
@@ -316,6 +324,8 @@ def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, 
         checkpoint, prompt=prompt, infill=infill, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, guidance_scale=guidance_scale,
         num_samples=num_samples, seq_len=seq_len, num_steps=num_steps, scheduler=scheduler, seed=seed,
+        guidance=guidance, candidates=candidates or defaults.get("guidance_candidates"),
+        configured_guidance=defaults.get("guidance"),
     )
     for r in results:
         if fmt == "json":
@@ -328,7 +338,7 @@ def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, 
 
 MASK_MARKER = "[MASK]"  # sunfish.sampling.MASK_MARKER (not imported: keeps the CLI import cheap)
 AR_ONLY = ("max_new_tokens", "temperature", "top_k", "repetition_penalty")
-DIFFUSION_ONLY = ("infill", "guidance_scale", "seq_len", "num_steps", "scheduler")
+DIFFUSION_ONLY = ("infill", "guidance_scale", "guidance", "candidates", "seq_len", "num_steps", "scheduler")
 
 
 def _check_flags_fit(ctx: click.Context, kind: str, checkpoint: Path) -> None:
@@ -363,7 +373,7 @@ def _project_tracking(uri: str | None) -> tuple[str, str]:
 
 
 def _project_sampling_defaults() -> dict:
-    """cfg.guidance_scale / num_steps / scheduler from ./params.yaml when run inside the project."""
+    """cfg.guidance_scale / num_steps / scheduler / top_p / guidance from ./params.yaml inside the project."""
     path = Path("params.yaml")
     if not path.exists():
         return {}
@@ -374,7 +384,7 @@ def _project_sampling_defaults() -> dict:
     except Exception:  # a broken params.yaml must not stop sampling from a checkpoint
         return {}
     return {"guidance_scale": cfg.guidance_scale, "num_steps": cfg.num_steps, "scheduler": cfg.scheduler,
-            "top_p": cfg.top_p}
+            "top_p": cfg.top_p, "guidance": cfg.guidance, "guidance_candidates": cfg.guidance_candidates}
 
 
 @main.command()

@@ -282,7 +282,7 @@ class CfgConfig(Section):
     timesteps: int = Field(1000, ge=1, le=100000)
     noise_schedule: Literal["sqrt", "cosine"] = "sqrt"
     conditioning_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    guidance_scale: float = Field(1.5, ge=0.0, le=100.0)
+    guidance_scale: float = Field(5.0, ge=0.0, le=100.0)
     num_steps: int = Field(50, ge=1)
     scheduler: Literal["ddim", "ddpm"] = "ddim"
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity; 1 = DDPM ancestral")
@@ -291,6 +291,10 @@ class CfgConfig(Section):
     prompt_encoder_layers: int = Field(0, ge=0, le=24, description="transformer layers over the prompt embeddings (0 measured best)")
     max_prompt_tokens: int = Field(32, ge=1, le=1024)
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="masked sampler: nucleus mass per revealed token; 1 = exact")
+    guidance: Literal["sequence", "token"] = Field(
+        "sequence", description="sequence: resample whole conditional samples by their prompt information "
+                                "(masked objective); token: CFG on every position's prediction")
+    guidance_candidates: int = Field(4, ge=1, le=64, description="sequence guidance: conditional samples per prompt")
     prompt_copy: bool = Field(True, description="copy head: text positions may copy prompt tokens (masked objective, own encoder)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     budget: Budget = Budget()

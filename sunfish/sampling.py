@@ -25,7 +25,19 @@ log = logging.getLogger(__name__)
 MASK_MARKER = "[MASK]"
 AR_TOP_P = 0.95  # nucleus mass when none is given: the AR stages
 DIFFUSION_TOP_P = 0.9  # and the masked diffusion sampler (params cfg.top_p's default)
-DIFFUSION_GUIDANCE = 1.5  # params cfg.guidance_scale's default
+DIFFUSION_GUIDANCE = 5.0  # params cfg.guidance_scale's default
+DIFFUSION_CANDIDATES = 4  # params cfg.guidance_candidates' default
+
+
+def default_guidance(model, configured: str | None = None) -> str:
+    """The guidance mode when none is asked for: ``configured`` (params cfg.guidance) where it applies.
+
+    Sequence guidance scores samples with the masked ELBO, so a continuous model gets token guidance.
+    """
+    masked = getattr(model.config, "objective", None) == "masked"
+    if configured == "sequence" and not masked:
+        return "token"
+    return configured or ("sequence" if masked else "token")
 MLFLOW_PREFIXES = ("runs:/", "mlflow:")
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
@@ -181,6 +193,9 @@ def sample_from_checkpoint(
     scheduler: str | None = None,
     seed: int = 0,
     model_and_meta: tuple | None = None,
+    guidance: str | None = None,
+    candidates: int | None = None,
+    configured_guidance: str | None = None,
 ) -> list[dict[str, Any]]:
     import torch
 
@@ -224,6 +239,12 @@ def sample_from_checkpoint(
     steps = num_steps or 50
     sched = scheduler or "ddim"
     eta = 1.0 if sched == "ddpm" else 0.0
+    mode = guidance or default_guidance(model, configured_guidance)
+    if mode == "sequence" and model.config.objective != "masked":
+        from sunfish.cli import UsageProblem
+
+        raise UsageProblem("--guidance sequence needs a masked-objective checkpoint (it scores samples with the "
+                           f"masked ELBO); {checkpoint} holds a {model.config.objective!r} model: use --guidance token")
     length = seq_len or min(64, model.config.max_seq_len)
     if length > model.config.max_seq_len:
         from sunfish.cli import UsageProblem
@@ -240,13 +261,14 @@ def sample_from_checkpoint(
             model, [prompt_ids] if prompt_ids is not None else None, num_samples=1, seq_len=length,
             num_steps=min(steps, getattr(model.config, "timesteps", steps)), guidance_scale=w, scheduler=sched,
             eta=eta, generator=gen, infill=infill_arg, top_p=DIFFUSION_TOP_P if top_p is None else top_p,
+            guidance=mode, candidates=candidates or DIFFUSION_CANDIDATES,
         )
         ids = out[0].tolist()
         if tok.eos_id in ids and infill is None:
             ids = ids[: ids.index(tok.eos_id)]
         ids = [t for t in ids if t != tok.pad_id]
         results.append({
-            "prompt": text, "guidance_scale": w, "text": tok.decode(ids), "tokens": len(ids),
+            "prompt": text, "guidance_scale": w, "guidance": mode, "text": tok.decode(ids), "tokens": len(ids),
             "seconds": round(time.perf_counter() - start, 3), "num_steps": steps, "scheduler": sched,
             "model": meta.get("model_name"), "step": meta.get("step"),
         })

@@ -50,6 +50,8 @@ BAD = [
     ("cfg.guidance_scale", -2.0, "cfg.guidance_scale"),
     ("cfg.num_steps", 5000, "cfg.num_steps"),
     ("cfg.scheduler", "euler", "cfg.scheduler"),
+    ("cfg.guidance", "logits", "cfg.guidance"),
+    ("cfg.guidance_candidates", 0, "cfg.guidance_candidates"),
     ("staged.preset", "huge", "staged.preset"),
     ("staged.stage_1.milestones", [50, 500], "staged.stage_1.milestones"),
     ("tokenizer.vocab_size", 100, "tokenizer.vocab_size"),

@@ -485,6 +485,25 @@ def test_cli_top_p_applies_to_diffusion_and_a_tiny_nucleus_is_the_most_likely_to
     assert greedy[0] != full[0] or greedy[1] != full[1]  # the nucleus changed what was drawn
 
 
+def test_cli_guidance_mode_and_candidates(diffusion_checkpoint):
+    import json
+
+    from click.testing import CliRunner
+
+    from sunfish.cli import main
+
+    args = [str(diffusion_checkpoint), "--prompt", "robot", "--guidance-scale", "3", "--seq-len", "12",
+            "--num-steps", "4", "--format", "json"]
+    seq = json.loads(_sample_cli(*args, "--guidance", "sequence", "--candidates", "3"))
+    tok = json.loads(_sample_cli(*args, "--guidance", "token"))
+    assert seq["guidance"] == "sequence" and tok["guidance"] == "token"
+    assert json.loads(_sample_cli(*args))["guidance"] == "sequence"  # the default for a masked checkpoint
+    again = json.loads(_sample_cli(*args, "--guidance", "sequence", "--candidates", "3"))
+    assert again["text"] == seq["text"]  # seeded
+    bad = CliRunner().invoke(main, ["sample", *args, "--candidates", "0"])
+    assert bad.exit_code == 2 and "--candidates" in bad.output
+
+
 def test_nucleus_keeps_the_smallest_set_holding_top_p():
     from sunfish.diffusion.masked import nucleus
 

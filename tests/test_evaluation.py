@@ -478,3 +478,33 @@ def test_the_whole_guidance_curve_is_sampled_at_the_best_milestone_only(tmp_path
     again = [_swept_entry(10, 5.0, progress), _swept_entry(20, 4.0, progress), _swept_entry(30, 4.5, progress)]
     complete_sweeps({"cfg": again}, full, cache, sweep)
     assert len(asked) == 1 and [g["scale"] for g in again[1]["guidance"]] == full  # from the cache
+
+
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+def test_sequence_guided_scales_share_one_set_of_candidates(mode, monkeypatch):
+    import pipeline.evaluate as evaluate
+    import sunfish.diffusion.sequence_guidance as sg
+    from sunfish.config import CfgConfig, EvalConfig
+    from sunfish.data.tokenizer import train_bpe
+    from sunfish.models.denoiser import DiffusionConfig, DiffusionLM
+
+    text = "Once upon a time, a little robot went to the park. The dog played with a red ball."
+    tok = train_bpe([text] * 8, vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    model = DiffusionLM(DiffusionConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, d_ff=64,
+                                        max_seq_len=16, max_prompt_tokens=8, pad_id=tok.pad_id, eos_id=tok.eos_id))
+    records = [{"prompt": f"Write about {w}s", "text": text, "target": [w]} for w in ("robot", "dog", "ball")]
+    calls = []
+    real = sg.draw_candidates
+
+    def counted(*args, **kw):
+        calls.append(kw["candidates"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sg, "draw_candidates", counted)
+    cfg = CfgConfig(guidance=mode, guidance_candidates=3, num_steps=4)
+    ev = EvalConfig(cfg_prompts=3, cfg_seq_len=8)
+    rows = evaluate._guidance_sweep((model, {}, None), tok, ev, cfg, records, set(), set(), [0.0, 1.0, 3.0, 7.0])
+    assert [r["scale"] for r in rows] == [0.0, 1.0, 3.0, 7.0] and all(r["n"] == 3 for r in rows)
+    assert [r["guidance"] for r in rows] == ["none", "none", mode, mode]
+    assert calls == ([3] if mode == "sequence" else [])  # one draw of 3 candidates serves both guided scales
