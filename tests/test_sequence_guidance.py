@@ -27,18 +27,22 @@ def _prompt_task_batch(g, B=32, L=6):
                 prompt_ids=token.clone(), prompt_mask=torch.ones(B, 1, dtype=torch.bool))
 
 
-@pytest.fixture(scope="module")
-def prompt_model() -> DiffusionLM:
+def trained_on_the_prompt_task(steps: int) -> DiffusionLM:
     model = tiny()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
     model.train()
-    for _ in range(60):
+    for _ in range(steps):
         loss, _ = model.training_loss(_prompt_task_batch(g))
         opt.zero_grad()
         loss.backward()
         opt.step()
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def prompt_model() -> DiffusionLM:
+    return trained_on_the_prompt_task(60)
 
 
 def test_real_text_mask_ends_at_the_first_eos():
@@ -78,16 +82,7 @@ def test_log_ratio_is_large_for_a_text_that_follows_the_prompt(prompt_model):
 
 
 def test_sequence_guidance_follows_the_prompt_more_than_the_conditional_model():
-    model = tiny()  # trained briefly: the conditional model alone follows the prompt only sometimes
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    g = torch.Generator().manual_seed(1)
-    model.train()
-    for _ in range(12):
-        loss, _ = model.training_loss(_prompt_task_batch(g))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = trained_on_the_prompt_task(12)  # briefly: the conditional model alone follows the prompt only sometimes
     prompts = [[t] for t in range(2, 7)] * 8
 
     def follows(**kw):
