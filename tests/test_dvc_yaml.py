@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sunfish.config import flatten, parse_params
@@ -41,11 +42,12 @@ def test_every_param_is_tracked_by_some_stage():
     assert not missing, f"params no stage tracks: {missing}"
 
 
-def test_guidance_scale_is_not_a_training_input():
+@pytest.mark.parametrize("key", ["cfg.guidance_scale", "cfg.guidance", "cfg.guidance_candidates"])
+def test_guidance_settings_are_not_training_inputs(key):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     tracked = _tracked(dvc, raw)
-    users = {name for name, keys in tracked.items() if _covered("cfg.guidance_scale", keys)}
+    users = {name for name, keys in tracked.items() if _covered(key, keys)}
     assert users == {"evaluate"}
 
 

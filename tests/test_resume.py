@@ -174,8 +174,10 @@ def test_grad_accumulation_equals_one_larger_batch():
 
     one_big = run(8, 1)
     accumulated = run(4, 2)
-    assert torch.allclose(one_big, accumulated, atol=1e-5, rtol=0)
-    assert not torch.allclose(one_big, run(4, 1), atol=1e-5, rtol=0)  # the comparison can fail
+    # float32 sums over 8 rows vs 2 x 4 rows round differently (1.1e-5 on one of 64k weights on an
+    # AMD CPU without AVX-512); a wrong accumulation is off by the learning rate's order (5e-3)
+    assert torch.allclose(one_big, accumulated, atol=1e-4, rtol=0)
+    assert not torch.allclose(one_big, run(4, 1), atol=1e-4, rtol=0)  # the comparison can fail
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path):
