@@ -203,11 +203,14 @@ def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, sca
     chosen = spread_over_documents(records, ev.cfg_prompts)
     prompt_ids = [tok.encode_prompt(r["prompt"])[: model.config.max_prompt_tokens] for r in chosen]
     mode = default_guidance(model, cfg.guidance)
-    shared = None  # sequence guidance: one set of candidates serves every scale but 0 and 1
+    # Sequence guidance: one set of conditional candidates serves every scale but 0. Scale 1 takes a
+    # uniformly drawn candidate (a plain conditional sample), so every w >= 1 row is drawn from the
+    # same pool: the adherence gain of guidance is measured paired, and w = 1 costs no extra sampling.
+    shared = None
     sweep = []
     for w in scales:
         gen = torch.Generator().manual_seed(ev.seed)
-        if mode == "sequence" and w not in (0.0, 1.0):
+        if mode == "sequence" and w != 0.0:
             if shared is None:
                 padded, mask = model.pad_prompt_ids(prompt_ids)
                 shared = draw_candidates(

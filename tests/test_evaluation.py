@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -501,10 +502,22 @@ def test_sequence_guided_scales_share_one_set_of_candidates(mode, monkeypatch):
         calls.append(kw["candidates"])
         return real(*args, **kw)
 
+    ds = importlib.import_module("sunfish.diffusion.sample")  # the package re-exports the function under this name
+
+    direct = []
+    real_sample = ds.sample
+
+    def sampled(*args, **kw):
+        direct.append(kw["guidance_scale"])
+        return real_sample(*args, **kw)
+
     monkeypatch.setattr(sg, "draw_candidates", counted)
+    monkeypatch.setattr(ds, "sample", sampled)
     cfg = CfgConfig(guidance=mode, guidance_candidates=3, num_steps=4)
     ev = EvalConfig(cfg_prompts=3, cfg_seq_len=8)
     rows = evaluate._guidance_sweep((model, {}, None), tok, ev, cfg, records, set(), set(), [0.0, 1.0, 3.0, 7.0])
     assert [r["scale"] for r in rows] == [0.0, 1.0, 3.0, 7.0] and all(r["n"] == 3 for r in rows)
     assert [r["guidance"] for r in rows] == ["none", "none", mode, mode]
-    assert calls == ([3] if mode == "sequence" else [])  # one draw of 3 candidates serves both guided scales
+    # one draw of 3 candidates serves w = 1 and both guided scales; only w = 0 is sampled directly
+    assert calls == ([3] if mode == "sequence" else [])
+    assert direct == ([0.0] if mode == "sequence" else [0.0, 1.0, 3.0, 7.0])
