@@ -48,7 +48,8 @@ class StageContext:
             dumped = {k: v for k, v in dumped.items() if k in sections}
         return flatten(dumped)
 
-    def tracking(self, flat_params: dict[str, Any] | None = None, run_id: str | None = None, **tags: Any):
+    def tracking(self, flat_params: dict[str, Any] | None = None, run_id: str | None = None,
+                 stage_params: dict[str, Any] | None = None, **tags: Any):
         from sunfish.tracking import stage_run  # imports mlflow lazily, only for stages that log
 
         t = self.params.tracking
@@ -59,6 +60,7 @@ class StageContext:
             configured_uri=t.uri,
             enabled=t.enabled,
             flat_params=flat_params,
+            stage_params=stage_params,
             tags=tags,
             run_id=run_id,
         )

@@ -99,13 +99,14 @@ def _train(dvc_stage: str, name: str, *, model_stage: int, description: str, sta
 
         after_clip = make_k1_hook(p.staged.k1.mode, p.staged.k1.path_mass, every=tcfg.log_every)
 
-    flat = {**ctx.flat_params("train", "staged"), "model.stage": model_stage,
+    flat = {**ctx.flat_params("train", "staged"),
             **{f"presets.{p.staged.preset}.{k}": v for k, v in preset.model_dump().items()}}
     run_training(
         ctx, name, model, tcfg,
         sample_batch=sample_batch, val_batches=val_batches,
         tokens_per_batch=tcfg.batch_size * tcfg.seq_len,
         bytes_per_token=meta["splits"]["val"]["bytes_per_token"],
-        flat_params=flat, identities=identities, after_clip=after_clip, start_metrics=start_metrics,
+        flat_params=flat, stage_params={"model.stage": model_stage}, identities=identities,
+        after_clip=after_clip, start_metrics=start_metrics,
         description=description, optimizer_state=optimizer_state,
     )

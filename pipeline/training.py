@@ -64,6 +64,7 @@ def run_training(
     start_metrics: dict[str, float] | None = None,
     description: str = "",
     optimizer_state: dict | None = None,
+    stage_params: dict | None = None,
 ) -> TrainResult:
     """Train one model for a DVC stage, resuming its interrupted or extended run when that is sound.
 
@@ -105,8 +106,8 @@ def run_training(
         runs.prune(fp)
     barrier(dist)
 
-    tracking = ctx.tracking(flat_params, run_id=previous_run_id, **{"sunfish.model": model_name,
-                                                                    "sunfish.kind": model.kind})
+    tracking = ctx.tracking(flat_params, run_id=previous_run_id, stage_params=stage_params,
+                            **{"sunfish.model": model_name, "sunfish.kind": model.kind})
     with (tracking if dist.is_main else nullcontext(_NoRun())) as run:
         if point is None:
             run.log_metrics({"model/parameters": n_params, **(start_metrics or {})}, 0)

@@ -559,6 +559,7 @@ def stage_run(
     configured_uri: str | None = None,
     enabled: bool = True,
     flat_params: Mapping[str, Any] | None = None,
+    stage_params: Mapping[str, Any] | None = None,
     tags: Mapping[str, Any] | None = None,
     fallback_dir: Path | None = None,
     run_id: str | None = None,
@@ -566,11 +567,17 @@ def stage_run(
 ) -> Iterator[StageRun]:
     """Open an MLflow run named after the stage, tagged for DVC; mark it FAILED if the stage raises.
 
+    ``flat_params`` are params.yaml values: logged on the stage run and on the execution's parent run,
+    where a value that disagrees with the parent's starts a new parent. ``stage_params`` describe this
+    stage only (which model stage it trains) and go on the stage run alone: stages of one execution
+    differ in them, so they must not split the execution over several parents.
     ``run_id`` resumes that run (a resumed training stage continues its run) when the store has it;
     otherwise a new run is created. The store being unreachable never raises: records are kept in
     ``<fallback_dir>/<stage>.jsonl`` (default ``<root>/state/mlflow_fallback``).
     """
     fallback = (fallback_dir or root / "state" / "mlflow_fallback") / f"{stage}.jsonl"
+    shared_params = dict(flat_params or {})
+    flat_params = {**shared_params, **(stage_params or {})}
     if not enabled:
         yield StageRun(None, None, fallback, stage=stage, enabled=False)
         return
@@ -598,7 +605,7 @@ def stage_run(
     try:
         client = open_client(uri)
         exp_id = _experiment_id(client, experiment, root, uri)
-        parent_id = _parent_run(client, exp_id, uri, label, shared, flat_params or {})
+        parent_id = _parent_run(client, exp_id, uri, label, shared, shared_params)
         if parent_id:
             all_tags[PARENT_ID_TAG] = parent_id
         resumed = _reopen(client, run_id, uri) if run_id else None

@@ -155,3 +155,22 @@ def test_workspace_label_is_the_commit_plus_a_hash_of_changed_params(tmp_path, m
     assert changed.startswith(f"workspace@{commit[:7]}+") and len(changed) == len(commit[:7]) + 18
     monkeypatch.setenv("DVC_EXP_NAME", "bushy-tree")
     assert experiment_label(commit) == "bushy-tree"
+
+
+def test_stage_only_params_do_not_split_an_execution_over_parents(tmp_path, monkeypatch):
+    """Stage 1 trains model stage 1 and stage 2 model stage 2: one execution, one parent."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
+    runs = []
+    for n in (0, 1, 2):
+        with stage_run(f"train_stage_{n}", root=tmp_path, flat_params={"train.lr": 0.002},
+                       stage_params={"model.stage": n}) as run:
+            runs.append(run)
+    parents = _parents(tmp_path)
+    assert len(parents) == 1
+    assert parents[0].data.params == {"train.lr": "0.002"}
+    client = _client(tmp_path)
+    for n, run in enumerate(runs):
+        got = client.get_run(run.run_id).data
+        assert got.params == {"train.lr": "0.002", "model.stage": str(n)}
+        assert got.tags["mlflow.parentRunId"] == parents[0].info.run_id

@@ -170,6 +170,9 @@ def test_mlflow_holds_one_run_per_training_stage(repo):
         assert r.info.status == "FINISHED"
     history = client.get_metric_history(by_stage["train_stage_0"][0].info.run_id, "train/loss")
     assert len(history) >= 4
+    # one `dvc repro`, one parent run: every stage run of it is grouped under the same parent
+    parents = {r.data.tags.get("mlflow.parentRunId") for stage, rs in by_stage.items() if stage for r in rs}
+    assert len(parents) == 1 and None not in parents, parents
 
 
 def test_second_repro_reruns_nothing(repo):
