@@ -192,7 +192,14 @@ def complete_sweeps(
     return completed
 
 
-def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, scales) -> list[dict]:
+def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, scales,
+                    drawn: dict | None = None, checkpoint: str | None = None) -> list[dict]:
+    """The guidance rows of ``scales`` for one checkpoint.
+
+    ``drawn`` (a dict kept for one evaluate run) holds each ``checkpoint``'s sequence-guidance
+    candidates: the best milestone's whole curve reuses those its progress rows drew (the draw is
+    seeded, so the rows are the same as a fresh draw; it was a third of that milestone's time).
+    """
     from sunfish.data.prompts import adherent, spread_over_documents
     from sunfish.diffusion.sample import sample as diffusion_sample
     from sunfish.diffusion.sequence_guidance import draw_candidates, resample
@@ -211,6 +218,8 @@ def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, sca
     for w in scales:
         gen = torch.Generator().manual_seed(ev.seed)
         if mode == "sequence" and w != 0.0:
+            if shared is None and drawn is not None and checkpoint is not None:
+                shared = drawn.get(checkpoint)
             if shared is None:
                 padded, mask = model.pad_prompt_ids(prompt_ids)
                 shared = draw_candidates(
@@ -218,6 +227,8 @@ def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, sca
                     num_steps=cfg.num_steps, exact_counts=cfg.scheduler == "ddim", top_p=cfg.top_p,
                     generator=torch.Generator().manual_seed(ev.seed),
                 )
+                if drawn is not None and checkpoint is not None:
+                    drawn[checkpoint] = shared
             ids = resample(*shared, w, gen)
         else:
             ids = diffusion_sample(
@@ -249,6 +260,7 @@ class _Resources:
         self._vocab: tuple[set, set] | None = None
         self._val_stream = None
         self._records: list[dict] | None = None
+        self.drawn: dict = {}  # sequence-guidance candidates per checkpoint directory, for this run
 
     @property
     def corpus(self) -> tuple[set, set]:
@@ -303,7 +315,8 @@ def _compute_checkpoint(ctx, res: _Resources, name: str, step: int, directory: P
         entry["quality"] = quality([s["continuation"] for s in entry["samples"]], vocabulary, bigrams)
     else:
         entry["guidance"] = _guidance_sweep(loaded, tok, ev, p.cfg, res.val_records, vocabulary, bigrams,
-                                            progress_scales(p.cfg.guidance_scale))
+                                            progress_scales(p.cfg.guidance_scale), res.drawn,
+                                            str(directory.resolve()))
     entry["seconds"] = time.perf_counter() - start
     log.info("%s step %d: val loss %.3f, ppl %.2f, bpb %.3f (%.1fs)", name, step, entry["val_loss"],
              entry["val_ppl"], entry["val_bpb"], entry["seconds"])
@@ -420,8 +433,10 @@ def run() -> None:
             from sunfish.training.checkpoint import load_checkpoint
 
             vocabulary, bigrams = res.corpus
-            loaded = load_checkpoint(ctx.root / entry["checkpoint"])
-            return _guidance_sweep(loaded, tok, ev, p.cfg, res.val_records, vocabulary, bigrams, missing)
+            directory = ctx.root / entry["checkpoint"]
+            loaded = load_checkpoint(directory)
+            return _guidance_sweep(loaded, tok, ev, p.cfg, res.val_records, vocabulary, bigrams, missing,
+                                   res.drawn, str(directory.resolve()))
 
         for entries in evaluated.values():
             show_chosen_scale(entries, p.cfg.guidance_scale)  # the best milestone depends on it

@@ -521,3 +521,14 @@ def test_sequence_guided_scales_share_one_set_of_candidates(mode, monkeypatch):
     # one draw of 3 candidates serves w = 1 and both guided scales; only w = 0 is sampled directly
     assert calls == ([3] if mode == "sequence" else [])
     assert direct == ([0.0] if mode == "sequence" else [0.0, 1.0, 3.0, 7.0])
+
+    # the best milestone's whole curve (evaluate's second call) reuses the progress rows' candidates
+    drawn: dict = {}
+    first = evaluate._guidance_sweep((model, {}, None), tok, ev, cfg, records, set(), set(), [0.0, 1.0, 7.0],
+                                     drawn, "ckpt")
+    calls.clear()
+    rest = evaluate._guidance_sweep((model, {}, None), tok, ev, cfg, records, set(), set(), [3.0], drawn, "ckpt")
+    assert calls == []
+    by_scale = {r["scale"]: r for r in rows}
+    for r in (*first, *rest):  # the same rows as the one-call sweep: the draw is seeded
+        assert [x["text"] for x in r["samples"]] == [x["text"] for x in by_scale[r["scale"]]["samples"]]
