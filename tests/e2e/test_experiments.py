@@ -1,6 +1,6 @@
 """End to end: DVC experiments and sweeps compared in DVC and in MLflow, and a DVC remote.
 
-One module-scoped tiny pipeline run (the TINY profile of test_pipeline.py) is the baseline; a queued
+A copy of the session's tiny pipeline run (the TINY profile of test_pipeline.py) is the baseline; a queued
 guidance sweep (1 and 3) runs on two workers at once, then the tests check what a user compares:
 `dvc exp show`, `dvc exp diff`, `dvc plots diff`, `sunfish compare`, and the parent runs in the one
 MLflow store. Which stages a learning-rate change reruns is checked with `dvc repro --dry` (a real
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.test_pipeline import env, ran_stages, run, set_dotted, tiny_repo, tree_digest
+from tests.e2e.test_pipeline import copy_repo, env, ran_stages, run, set_dotted, tree_digest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -28,10 +28,8 @@ HEADLINE = [f"{m}.best_val_bpb" for m in MODELS] + ["cfg.adherence", "cfg.checkl
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("sunfish-exp")
-    tiny_repo(repo)
-    return repo
+def repo(tiny_baseline, tmp_path_factory) -> Path:
+    return copy_repo(tiny_baseline, tmp_path_factory.mktemp("sunfish-exp"))
 
 
 def wait_for_queue(repo: Path, timeout: float = 900) -> str:

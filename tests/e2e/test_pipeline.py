@@ -1,6 +1,7 @@
 """End to end: the real `dvc repro` of the whole pipeline on a tiny profile, in a temporary git repo.
 
-One module-scoped run of the pipeline serves every test here; the tests then check what a user
+One run of the pipeline per test session (tests/e2e/conftest.py) serves every test here, each
+module working on its own copy; the tests then check what a user
 sees: outputs on disk, what MLflow holds, what a second `dvc repro` reruns, what a guidance-only
 change reruns, that a params typo is refused with nothing lost, and that queued experiments log
 into the main store.
@@ -119,12 +120,27 @@ def tiny_repo(repo: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+def copy_repo(src: Path, dst: Path) -> Path:
+    """A copy of a reproduced repo (git, DVC cache, outputs, state, MLflow store) that is its own.
+
+    The only absolute paths are MLflow's artifact locations, which would send the copy's artifacts
+    into the original: they are rewritten. DVC keys its state by the repo's path, so the copy
+    rehashes its files once and finds them unchanged.
+    """
+    import sqlite3
+
+    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+    old, new = src.resolve().as_uri(), dst.resolve().as_uri()
+    with sqlite3.connect(dst / "mlflow.db") as db:
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+    db.close()
+    return dst
+
+
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("sunfish-e2e")
-    proc = tiny_repo(repo)
-    assert "Running stage 'report'" in proc.stdout
-    return repo
+def repo(tiny_baseline, tmp_path_factory) -> Path:
+    return copy_repo(tiny_baseline, tmp_path_factory.mktemp("sunfish-e2e"))
 
 
 def test_repro_writes_reports_metrics_and_checkpoints(repo):
