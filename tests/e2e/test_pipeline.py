@@ -300,10 +300,11 @@ def test_ctrl_c_then_repro_resumes_and_a_longer_run_continues(repo):
         assert max(steps) == 400 and min(steps) <= 3
 
         params["train"]["lr"] = params["train"]["lr"] / 2  # another setting: a fresh run, and why
+        params["staged"]["stage_0"].update(max_steps=24, milestones=[12, 24])  # short: only the start matters
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         proc = run(["dvc", "repro", "-s", "train_stage_0"], repo, timeout=600)
         fresh = json.loads((repo / "reports" / "metrics" / "stage_0.json").read_text())
-        assert fresh["resumed_from_step"] == 0
+        assert fresh["resumed_from_step"] == 0 and fresh["steps"] == 24
     finally:
         (repo / "params.yaml").write_text(original)
         run(["dvc", "checkout", "-f"], repo)
