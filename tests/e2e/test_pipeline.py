@@ -123,14 +123,15 @@ def tiny_repo(repo: Path) -> subprocess.CompletedProcess:
 def copy_repo(src: Path, dst: Path) -> Path:
     """A copy of a reproduced repo (git, DVC cache, outputs, state, MLflow store) that is its own.
 
-    The only absolute paths are MLflow's artifact locations, which would send the copy's artifacts
-    into the original: they are rewritten. DVC keys its state by the repo's path, so the copy
-    rehashes its files once and finds them unchanged.
+    The only absolute paths that matter are MLflow's artifact locations (file URIs, and a plain path
+    for the Default experiment), which would send the copy's artifacts into the original: they are
+    rewritten. DVC keys its state by the repo's path, so the copy rehashes its files once and finds
+    them unchanged.
     """
     import sqlite3
 
     shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
-    old, new = src.resolve().as_uri(), dst.resolve().as_uri()
+    old, new = str(src.resolve()), str(dst.resolve())  # inside file:// URIs too
     with sqlite3.connect(dst / "mlflow.db") as db:
         db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
         db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
