@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from sunfish.data.corpora import CorpusError, is_wikitext_title, load_documents, split_wikitext
+from sunfish.data.corpora import (
+    BUILTIN_FILES,
+    CorpusError,
+    is_wikitext_title,
+    load_documents,
+    split_eos,
+    split_wikitext,
+)
 
 CORPORA = Path(__file__).resolve().parents[1] / "data" / "corpora"
 
@@ -18,12 +25,68 @@ CORPORA = Path(__file__).resolve().parents[1] / "data" / "corpora"
 # bundled corpora
 
 
-def test_tinystories_split_on_delimiter_lines():
-    docs = load_documents("tinystories", CORPORA)
-    assert len(docs) == 2000
+HEAD, EXTRA = BUILTIN_FILES["tinystories"]
+
+
+@pytest.fixture(scope="module")
+def tinystories() -> list[str]:
+    return load_documents("tinystories", CORPORA)
+
+
+def test_tinystories_split_on_delimiter_lines(tinystories):
+    docs = tinystories
+    assert len(docs) == 2000 + 6017  # the two bundled files share no story
+    assert len(set(docs)) == len(docs)
     assert docs[0].startswith("One day, a little girl named Lily found a needle in her room.")
     assert all(d == d.strip() and d for d in docs)
     assert not any("<|endoftext|>" in d for d in docs)
+
+
+def test_tinystories_reads_the_head_file_then_the_extra_file(tinystories):
+    head = split_eos(lzma.open(CORPORA / HEAD, "rt", encoding="utf-8").read())
+    extra = split_eos(lzma.open(CORPORA / EXTRA, "rt", encoding="utf-8").read())
+    assert (len(head), len(extra)) == (2000, 6017)
+    assert tinystories == head + extra
+    assert tinystories[2000].startswith("Lily was a princess who loved to jump.")
+    assert load_documents("tinystories", CORPORA) == tinystories  # fixed order
+
+
+def _fake_tinystories(root: Path, head: str | None, extra: str | None) -> Path:
+    for name, text in ((HEAD, head), (EXTRA, extra)):
+        if text is not None:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            with lzma.open(root / name, "wt", encoding="utf-8") as fh:
+                fh.write(text)
+    return root
+
+
+def test_tinystories_drops_exact_duplicates_keeping_the_first(tmp_path):
+    root = _fake_tinystories(
+        tmp_path,
+        "story a\n<|endoftext|>\n\nstory b\n<|endoftext|>\n",
+        "\nstory c\n<|endoftext|>\n story a \n<|endoftext|>\n"
+        "story b.\n<|endoftext|>\nstory c\n<|endoftext|>\n",
+    )
+    assert load_documents("tinystories", root) == ["story a", "story b", "story c", "story b."]
+    assert load_documents("tinystories", root, max_documents=3) == ["story a", "story b", "story c"]
+
+
+@pytest.mark.parametrize("missing", [HEAD, EXTRA])
+def test_tinystories_missing_either_file_names_it(tmp_path, missing):
+    text = "one\n<|endoftext|>\ntwo\n<|endoftext|>\n"
+    root = _fake_tinystories(tmp_path, None if missing == HEAD else text, None if missing == EXTRA else text)
+    with pytest.raises(CorpusError, match="tinystories.*not found") as info:
+        load_documents("tinystories", root)
+    assert str(root / missing) in str(info.value) and "git checkout -- data/corpora" in str(info.value)
+    # also when the first file alone would give max_documents: every file is checked first
+    with pytest.raises(CorpusError, match="not found"):
+        load_documents("tinystories", root, max_documents=1)
+
+
+def test_tinystories_loads_fast(tinystories):
+    started = time.perf_counter()
+    load_documents("tinystories", CORPORA)
+    assert time.perf_counter() - started < 5  # about 0.3 s: decompressing 6.8 MB and splitting it
 
 
 def test_shakespeare_speech_blocks():
@@ -55,9 +118,9 @@ def test_wikitext_split_rules():
     assert split_wikitext(text) == [first, " = B = \n 1,000-x 3.5 "]
 
 
-def test_max_documents_keeps_the_first():
-    first_five = load_documents("tinystories", CORPORA, max_documents=5)
-    assert first_five == load_documents("tinystories", CORPORA)[:5]
+def test_max_documents_keeps_the_first(tinystories):
+    for n in (5, 2000, 2001, 3000):
+        assert load_documents("tinystories", CORPORA, max_documents=n) == tinystories[:n]
 
 
 def test_missing_bundled_file_names_path(tmp_path):

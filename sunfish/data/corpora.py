@@ -4,6 +4,8 @@ A *document* is the unit that the train/validation split keeps whole and that pr
 built from, so each source is cut where its own format puts boundaries:
 
 - ``tinystories``: stories separated by a line that is exactly ``<|endoftext|>``; each is stripped.
+  Two bundled files are read in a fixed order, the first 2,000 train stories and then 6,017 more
+  (8,017 in all); a story that repeats an earlier one exactly would be dropped (there are none).
 - ``shakespeare``: speech blocks (``Speaker:`` line + lines) separated by blank lines.
 - ``wikitext2``: articles. A title line matches ``^ = [^=].* = $`` (lines containing `` ; `` are
   table legends, not titles); an article is its title line plus every line up to the next title.
@@ -38,11 +40,16 @@ log = logging.getLogger(__name__)
 
 EOS_LINE = "<|endoftext|>"
 
-#: builtin source name -> file under ``corpora_dir``
-BUILTIN_FILES = {
-    "tinystories": "tinystories/TinyStories-train.head2000.txt.xz",
-    "shakespeare": "tinyshakespeare/input.txt.xz",
-    "wikitext2": "wikitext-2-raw/wiki.train.head58.raw.xz",
+#: builtin source name -> its files under ``corpora_dir``, read in this order and concatenated
+#: (``tinystories``: the first 2,000 train stories, then 6,017 more, so ``max_documents`` <= 2000
+#: still gives exactly the head of the train file)
+BUILTIN_FILES: dict[str, tuple[str, ...]] = {
+    "tinystories": (
+        "tinystories/TinyStories-train.head2000.txt.xz",
+        "tinystories/TinyStories-extra6017.txt.xz",
+    ),
+    "shakespeare": ("tinyshakespeare/input.txt.xz",),
+    "wikitext2": ("wikitext-2-raw/wiki.train.head58.raw.xz",),
 }
 
 _WIKI_TITLE = re.compile(r"^ = [^=].* = $")
@@ -70,15 +77,7 @@ def load_documents(
     """Load the documents of ``source`` (see the module docstring), keeping the first ``max_documents``."""
     source = source.strip()
     if source in BUILTIN_FILES:
-        path = Path(corpora_dir) / BUILTIN_FILES[source]
-        if not path.is_file():
-            raise CorpusError(
-                f"bundled corpus {source!r} not found at {path}; restore data/corpora from the "
-                "repository (git checkout -- data/corpora) or point corpora_dir at it"
-            )
-        text = _read_text(path)
-        splitter = {"tinystories": split_eos, "shakespeare": split_blank_lines, "wikitext2": split_wikitext}
-        docs = splitter[source](text)
+        docs = _load_builtin(source, Path(corpora_dir), max_documents)
     elif source.startswith("hf:"):
         docs = _load_hf(source, hf_split, hf_text_field, max_documents)
     else:
@@ -92,6 +91,39 @@ def load_documents(
             "or raise data.max_documents"
         )
     log.info("loaded %d documents from %s", len(docs), source)
+    return docs
+
+
+def _load_builtin(source: str, corpora_dir: Path, max_documents: int | None = None) -> list[str]:
+    """A bundled corpus: its files in BUILTIN_FILES order, exact duplicate documents dropped.
+
+    Every file is checked before any is read, so a missing second file fails as fast and as
+    clearly as a missing first one. For a corpus of several files, a document that repeats an
+    earlier one (same text after stripping) is dropped, keeping the first (the two TinyStories
+    files have none). A single-file corpus is kept as it is: Shakespeare repeats short speech
+    blocks (a bare "GLOUCESTER:" 18 times) that are real, separate documents. With
+    ``max_documents``, later files are read only when the earlier ones hold too few documents.
+    """
+    paths = [corpora_dir / name for name in BUILTIN_FILES[source]]
+    for path in paths:
+        if not path.is_file():
+            raise CorpusError(
+                f"bundled corpus {source!r} not found at {path}; restore data/corpora from the "
+                "repository (git checkout -- data/corpora) or point corpora_dir at it"
+            )
+    splitters = {"tinystories": split_eos, "shakespeare": split_blank_lines, "wikitext2": split_wikitext}
+    splitter = splitters[source]
+    if len(paths) == 1:
+        return splitter(_read_text(paths[0]))
+    docs: list[str] = []
+    seen: set[str] = set()
+    for path in paths:
+        if max_documents is not None and len(docs) >= max_documents:
+            break
+        for doc in splitter(_read_text(path)):
+            if doc not in seen:
+                seen.add(doc)
+                docs.append(doc)
     return docs
 
 
