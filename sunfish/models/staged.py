@@ -286,8 +286,10 @@ class MURefinementLayer(nn.Module):
         rope_cross: tuple[Tensor, Tensor],
         cache_block: LayerCache | None = None,
         cache_cross: LayerCache | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         b, t, _ = state.shape
+        causal = attn_mask is None
         qkv = self.block_qkv(self.norm_block(state)).view(b, t, MU_N_BLOCKS, 3, MU_BLOCK_SIZE)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, 16, T, 4]: blocks are heads
         q = apply_rotary(q, *rope_block)
@@ -295,9 +297,10 @@ class MURefinementLayer(nn.Module):
         if cache_block is not None:
             k, v = cache_block.append(k, v)
         p = self.dropout if self.training else 0.0
-        o = attend(q, k, v, causal=True, dropout_p=p).transpose(1, 2).reshape(b, t, MU_DIM)
+        o = attend(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=p).transpose(1, 2).reshape(b, t, MU_DIM)
         y = state + self.block_out(o)
-        y = y + self.cross_block(self.norm_cross(y), rope=rope_cross, causal=True, cache=cache_cross)
+        y = y + self.cross_block(self.norm_cross(y), rope=rope_cross, causal=causal, attn_mask=attn_mask,
+                                 cache=cache_cross)
         y = y + self.mlp(self.norm_mlp(y))
         sigma = torch.sigmoid(self.sensitivity(affinity)).unsqueeze(-1)  # [B, T, 16, 1]
         return (mu_blocks(state) + sigma * mu_blocks(y - state)).flatten(-2)
@@ -314,7 +317,9 @@ class MUEncoder(nn.Module):
         self.rope_block = RotaryEmbedding(MU_BLOCK_SIZE, max_seq_len)
         self.rope_cross = RotaryEmbedding(MU_DIM // MU_CROSS_HEADS, max_seq_len)
 
-    def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, positions: Tensor, cache: KVCache | None = None, attn_mask: Tensor | None = None
+    ) -> Tensor:
         state = self.embed(input_ids)
         if not self.layers:
             return state
@@ -324,7 +329,7 @@ class MUEncoder(nn.Module):
         for i, layer in enumerate(self.layers):
             cb = cache.layer(f"mu.{i}.block") if cache is not None else None
             cc = cache.layer(f"mu.{i}.cross") if cache is not None else None
-            state = layer(state, affinity, rope_block, rope_cross, cb, cc)
+            state = layer(state, affinity, rope_block, rope_cross, cb, cc, attn_mask)
         return state
 
 
@@ -391,9 +396,10 @@ class StagedBlock(nn.Module):
         rope: tuple[Tensor, Tensor],
         graph_mask: Tensor | None = None,
         cache: LayerCache | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         q, k, v = self.attn.project(self.norm_attn(x), rope=rope, cache=cache)
-        heads = self.attn.attend(q, k, v, causal=True)
+        heads = self.attn.attend(q, k, v, causal=attn_mask is None, attn_mask=attn_mask)
         if self.graph_gate is not None:
             routed = self.attn.attend(q, k, v, attn_mask=graph_mask.unsqueeze(1))
             gate = self.graph_gate.to(heads.dtype).view(1, -1, 1, 1)
@@ -538,18 +544,36 @@ class StagedLM(nn.Module):
             feats = stream @ self.graph_projection.to(stream.dtype)
         return F.normalize(feats.detach().float(), dim=-1)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        cache: KVCache | None = None,
+        *,
+        positions: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> Tensor:
         """Logits ``[B, T, vocab]``. With ``cache``, ``input_ids`` are the next tokens after the
-        cached ones (positions continue from ``cache.length``) and the cache is extended."""
+        cached ones (positions continue from ``cache.length``) and the cache is extended.
+
+        ``positions`` and ``attn_mask`` (boolean, True = may attend, broadcastable to ``[B, 1, T,
+        T]``) replace the causal layout everywhere (MU refinement and decoder): the block diffusion
+        model (``sunfish.models.block_denoiser``) reuses this network, weights and all, under its
+        block-causal mask. ``return_hidden`` returns the final normalised hidden states instead of
+        logits. Graph routing (stage 3) is causal by construction and refuses a mask.
+        """
         c = self.config
         b, t = input_ids.shape
         offset = cache.length if cache is not None else 0
-        if offset + t > c.max_seq_len:
-            raise ValueError(f"sequence of {offset + t} tokens exceeds max_seq_len={c.max_seq_len}")
-        positions = torch.arange(offset, offset + t, device=input_ids.device)
+        if attn_mask is not None and (c.stage >= 3 or cache is not None):
+            raise ValueError("an explicit attn_mask needs a stage 0-2 model and no decoding cache")
+        if positions is None:
+            positions = torch.arange(offset, offset + t, device=input_ids.device)
+        if int(positions.max()) + 1 > c.max_seq_len:
+            raise ValueError(f"sequence of {int(positions.max()) + 1} tokens exceeds max_seq_len={c.max_seq_len}")
         state = None
         if c.mu_full:
-            state = self.mu(input_ids, positions, cache)
+            state = self.mu(input_ids, positions, cache, attn_mask)
             x = self.mu_proj(self.mu_norm(state))
         else:
             x = self.embed(input_ids)
@@ -561,7 +585,9 @@ class StagedLM(nn.Module):
         x = self.drop(x)
         rope = self.rope(positions)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, graph_mask, cache.layer(f"block.{i}") if cache is not None else None)
+            x = block(x, rope, graph_mask, cache.layer(f"block.{i}") if cache is not None else None, attn_mask)
+        if return_hidden:
+            return self.norm(x)
         logits = self.head(self.norm(x))
         if cache is not None:
             cache.length = offset + t

@@ -1,0 +1,243 @@
+"""Block diffusion (BD3-LM style): the objective and the sampler of ``BlockDiffusionLM``.
+
+Objective. The text (with its leading <eos>) is cut into blocks of B tokens after the anchor; the
+likelihood factorises over blocks left to right, and each block's NLL given everything before it
+is bounded by the masked-diffusion ELBO: mask each of its tokens with probability t and score
+``(1/t) * sum of -log p(x_j | ...)`` over the masked ones. Summed over blocks this is an upper
+bound on the NLL of the text given the prompt; at B = 1 it is the AR model's exact NLL. One t is
+drawn per (row, block), stratified over the batch so that every noise level is trained on in
+every step. Every block is trained in one pass (the layout of ``sunfish.models.block_denoiser``).
+
+Sampler. Block by block: the context (prompt, <eos>, the blocks done) is fixed; the group (the
+anchor, then B-1 [MASK]) is denoised in ``steps_per_block`` steps from t = 1 to 0, each step
+revealing a share of the still-masked tokens (a binomial share for "ddpm", exactly
+round(n * (t - s) / t) for "ddim"), their values drawn from the guided, nucleus-restricted
+distribution. Classifier-free guidance runs the null prompt beside the prompt and mixes the
+log-probabilities ``uncond + w * (cond - uncond)`` (``sunfish.diffusion.guidance``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sunfish.diffusion.guidance import guided_log_probs
+from sunfish.diffusion.masked import MIN_TIME, _sample_from, nucleus, uniform
+from sunfish.models.block_denoiser import decode_mask, group_mask
+
+
+def _layout(model, batch: dict, keep: torch.Tensor | None):
+    """Prompt prefix, text with its leading <eos>, their masks and the positions of the layout."""
+    c = model.config
+    prompt_ids, prompt_mask = model.prompt_prefix(batch["prompt_ids"], batch["prompt_mask"], keep)
+    text = batch["text_ids"]
+    rows = text.shape[0]
+    eos = torch.full((rows, 1), c.eos_id, dtype=text.dtype, device=text.device)
+    text = torch.cat((eos, text), dim=1)
+    text_mask = torch.cat((torch.ones_like(eos, dtype=torch.bool), batch["text_mask"].bool()), dim=1)
+    length = text.shape[1]
+    if prompt_ids.shape[1] + length > c.max_seq_len:
+        keep_len = c.max_seq_len - prompt_ids.shape[1]
+        text, text_mask, length = text[:, :keep_len], text_mask[:, :keep_len], keep_len
+    return prompt_ids, prompt_mask, text, text_mask, length
+
+
+def block_times(rows: int, n_blocks: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """t ``[rows, n_blocks]``: stratified over all (row, block) cells, in random order."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    count = rows * n_blocks
+    offset = torch.rand((), generator=generator, device=where)
+    order = torch.randperm(count, generator=generator, device=where)
+    t = (order.float() + offset) / count
+    return (MIN_TIME + (1.0 - MIN_TIME) * t).view(rows, n_blocks).to(device)
+
+
+def _masked_pass(model, batch: dict, keep, t_of_target, generator):
+    """Shared by training and the ELBO: the noised layout, one forward pass, per-target CE.
+
+    ``t_of_target(rows, n_blocks)`` gives the masking probability of every block. Returns the CE
+    ``[rows, L-1]`` of each target x_1..x_{L-1} (0 where not scored), the weight 1/t of each scored
+    target, and the boolean of scored targets.
+    """
+    c = model.config
+    prompt_ids, prompt_mask, text, text_mask, length = _layout(model, batch, keep)
+    rows, width, b = text.shape[0], prompt_ids.shape[1], c.block_size
+    device = text.device
+    n_blocks = max(1, -(-(length - 1) // b))
+    t = t_of_target(rows, n_blocks)  # [rows, n_blocks]
+    target_block = (torch.arange(1, length, device=device) - 1) // b  # block of target j = 1..L-1
+    t_target = t[:, target_block]  # [rows, L-1]
+    masked = (uniform((rows, length - 1), generator, device) < t_target) & text_mask[:, 1:]
+    # inputs of the noised copy: position i holds x_i, masked when i is not an anchor (i % B != 0)
+    positions_text = torch.arange(length, device=device)
+    input_masked = torch.zeros_like(text_mask)
+    input_masked[:, 1:] = masked & (positions_text[1:] % b != 0)
+    logits = layout_logits(model, prompt_ids, prompt_mask, text, text_mask, input_masked)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), text[:, 1:].flatten(), reduction="none").view(rows, -1)
+    ce = ce * masked
+    return ce, (1.0 / t_target) * masked, masked, text_mask[:, 1:]
+
+
+def layout_logits(model, prompt_ids, prompt_mask, text, text_mask, input_masked) -> torch.Tensor:
+    """Logits ``[rows, L-1, vocab]`` predicting x_1..x_{L-1} from the noised copy of the text.
+
+    ``input_masked`` [rows, L]: which inputs of the noised copy are [MASK] (never an anchor).
+    """
+    width, length = prompt_ids.shape[1], text.shape[1]
+    device = text.device
+    noised = torch.where(input_masked, torch.full_like(text, model.mask_id), text)
+    ids = torch.cat((prompt_ids, text, noised), dim=1)
+    positions_text = torch.arange(length, device=device)
+    positions = torch.cat((torch.arange(width, device=device), width + positions_text, width + positions_text))
+    keys = torch.cat((prompt_mask, text_mask, text_mask), dim=1)
+    attn = group_mask(width, length, model.config.block_size, device)[None, None] & keys[:, None, None, :]
+    attn = attn | torch.eye(ids.shape[1], dtype=torch.bool, device=device)[None, None]  # padding rows: themselves
+    return model.logits(ids, positions, attn)[:, width + length : width + 2 * length - 1]
+
+
+def training_loss(model, batch: dict):
+    c = model.config
+    rows = batch["text_ids"].shape[0]
+    keep = uniform((rows,), None, batch["text_ids"].device) >= c.conditioning_dropout
+    device = batch["text_ids"].device
+    ce, weight, masked, real = _masked_pass(
+        model, batch, keep, lambda r, n: block_times(r, n, device), None
+    )
+    n_real = real.sum().clamp(min=1)
+    loss = (ce * weight).sum() / n_real
+    n_masked = masked.sum().clamp(min=1)
+    metrics = {
+        "elbo_per_token": float(loss.detach()),
+        "masked_ce": float(ce.detach().sum() / n_masked),
+        "masked_fraction": float(masked.sum() / n_real),
+    }
+    return loss, metrics
+
+
+@torch.no_grad()
+def elbo(model, batch: dict, generator: torch.Generator | None = None, conditional: bool = True):
+    """Upper bound on the NLL (nats, float64) summed over the texts' tokens, and the token count.
+
+    ``conditional=False`` scores the texts under the null prompt: the unconditional bound.
+    The leading <eos> is context, not scored; the tokens after it (the text and its closing
+    <eos> where it fits) are.
+    """
+    rows = batch["text_ids"].shape[0]
+    device = batch["text_ids"].device
+    keep = torch.full((rows,), conditional, dtype=torch.bool, device=device)
+    ce, weight, _, real = _masked_pass(
+        model, batch, keep, lambda r, n: block_times(r, n, device, generator), generator
+    )
+    return (ce.double() * weight.double()).sum(), int(real.sum())
+
+
+def _rows_prefix(model, prompt_ids, prompt_mask, num_samples, device):
+    """The prompt prefix of every row (the null prompt when ``prompt_ids`` is None)."""
+    if prompt_ids is None:
+        return (torch.zeros((num_samples, 0), dtype=torch.long, device=device),
+                torch.zeros((num_samples, 0), dtype=torch.bool, device=device))
+    ids, mask = model.prompt_prefix(prompt_ids.to(device), prompt_mask.to(device))
+    return ids, mask
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompt_ids: torch.Tensor | None,
+    prompt_mask: torch.Tensor | None,
+    *,
+    num_samples: int,
+    seq_len: int,
+    num_steps: int,
+    guidance_scale: float,
+    exact_counts: bool = False,
+    generator: torch.Generator | None = None,
+    infill: tuple[torch.Tensor, torch.Tensor] | None = None,
+    top_p: float = 1.0,
+    counter: dict | None = None,
+) -> torch.Tensor:
+    """``num_samples`` texts of ``seq_len`` tokens (without the leading <eos>), block by block.
+
+    ``num_steps`` is the whole budget of denoising steps: each block gets ``ceil(num_steps /
+    n_blocks)`` of them, at most ``block_size`` (one token a step is already exact). ``infill`` =
+    (ids [N, seq_len], keep [N, seq_len]): kept tokens are revealed from the start of their block
+    (a block sees the kept tokens of earlier blocks and its own, not of later ones).
+    ``counter``: when given, ``counter["forward_rows"]`` is increased by the rows of every network
+    call (the cost of a sample, guidance included).
+    """
+    c = model.config
+    b = c.block_size
+    device = model.device
+    prefix_ids, prefix_mask = _rows_prefix(model, prompt_ids, prompt_mask, num_samples, device)
+    unconditional = prompt_ids is None or guidance_scale == 0.0
+    guided = not unconditional and guidance_scale != 1.0
+    if unconditional:
+        prefix_mask = torch.zeros_like(prefix_mask)
+    if guided:  # null prompt rows after the prompted rows
+        prefix_ids = torch.cat((prefix_ids, prefix_ids))
+        prefix_mask = torch.cat((prefix_mask, torch.zeros_like(prefix_mask)))
+    width = prefix_ids.shape[1]
+    if width + seq_len + 1 > c.max_seq_len:
+        raise ValueError(f"prompt ({width} tokens) + <eos> + {seq_len} tokens exceeds the model's "
+                         f"max_seq_len={c.max_seq_len}")
+    text = torch.full((num_samples, seq_len + 1), model.mask_id, dtype=torch.long, device=device)
+    text[:, 0] = c.eos_id
+    fixed = torch.zeros_like(text, dtype=torch.bool)
+    fixed[:, 0] = True
+    if infill is not None:
+        ids, keep = infill
+        keep = keep.to(device).bool()
+        text[:, 1:] = torch.where(keep, ids.to(device), text[:, 1:])
+        fixed[:, 1:] = keep
+    n_blocks = -(-seq_len // b)
+    steps = max(1, min(b, -(-num_steps // n_blocks)))
+    times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    for g in range(n_blocks):
+        anchor = g * b
+        end = min(anchor + b, seq_len)  # targets anchor+1 .. end
+        for step in range(steps):
+            targets = text[:, anchor + 1 : end + 1]
+            still = targets == model.mask_id
+            if not bool(still.any()):
+                break
+            t, s = float(times[step]), float(times[step + 1])
+            share = 1.0 if s <= 0.0 else (t - s) / t
+            scores = uniform(still.shape, generator, device)
+            if exact_counts:
+                count = (still.sum(dim=1).double() * share).round().long()
+                rank = scores.masked_fill(~still, 2.0).argsort(dim=1).argsort(dim=1)
+                reveal = still & (rank < count[:, None])
+            else:
+                reveal = still & (scores.double() < share)
+            if not bool(reveal.any()):
+                continue
+            log_probs = _group_log_probs(model, prefix_ids, prefix_mask, text, anchor, end, guided,
+                                         guidance_scale, counter)
+            draws = uniform(int(reveal.sum()), generator, device).double()
+            values = _sample_from(nucleus(log_probs[reveal], top_p), draws)
+            targets = targets.masked_scatter(reveal, values)
+            text[:, anchor + 1 : end + 1] = targets
+    return text[:, 1:]
+
+
+def _group_log_probs(model, prefix_ids, prefix_mask, text, anchor, end, guided, scale, counter):
+    """float64 log-probabilities ``[N, end - anchor, vocab]`` of the group's targets."""
+    rows = text.shape[0]
+    context = text[:, :anchor]
+    group = text[:, anchor:end]  # the anchor and the noised tokens before the last target
+    seq = torch.cat((context, group), dim=1)
+    if guided:
+        seq = torch.cat((seq, seq))
+    ids = torch.cat((prefix_ids, seq), dim=1)
+    width = prefix_ids.shape[1]
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    keys = torch.cat((prefix_mask, torch.ones_like(seq, dtype=torch.bool)), dim=1)
+    attn = decode_mask(width + anchor, end - anchor, ids.device)[None, None] & keys[:, None, None, :]
+    attn = attn | torch.eye(ids.shape[1], dtype=torch.bool, device=ids.device)[None, None]
+    if counter is not None:
+        counter["forward_rows"] = counter.get("forward_rows", 0) + ids.shape[0]
+    logits = model.logits(ids, positions, attn)[:, width + anchor : width + end].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    if guided:
+        return guided_log_probs(logp[:rows], logp[rows:], scale)
+    return logp

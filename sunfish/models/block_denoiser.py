@@ -1,0 +1,207 @@
+"""The block diffusion LM: the staged AR network turned into a prompt-prefixed block denoiser.
+
+Why this shape. A masked diffusion model trained from scratch for a few hundred CPU steps writes
+word salad: it has to learn language and the any-order denoising task at once. The pipeline has
+already trained a causal LM (stage 0) that writes locally fluent text, so this model *is* that
+network, weights and all, run under another attention mask (the DiffuGPT idea of adapting an AR
+LM, Gong et al. 2024, in the block form of BD3-LM, Arriola et al. 2025):
+
+- the text is generated block by block, left to right; inside a block of ``block_size`` tokens
+  the tokens are denoised jointly from [MASK] (absorbing diffusion, any order), so a block of 1
+  is exactly the AR model and larger blocks trade AR's one-token-per-step for parallel reveals;
+- the prompt is an unmasked prefix, read by the same self-attention (LLaDA-style), and the text
+  starts with the end-of-text token, so the AR model sees "prompt <eos> story" as it saw one
+  document following another. The null prompt (classifier-free guidance) is an empty prefix;
+- targets are shifted as in the AR model: the output at position i predicts token i+1, so the
+  AR head means the same thing here. The position that predicts the first token of block g is the
+  last token of block g-1 (its *anchor*), which therefore joins block g's attention group.
+
+Layout of one training row (BD3-LM's vectorised form: every block is trained in one pass):
+``[prompt (P, left-padded)] [text x_0..x_{L-1} (clean)] [text z_0..z_{L-1} (noised)]``, with
+``x_0 = <eos>``. Group g of the noised copy is positions gB..gB+B-1 (inputs: the anchor x_{gB},
+always clean, then B-1 noised tokens); its outputs predict x_{gB+1}..x_{gB+B}. Attention: the
+prompt and the clean copy are causal (exactly the AR model); a noised position of group g sees
+the prompt, the clean text before its anchor and its whole group. Both copies use the same RoPE
+positions, so a noised token sits where it will sit when sampled.
+
+The [MASK] token is one extra row of the input tables (initialised at the mean of the real
+rows); the head never predicts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sunfish.models.staged import StagedLM, StagedLMConfig
+
+
+@dataclass
+class BlockDiffusionConfig:
+    vocab_size: int  # real tokens; [MASK] is vocab_size
+    backbone: dict[str, Any] = field(default_factory=dict)  # StagedLMConfig (stage 0), vocab_size + 1
+    block_size: int = 4
+    max_prompt_tokens: int = 32
+    conditioning_dropout: float = 0.1
+    pad_id: int = 1
+    eos_id: int = 0
+    init_from: str | None = None  # the AR checkpoint the weights started from (provenance only)
+
+    def __post_init__(self):
+        problems = []
+        if self.block_size < 1:
+            problems.append(f"block_size={self.block_size} must be >= 1")
+        if not 0.0 <= self.conditioning_dropout <= 1.0:
+            problems.append(f"conditioning_dropout {self.conditioning_dropout} must be in [0, 1]")
+        if self.max_prompt_tokens < 1:
+            problems.append(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 1")
+        back = self.backbone
+        if back:
+            if back.get("vocab_size") != self.vocab_size + 1:
+                problems.append(f"backbone vocab_size {back.get('vocab_size')} must be vocab_size + 1 "
+                                f"= {self.vocab_size + 1} (the [MASK] row)")
+            if back.get("stage", 0) > 2:
+                problems.append("the backbone must be a stage 0-2 network (graph routing is causal only)")
+        for name in ("pad_id", "eos_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                problems.append(f"{name}={getattr(self, name)} is outside the vocabulary ({self.vocab_size})")
+        if problems:
+            raise ValueError("invalid BlockDiffusionConfig: " + "; ".join(problems))
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.backbone["max_seq_len"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BlockDiffusionConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown BlockDiffusionConfig keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def group_mask(prompt_len: int, text_len: int, block_size: int, device=None) -> Tensor:
+    """Boolean ``[T, T]`` attention of the training layout (True = may attend), T = P + 2L.
+
+    Rows and columns: prompt (P), clean text (L), noised text (L). See the module docstring.
+    """
+    p, n, b = prompt_len, text_len, block_size
+    total = p + 2 * n
+    idx = torch.arange(total, device=device)
+    is_noised = idx >= p + n
+    text_pos = torch.where(idx >= p, (idx - p) % max(n, 1), idx - p)  # text index for text rows
+    causal = idx[None, :] <= idx[:, None]
+    q_noised, k_noised = is_noised[:, None], is_noised[None, :]
+    k_clean_text = (idx[None, :] >= p) & ~k_noised
+    k_prompt = idx[None, :] < p
+    group_q = (text_pos // b)[:, None]
+    group_k = (text_pos // b)[None, :]
+    # clean rows and the prompt: causal over prompt + clean text, never the noised copy
+    clean_rows = causal & ~k_noised
+    # noised rows: the prompt, the clean text before the group's anchor, and the whole group
+    noised_rows = k_prompt | (k_clean_text & (text_pos[None, :] < group_q * b)) | (k_noised & (group_k == group_q))
+    return torch.where(q_noised, noised_rows, clean_rows)
+
+
+def decode_mask(context_len: int, group_len: int, device=None) -> Tensor:
+    """Boolean ``[T, T]`` of the sampling layout: a causal context, then one bidirectional group."""
+    total = context_len + group_len
+    idx = torch.arange(total, device=device)
+    causal = idx[None, :] <= idx[:, None]
+    in_group = (idx[:, None] >= context_len) & (idx[None, :] >= context_len)
+    return causal | in_group
+
+
+class BlockDiffusionLM(nn.Module):
+    """Prompt-prefixed block diffusion over a stage-0 network; see the module docstring."""
+
+    kind = "block_diffusion"
+
+    def __init__(self, config: BlockDiffusionConfig):
+        super().__init__()
+        self.config = config
+        self.net = StagedLM(StagedLMConfig.from_dict(config.backbone))
+        self.mask_id = config.mask_id
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- construction from an AR checkpoint -------------------------------------------------------
+
+    @classmethod
+    def backbone_from(cls, ar_config: StagedLMConfig) -> dict[str, Any]:
+        """The backbone config of an AR network: stage 0 layout plus the [MASK] row."""
+        d = ar_config.to_dict()
+        d.update(vocab_size=ar_config.vocab_size + 1, dropout=ar_config.dropout)
+        return d
+
+    @classmethod
+    def from_ar(cls, ar: StagedLM, config: BlockDiffusionConfig) -> BlockDiffusionLM:
+        """Copy every weight of ``ar`` into a new model; the [MASK] rows start at the tables' mean."""
+        model = cls(config)
+        target = model.net.state_dict()
+        vocab = config.vocab_size
+        with torch.no_grad():
+            for name, tensor in ar.state_dict().items():
+                if name not in target:
+                    raise ValueError(f"AR weight {name!r} has no place in the block diffusion backbone "
+                                     "(only stage 0-2 networks of the same shape can start it)")
+                dest = target[name]
+                if dest.shape == tensor.shape:
+                    dest.copy_(tensor)
+                elif dest.shape[0] == vocab + 1 and tensor.shape[0] == vocab and dest.shape[1:] == tensor.shape[1:]:
+                    dest[:vocab].copy_(tensor)
+                    dest[vocab:].copy_(tensor.float().mean(dim=0, keepdim=True).to(dest.dtype))
+                else:
+                    raise ValueError(f"AR weight {name!r} has shape {tuple(tensor.shape)}, the backbone "
+                                     f"expects {tuple(dest.shape)}: the AR model and cfg shapes differ")
+        model.net.load_state_dict(target)
+        return model
+
+    # -- the network --------------------------------------------------------------------------
+
+    def logits(self, ids: Tensor, positions: Tensor, attn_mask: Tensor) -> Tensor:
+        """Real-token logits ``[B, T, vocab_size]`` (the [MASK] column is dropped)."""
+        return self.net(ids, positions=positions, attn_mask=attn_mask)[..., : self.config.vocab_size]
+
+    def prompt_prefix(self, prompt_ids: Tensor, prompt_mask: Tensor, keep: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor]:
+        """Left-aligned-to-the-right prompt ids and mask ``[B, P]``; rows with ``keep`` False become
+        the null prompt (all padding). Right alignment puts every prompt's last token next to the
+        text, so the gap between prompt and text is the same in every row (RoPE is relative)."""
+        mask = prompt_mask.bool()
+        if keep is not None:
+            mask = mask & keep[:, None]
+        width = mask.shape[1]
+        order = torch.argsort(mask.int(), dim=1, stable=True)  # padding first, real tokens last
+        ids = torch.gather(prompt_ids, 1, order)
+        mask = torch.gather(mask, 1, order)
+        ids = torch.where(mask, ids, torch.full_like(ids, self.config.pad_id))
+        if width > self.config.max_prompt_tokens:
+            ids, mask = ids[:, -self.config.max_prompt_tokens:], mask[:, -self.config.max_prompt_tokens:]
+        return ids, mask
+
+    def nll(self, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+        """Upper bound (ELBO) on the NLL in nats of the batch's texts given their prompts, and the
+        token count (the training loop's validation entry point)."""
+        from sunfish.diffusion.block import elbo  # the objective lives with the diffusion code
+
+        return elbo(self, batch, generator=generator)
+
+    def training_loss(self, batch: dict) -> tuple[Tensor, dict[str, float]]:
+        from sunfish.diffusion.block import training_loss
+
+        return training_loss(self, batch)

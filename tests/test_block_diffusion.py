@@ -1,0 +1,159 @@
+"""Block diffusion: the layout is block-causal, block 1 is the AR model, the sampler matches the
+objective, and the AR initialisation carries the AR weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sunfish.diffusion import block as bd
+from sunfish.models.block_denoiser import BlockDiffusionConfig, BlockDiffusionLM, group_mask
+from sunfish.models.staged import StagedLM, StagedLMConfig
+
+VOCAB = 40
+EOS, PAD = 0, 1
+
+
+def ar_model(seed: int = 0) -> StagedLM:
+    torch.manual_seed(seed)
+    return StagedLM(StagedLMConfig(vocab_size=VOCAB, n_layer=2, n_head=2, d_model=32, d_ff=64,
+                                   max_seq_len=64, eos_id=EOS))
+
+
+def block_model(ar: StagedLM, block_size: int, init: bool = True) -> BlockDiffusionLM:
+    config = BlockDiffusionConfig(vocab_size=VOCAB, backbone=BlockDiffusionLM.backbone_from(ar.config),
+                                  block_size=block_size, max_prompt_tokens=8, pad_id=PAD, eos_id=EOS)
+    model = BlockDiffusionLM.from_ar(ar, config) if init else BlockDiffusionLM(config)
+    return model.eval()
+
+
+def batch(rows: int = 3, length: int = 12, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(2, VOCAB, (rows, length), generator=g)
+    prompt = torch.randint(2, VOCAB, (rows, 5), generator=g)
+    prompt_mask = torch.ones_like(prompt, dtype=torch.bool)
+    prompt_mask[0, 3:] = False  # a shorter prompt, padded on the right as PairDataset pads
+    return {"text_ids": text, "text_mask": torch.ones_like(text, dtype=torch.bool),
+            "prompt_ids": prompt, "prompt_mask": prompt_mask}
+
+
+def test_block_of_one_is_the_ar_model():
+    """With B = 1 every noised input is an anchor, so the outputs are the AR model's next-token logits
+    on "prompt <eos> text" (the prompt right-aligned against the text)."""
+    ar = ar_model()
+    model = block_model(ar, 1)
+    b = batch()
+    prompt_ids, prompt_mask = model.prompt_prefix(b["prompt_ids"], b["prompt_mask"])
+    text = torch.cat((torch.full((3, 1), EOS), b["text_ids"]), dim=1)
+    text_mask = torch.ones_like(text, dtype=torch.bool)
+    with torch.no_grad():
+        got = bd.layout_logits(model, prompt_ids, prompt_mask, text, text_mask, torch.zeros_like(text_mask))
+        for row in range(3):
+            real = prompt_ids[row][prompt_mask[row]]
+            want = ar(torch.cat((real, text[row]))[None])[0, len(real): len(real) + text.shape[1] - 1]
+            torch.testing.assert_close(got[row], want, atol=1e-4, rtol=1e-4)
+
+
+def test_group_mask_is_block_causal():
+    p, n, b = 2, 9, 4
+    m = group_mask(p, n, b)
+    clean = lambda i: p + i  # noqa: E731
+    noised = lambda i: p + n + i  # noqa: E731
+    # the clean copy is causal and never sees the noised copy
+    assert m[clean(5), clean(5)] and not m[clean(5), clean(6)] and not m[clean(5), noised(0)]
+    # group 1 = noised 4..7: sees the prompt, clean text before its anchor (0..3), and itself
+    assert m[noised(5), 0] and m[noised(5), clean(3)] and not m[noised(5), clean(4)]
+    assert m[noised(5), noised(7)] and m[noised(4), noised(7)] and not m[noised(5), noised(8)]
+    assert not m[noised(5), noised(3)]
+
+
+def test_no_target_sees_its_own_block_in_clean_form():
+    """Changing the clean value of block g's tokens (while masked in the noised copy) cannot change any
+    prediction of block g or before: otherwise the objective would leak the answers."""
+    torch.manual_seed(0)
+    model = block_model(ar_model(), 4)
+    b = batch(rows=2, length=12)
+    prompt_ids, prompt_mask = model.prompt_prefix(b["prompt_ids"], b["prompt_mask"])
+    text = torch.cat((torch.full((2, 1), EOS), b["text_ids"]), dim=1)
+    text_mask = torch.ones_like(text, dtype=torch.bool)
+    masked = torch.ones_like(text_mask)
+    masked[:, ::4] = False  # anchors stay clean
+    other = text.clone()
+    other[:, 5:8] = (other[:, 5:8] + 7) % (VOCAB - 2) + 2  # block 1's targets 5..8 except the anchor 8
+    with torch.no_grad():
+        a = bd.layout_logits(model, prompt_ids, prompt_mask, text, text_mask, masked)
+        c = bd.layout_logits(model, prompt_ids, prompt_mask, other, text_mask, masked)
+    torch.testing.assert_close(a[:, :8], c[:, :8])  # predictions of x_1..x_8
+    assert not torch.allclose(a[:, 8:], c[:, 8:])  # later blocks do see them
+
+
+def test_sampler_scores_a_group_as_the_objective_does():
+    """The sampler's logits for group g equal the training layout's for the same partly revealed text."""
+    model = block_model(ar_model(), 4)
+    b = batch(rows=2, length=12)
+    prompt_ids, prompt_mask = model.prompt_prefix(b["prompt_ids"], b["prompt_mask"])
+    text = torch.cat((torch.full((2, 1), EOS), b["text_ids"]), dim=1)
+    masked = torch.zeros_like(text, dtype=torch.bool)
+    masked[:, 5] = masked[:, 7] = True  # group 1: anchor 4, inputs 5..7, 5 and 7 masked
+    partial = torch.where(masked, torch.full_like(text, model.mask_id), text)
+    with torch.no_grad():
+        train = bd.layout_logits(model, prompt_ids, prompt_mask, text, torch.ones_like(masked), masked)
+        sampled = bd._group_log_probs(model, prompt_ids, prompt_mask, partial, 4, 8, False, 1.0, None)
+    torch.testing.assert_close(sampled, torch.log_softmax(train[:, 4:8].double(), -1), atol=1e-5, rtol=1e-5)
+
+
+def test_ar_initialisation_loads_the_weights_it_names():
+    """Mutation check of the issue: a random init must change the first loss."""
+    torch.manual_seed(0)
+    ar = ar_model()
+    with torch.no_grad():  # give the AR model something to know: a strong bigram bias
+        ar.head.weight.mul_(20)
+    warm, cold = block_model(ar, 4), block_model(ar, 4, init=False)
+    for name, tensor in ar.state_dict().items():
+        got = warm.net.state_dict()[name]
+        torch.testing.assert_close(got[: tensor.shape[0]], tensor)
+    b = batch()
+    g = torch.Generator().manual_seed(0)
+    warm_nll = bd.elbo(warm, b, torch.Generator().manual_seed(0))[0]
+    cold_nll = bd.elbo(cold, b, g)[0]
+    assert abs(float(warm_nll) - float(cold_nll)) > 1.0
+
+
+def test_sampler_shapes_guidance_and_seed():
+    model = block_model(ar_model(), 4)
+    b = batch(rows=2)
+    kw = dict(num_samples=2, seq_len=10, num_steps=6, generator=None, top_p=0.9)
+    counter: dict = {}
+    out = bd.sample(model, b["prompt_ids"][:2], b["prompt_mask"][:2], guidance_scale=3.0, counter=counter,
+                    **{**kw, "generator": torch.Generator().manual_seed(0)})
+    again = bd.sample(model, b["prompt_ids"][:2], b["prompt_mask"][:2], guidance_scale=3.0,
+                      **{**kw, "generator": torch.Generator().manual_seed(0)})
+    assert out.shape == (2, 10) and bool((out < VOCAB).all())
+    assert torch.equal(out, again)
+    # 3 blocks x 2 steps, each on 2 prompted + 2 null-prompt rows
+    assert counter["forward_rows"] == 3 * 2 * 4
+    uncond = bd.sample(model, None, None, guidance_scale=1.0, **{**kw, "generator": torch.Generator().manual_seed(0)})
+    assert uncond.shape == (2, 10)
+
+
+def test_infill_keeps_the_given_tokens():
+    model = block_model(ar_model(), 4)
+    ids = torch.randint(2, VOCAB, (1, 10))
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    keep[0, [0, 5, 9]] = True
+    out = bd.sample(model, None, None, num_samples=1, seq_len=10, num_steps=10, guidance_scale=0.0,
+                    infill=(ids, keep), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[keep], ids[keep])
+
+
+def test_bad_shapes_are_refused_with_the_reason():
+    ar = ar_model()
+    with pytest.raises(ValueError, match="block_size"):
+        BlockDiffusionConfig(vocab_size=VOCAB, backbone=BlockDiffusionLM.backbone_from(ar.config), block_size=0)
+    other = StagedLM(StagedLMConfig(vocab_size=VOCAB, n_layer=2, n_head=2, d_model=48, d_ff=64, max_seq_len=64))
+    config = BlockDiffusionConfig(vocab_size=VOCAB, backbone=BlockDiffusionLM.backbone_from(ar.config))
+    with pytest.raises(ValueError, match="shape"):
+        BlockDiffusionLM.from_ar(other, config)
+    model = BlockDiffusionLM(config)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        bd.sample(model, None, None, num_samples=1, seq_len=80, num_steps=4, guidance_scale=0.0)
