@@ -122,11 +122,11 @@ def test_ar_initialisation_loads_the_weights_it_names():
 def test_sampler_shapes_guidance_and_seed():
     model = block_model(ar_model(), 4)
     b = batch(rows=2)
-    kw = dict(num_samples=2, seq_len=10, num_steps=6, generator=None, top_p=0.9)
+    kw = dict(num_samples=2, seq_len=10, num_steps=6, generator=None, top_p=0.9, order="random")
     counter: dict = {}
     out = bd.sample(model, b["prompt_ids"][:2], b["prompt_mask"][:2], guidance_scale=3.0, counter=counter,
-                    **{**kw, "generator": torch.Generator().manual_seed(0)})
-    again = bd.sample(model, b["prompt_ids"][:2], b["prompt_mask"][:2], guidance_scale=3.0,
+                    use_cache=False, **{**kw, "generator": torch.Generator().manual_seed(0)})
+    again = bd.sample(model, b["prompt_ids"][:2], b["prompt_mask"][:2], guidance_scale=3.0, use_cache=False,
                       **{**kw, "generator": torch.Generator().manual_seed(0)})
     assert out.shape == (2, 10) and bool((out < VOCAB).all())
     assert torch.equal(out, again)
@@ -157,3 +157,27 @@ def test_bad_shapes_are_refused_with_the_reason():
     model = BlockDiffusionLM(config)
     with pytest.raises(ValueError, match="max_seq_len"):
         bd.sample(model, None, None, num_samples=1, seq_len=80, num_steps=4, guidance_scale=0.0)
+
+
+@pytest.mark.parametrize("mu_full", [True, False])
+@pytest.mark.parametrize("w", [0.0, 1.0, 2.5])
+def test_kv_cached_sampler_draws_what_the_full_recompute_draws(mu_full, w):
+    torch.manual_seed(0)
+    ar = StagedLM(StagedLMConfig(vocab_size=VOCAB, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=64,
+                                 eos_id=EOS, mu_full=mu_full))
+    with torch.no_grad():
+        ar.head.weight.mul_(3)  # peaked distributions: a wrong context shows in the draws
+    model = block_model(ar, 4)
+    b = batch(rows=3)
+    kw = dict(num_samples=3, seq_len=14, num_steps=14, guidance_scale=w, top_p=0.95)
+    counter: dict = {}
+    cached = bd.sample(model, b["prompt_ids"], b["prompt_mask"], generator=torch.Generator().manual_seed(1),
+                       counter=counter, **kw)
+    recount: dict = {}
+    full = bd.sample(model, b["prompt_ids"], b["prompt_mask"], generator=torch.Generator().manual_seed(1),
+                     use_cache=False, counter=recount, **kw)
+    assert torch.equal(cached, full)
+    rows = 6 if w not in (0.0, 1.0) else 3
+    # the same look-ahead passes, plus the prefix once and a commit after each of the first 3 blocks
+    assert recount["forward_rows"] >= rows * 4
+    assert counter["forward_rows"] == recount["forward_rows"] + rows * (1 + 3)

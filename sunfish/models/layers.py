@@ -197,6 +197,11 @@ class KVCache:
     extras: dict[str, Any] = field(default_factory=dict)
     length: int = 0
 
+    def fork(self) -> KVCache:
+        """A cache that extends this one without changing it (appends build new tensors): a
+        look-ahead pass, e.g. denoising a block that is not final yet."""
+        return KVCache({k: LayerCache(c.k, c.v) for k, c in self.layers.items()}, dict(self.extras), self.length)
+
     def layer(self, name: str) -> LayerCache:
         if name not in self.layers:
             self.layers[name] = LayerCache()

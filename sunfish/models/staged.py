@@ -557,16 +557,16 @@ class StagedLM(nn.Module):
         cached ones (positions continue from ``cache.length``) and the cache is extended.
 
         ``positions`` and ``attn_mask`` (boolean, True = may attend, broadcastable to ``[B, 1, T,
-        T]``) replace the causal layout everywhere (MU refinement and decoder): the block diffusion
-        model (``sunfish.models.block_denoiser``) reuses this network, weights and all, under its
-        block-causal mask. ``return_hidden`` returns the final normalised hidden states instead of
+        T_cached + T]``) replace the causal layout everywhere (MU refinement and decoder): the block
+        diffusion model (``sunfish.models.block_denoiser``) reuses this network, weights and all,
+        under its block-causal mask, and decodes a block against a cache of the blocks before it. ``return_hidden`` returns the final normalised hidden states instead of
         logits. Graph routing (stage 3) is causal by construction and refuses a mask.
         """
         c = self.config
         b, t = input_ids.shape
         offset = cache.length if cache is not None else 0
-        if attn_mask is not None and (c.stage >= 3 or cache is not None):
-            raise ValueError("an explicit attn_mask needs a stage 0-2 model and no decoding cache")
+        if attn_mask is not None and c.stage >= 3:
+            raise ValueError("an explicit attn_mask needs a stage 0-2 model (graph routing is causal only)")
         if positions is None:
             positions = torch.arange(offset, offset + t, device=input_ids.device)
         if int(positions.max()) + 1 > c.max_seq_len:
