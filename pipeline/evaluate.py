@@ -28,6 +28,7 @@ import torch
 from pipeline.common import log, open_stage, write_json
 from pipeline.training import read_meta
 from sunfish.config import CONTROL_NAMES, EVALUATED_MODELS, STAGED_MODELS
+from sunfish.models import is_diffusion
 
 # Code whose change changes evaluation figures: part of every cache key.
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -176,7 +177,7 @@ def complete_sweeps(
 
     completed = 0
     for entries in evaluated.values():
-        if not entries or entries[0].get("kind") != "diffusion":
+        if not entries or not is_diffusion(entries[0].get("kind", "")):
             continue
         step = best_checkpoint(entries)
         entry = next((e for e in entries if e["step"] == step), entries[-1])
@@ -367,7 +368,7 @@ def summarise(evaluated: dict[str, list[dict]], ctx, judge: dict | None) -> tupl
     models: dict = {}
     metrics: dict = {}
     for name, entries in evaluated.items():
-        kind = "diffusion" if entries[0]["kind"] == "diffusion" else "staged"
+        kind = "diffusion" if is_diffusion(entries[0]["kind"]) else "staged"
         if kind == "diffusion":
             show_chosen_scale(entries, p.cfg.guidance_scale)
         best = best_entry(entries)

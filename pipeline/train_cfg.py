@@ -1,4 +1,9 @@
-"""DVC stage `train_cfg_micro`: the prompt-conditioned diffusion model on prompt/text pairs."""
+"""DVC stage `train_cfg_micro`: the prompt-conditioned diffusion model on prompt/text pairs.
+
+cfg.architecture "block" (the default) turns the stage-0 network into a block diffusion model and
+starts it from stage 0's final weights (cfg.init_from); "cross_attention" trains the denoiser with
+a prompt encoder from scratch.
+"""
 
 from __future__ import annotations
 
@@ -26,11 +31,17 @@ def run() -> None:
     meta = read_meta(ctx)
     tok = TextTokenizer.load(ctx.prepared / "tokenizer.json")
     preset = p.preset_for("cfg")
-    config = DiffusionConfig.from_params(
-        p.cfg, preset, vocab_size=preset.vocab_size or tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eos_id
-    )
+    identities = {"data.pairs": file_digest(ctx.prepared / "pairs_train.jsonl"),
+                  "data.tokenizer": file_digest(ctx.prepared / "tokenizer.json")}
     torch.manual_seed(tcfg.seed)
-    model = DiffusionLM(config)
+    if p.cfg.architecture == "block":
+        model, start = build_block_model(ctx, tok)
+        identities.update(start)
+    else:
+        config = DiffusionConfig.from_params(
+            p.cfg, preset, vocab_size=preset.vocab_size or tok.vocab_size, pad_id=tok.pad_id, eos_id=tok.eos_id
+        )
+        model = DiffusionLM(config)
     train_pairs = PairDataset(load_pairs(ctx.prepared / "pairs_train.jsonl"), tok, tcfg.seq_len, p.cfg.max_prompt_tokens)
     val_pairs = PairDataset(load_pairs(ctx.prepared / "pairs_val.jsonl"), tok, tcfg.seq_len, p.cfg.max_prompt_tokens)
 
@@ -48,12 +59,46 @@ def run() -> None:
         tokens_per_batch=tcfg.batch_size * tcfg.seq_len,
         bytes_per_token=meta["splits"]["val"]["bytes_per_token"],
         flat_params=flat,
-        identities={"data.pairs": file_digest(ctx.prepared / "pairs_train.jsonl"),
-                    "data.tokenizer": file_digest(ctx.prepared / "tokenizer.json")},
-        description=f"prompt-conditioned {p.cfg.objective} diffusion, CFG dropout {p.cfg.conditioning_dropout}",
+        identities=identities,
+        description=(f"block diffusion (B={p.cfg.block_size}, from {p.cfg.init_from}), CFG dropout "
+                     f"{p.cfg.conditioning_dropout}" if p.cfg.architecture == "block" else
+                     f"prompt-conditioned {p.cfg.objective} diffusion, CFG dropout {p.cfg.conditioning_dropout}"),
     )
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes reports
+    if os.environ.get("RANK", "0") == "0" and model.kind == "diffusion":  # only rank 0 writes reports
         log_milestone_health(ctx, flat)
+
+
+def build_block_model(ctx, tok) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The block diffusion model: stage 0's network and weights (cfg.init_from stage_0) or a fresh
+    network of the staged preset's shape (none). Returns the model and the identity of its start."""
+    from sunfish.models.block_denoiser import BlockDiffusionConfig, BlockDiffusionLM
+    from sunfish.models.staged import StagedLMConfig
+    from sunfish.training.checkpoint import load_checkpoint
+    from sunfish.training.resume import file_digest
+
+    p = ctx.params
+    common = dict(block_size=p.cfg.block_size, max_prompt_tokens=p.cfg.max_prompt_tokens,
+                  conditioning_dropout=p.cfg.conditioning_dropout, pad_id=tok.pad_id, eos_id=tok.eos_id)
+    if p.cfg.init_from == "none":
+        preset = p.preset_for("cfg")
+        ar_config = StagedLMConfig.from_params(p.staged, preset, vocab_size=tok.vocab_size, stage=0,
+                                               eos_id=tok.eos_id)
+        backbone = {**BlockDiffusionLM.backbone_from(ar_config), "dropout": p.cfg.dropout}
+        config = BlockDiffusionConfig(vocab_size=ar_config.vocab_size, backbone=backbone, **common)
+        return BlockDiffusionLM(config), {"start.weights": "random"}
+    source = ctx.models / "stage_0" / "final"
+    ar, _, directory = load_checkpoint(source, expect_kind="staged")
+    if ar.config.stage != 0:
+        raise ValueError(f"{source}: holds a stage {ar.config.stage} model; cfg.init_from stage_0 needs stage 0")
+    if ar.config.vocab_size < tok.vocab_size:
+        raise ValueError(f"{source}: vocabulary of {ar.config.vocab_size} tokens, the tokenizer has "
+                         f"{tok.vocab_size}: retrain stage 0 (`dvc repro train_stage_0`)")
+    backbone = {**BlockDiffusionLM.backbone_from(ar.config), "dropout": p.cfg.dropout}
+    config = BlockDiffusionConfig(vocab_size=ar.config.vocab_size, backbone=backbone,
+                                  init_from=str(source.relative_to(ctx.root)), **common)
+    model = BlockDiffusionLM.from_ar(ar, config)
+    log.info("block diffusion (B=%d) starts from %s", p.cfg.block_size, source)
+    return model, {"start.weights": file_digest(directory / "model.safetensors")}
 
 
 def log_milestone_health(ctx, flat: dict) -> list[dict]:

@@ -217,6 +217,16 @@ def stage_evaluate() -> None:
     run()
 
 
+@stage.command("evaluate-fluency")
+@friendly_errors
+def stage_fluency() -> None:
+    """Fluent and on topic: the diffusion model's samples on held-out dev/test prompts, judged by an
+    independent n-gram model, beside real text, the prompt echoed and AR samples."""
+    from pipeline.fluency import run
+
+    run()
+
+
 @stage.command("report")
 @friendly_errors
 def stage_report() -> None:
@@ -274,14 +284,16 @@ def config_show(params_path: Path, model: str | None, fmt: str) -> None:
               help="diffusion only; default: cfg.guidance_scale of ./params.yaml, else 5")
 @click.option("--guidance", type=click.Choice(["sequence", "token"]), default=None,
               help="diffusion only: sequence = resample whole conditional samples by their prompt information "
-                   "(masked objective), token = CFG on every position; default: cfg.guidance of ./params.yaml, "
-                   "else sequence for masked checkpoints")
+                   "(cross-attention masked checkpoints), token = CFG on every position; default: cfg.guidance "
+                   "of ./params.yaml, else token for block diffusion and sequence for masked cross-attention")
 @click.option("--candidates", type=click.IntRange(1, 64), default=None,
               help="diffusion only: conditional samples per prompt for --guidance sequence; default: "
                    "cfg.guidance_candidates of ./params.yaml, else 4")
 @click.option("--num-samples", type=click.IntRange(1, 256), default=1, show_default=True)
 @click.option("--seq-len", type=click.IntRange(1, 65536), default=None, help="diffusion only: sample length in tokens")
-@click.option("--num-steps", type=click.IntRange(1, 100000), default=None, help="diffusion only: denoising steps")
+@click.option("--num-steps", type=click.IntRange(1, 100000), default=None,
+              help="diffusion only: denoising steps in all (block diffusion: spread over the blocks, at most "
+                   "block_size each)")
 @click.option("--scheduler", type=click.Choice(["ddim", "ddpm"]), default=None, help="diffusion only")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
@@ -318,7 +330,7 @@ def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, 
     guidance_scale = guidance_scale if guidance_scale is not None else defaults.get("guidance_scale")
     num_steps = num_steps or defaults.get("num_steps")
     scheduler = scheduler or defaults.get("scheduler")
-    if kind == "diffusion" and top_p is None:
+    if kind != "staged" and top_p is None:
         top_p = defaults.get("top_p")
     results = sample_from_checkpoint(
         checkpoint, prompt=prompt, infill=infill, max_new_tokens=max_new_tokens, temperature=temperature,

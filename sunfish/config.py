@@ -278,11 +278,17 @@ class StagedConfig(Section):
 
 class CfgConfig(Section):
     preset: str = "tiny"
+    architecture: Literal["block", "cross_attention"] = Field(
+        "block", description="block: block diffusion over the stage-0 network with the prompt as a prefix; "
+                             "cross_attention: the denoiser with a prompt encoder")
+    block_size: int = Field(4, ge=1, le=64, description="block architecture: tokens denoised jointly per block (1 = AR)")
+    init_from: Literal["stage_0", "none"] = Field(
+        "stage_0", description="block architecture: start from the trained stage-0 weights, or from a random init")
     objective: Literal["masked", "continuous"] = "masked"
     timesteps: int = Field(1000, ge=1, le=100000)
     noise_schedule: Literal["sqrt", "cosine"] = "sqrt"
     conditioning_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    guidance_scale: float = Field(5.0, ge=0.0, le=100.0)
+    guidance_scale: float = Field(1.5, ge=0.0, le=100.0)
     num_steps: int = Field(50, ge=1)
     scheduler: Literal["ddim", "ddpm"] = "ddim"
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity; 1 = DDPM ancestral")
@@ -292,7 +298,7 @@ class CfgConfig(Section):
     max_prompt_tokens: int = Field(32, ge=1, le=1024)
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="masked sampler: nucleus mass per revealed token; 1 = exact")
     guidance: Literal["sequence", "token"] = Field(
-        "sequence", description="sequence: resample whole conditional samples by their prompt information "
+        "token", description="sequence: resample whole conditional samples by their prompt information "
                                 "(masked objective); token: CFG on every position's prediction")
     guidance_candidates: int = Field(4, ge=1, le=64, description="sequence guidance: conditional samples per prompt")
     prompt_copy: bool = Field(True, description="copy head: text positions may copy prompt tokens (masked objective, own encoder)")
@@ -308,6 +314,22 @@ class CfgConfig(Section):
 
 # ----------------------------------------------------------------------------------------------
 # evaluation, report, diagnose, tracking
+
+
+class FluencyConfig(Section):
+    dev_prompts: int = Field(64, ge=8, description="held-out prompts for choosing settings (reported apart)")
+    test_prompts: int = Field(64, ge=8, description="held-out prompts the headline is measured on")
+    max_words: int = Field(40, ge=8, le=400, description="judge tokens scored per text (samples and real text)")
+    judge_order: int = Field(3, ge=1, le=5, description="n-gram order of the Kneser-Ney judge")
+    dev_scales: list[float] = Field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0],
+                                    description="guidance scales swept on the dev prompts")
+
+    @field_validator("dev_scales")
+    @classmethod
+    def _scales(cls, v: list[float]) -> list[float]:
+        if any(s < 0 for s in v):
+            raise ValueError(f"guidance scales must be >= 0, got {v}")
+        return v
 
 
 class EvalConfig(Section):
@@ -327,6 +349,7 @@ class EvalConfig(Section):
     judge_ppl_threshold: float = Field(
         50.0, gt=1.0, description='"coherent sentences": samples\' perplexity under the judge (best AR checkpoint) below this'
     )
+    fluency: FluencyConfig = FluencyConfig()
     cache: bool = Field(True, description="reuse per-checkpoint results from state/eval_cache (keyed by weights and settings)")
     log_checkpoints: bool = Field(True, description="log each model's best checkpoint to MLflow (checkpoints/<model>)")
 
@@ -476,11 +499,29 @@ class Params(Section):
                     f"{key}: the preset fixes vocab_size={preset.vocab_size}, smaller than "
                     f"tokenizer.vocab_size={self.tokenizer.vocab_size}"
                 )
+        if self.cfg.architecture == "block":
+            problems += self._block_problems()
         if self.eval.cfg_seq_len > self.preset_for("cfg").seq_len:
             problems.append(
                 f"eval.cfg_seq_len: {self.eval.cfg_seq_len} exceeds the cfg preset's seq_len "
                 f"{self.preset_for('cfg').seq_len}"
             )
+        return problems
+
+
+    def _block_problems(self) -> list[str]:
+        """The block architecture reuses the stage-0 network: its keys must describe that network."""
+        c, problems = self.cfg, []
+        if c.init_from == "stage_0" and c.preset != self.staged.preset:
+            problems.append(
+                f"cfg.preset: {c.preset!r} differs from staged.preset={self.staged.preset!r}; with "
+                "cfg.architecture 'block' and cfg.init_from 'stage_0' the diffusion model is the stage-0 "
+                "network, so use the same preset (or cfg.init_from: none)")
+        for key, value, allowed in (("objective", c.objective, "masked"), ("guidance", c.guidance, "token"),
+                                    ("prompt_encoder", c.prompt_encoder, "own")):
+            if value != allowed:
+                problems.append(f"cfg.{key}: {value!r} is not available with cfg.architecture 'block' "
+                                f"(use {allowed!r}, or cfg.architecture: cross_attention)")
         return problems
 
 

@@ -868,6 +868,12 @@ def forward_logits(model: nn.Module, batch: dict, *, seed: int = 0) -> tuple[tor
         return logits[keep], batch["targets"][keep]
     ids, mask = batch["text_ids"], batch["text_mask"].bool()
     cfg = model.config
+    if getattr(model, "kind", None) == "block_diffusion":
+        from sunfish.diffusion.block import text_logits
+
+        logits = text_logits(model, batch, mask)
+        mask = mask[:, : logits.shape[1]]
+        return logits[mask], ids[:, : logits.shape[1]][mask]
     if getattr(cfg, "objective", "masked") == "masked":
         inputs = torch.where(mask, torch.full_like(ids, model.mask_id), ids)
         logits = model.predict(inputs, batch["prompt_ids"], batch["prompt_mask"], mask)
@@ -1411,6 +1417,12 @@ def memorisation_loss(model: nn.Module, batch: dict, *, mask_share: float = 0.5,
     chosen = (torch.rand(ids.shape, generator=gen) < mask_share).to(ids.device) & text_mask
     if not bool(chosen.any()):
         chosen = text_mask
+    if getattr(model, "kind", None) == "block_diffusion":
+        from sunfish.diffusion.block import text_logits
+
+        logits = text_logits(model, batch, chosen)
+        chosen = chosen[:, : logits.shape[1]]
+        return F.cross_entropy(logits[chosen].float(), ids[:, : logits.shape[1]][chosen])
     inputs = torch.where(chosen, torch.full_like(ids, model.mask_id), ids)
     memory, memory_mask = model.encode_prompt(batch["prompt_ids"], batch["prompt_mask"])
     hidden = model.hidden_states(inputs, memory, memory_mask, text_mask)
@@ -1662,7 +1674,13 @@ def check_conditioning_effect(
     cfg = m.config
     m.eval()
     with torch.no_grad(), _seeded(seed):
-        if getattr(cfg, "objective", "masked") == "masked":
+        if getattr(m, "kind", None) == "block_diffusion":
+            from sunfish.diffusion.block import text_logits
+
+            rows = torch.ones(ids.shape[0], dtype=torch.bool, device=device)
+            cond, uncond = text_logits(m, probe, mask, rows), text_logits(m, probe, mask, ~rows)
+            mask = mask[:, : cond.shape[1]]
+        elif getattr(cfg, "objective", "masked") == "masked":
             inputs = torch.where(mask, torch.full_like(ids, m.mask_id), ids)
             cond, uncond = m.predict_cond_uncond(inputs, probe["prompt_ids"], probe["prompt_mask"], mask)
         else:
@@ -2009,6 +2027,9 @@ def _preset_name(params: Params, model: str) -> str:
 def _layer_specs(params: Params, model: str, seq_len: int) -> list[LayerSpec]:
     preset = params.preset_for(model)
     d, ff, h, n = preset.d_model, preset.d_ff, preset.n_head, preset.n_layer
+    if model == "cfg" and params.cfg.architecture == "block":  # prompt, clean copy, noised copy
+        t = params.cfg.max_prompt_tokens + 2 * (seq_len + 1)
+        return [LayerSpec(n, d, ff, h, t, t)]
     if model == "cfg":
         p = params.cfg.max_prompt_tokens + 1
         return [LayerSpec(n, d, ff, h, seq_len, seq_len), LayerSpec(n, d, 0, h, p, seq_len),
@@ -2023,6 +2044,15 @@ def _layer_specs(params: Params, model: str, seq_len: int) -> list[LayerSpec]:
 def _build_config(params: Params, model: str, tokenizer: Any):
     preset = params.preset_for(model)
     vocab = preset.vocab_size or tokenizer.vocab_size
+    if model == "cfg" and params.cfg.architecture == "block":  # stage 0's network, at a random init here
+        from sunfish.models.block_denoiser import BlockDiffusionConfig, BlockDiffusionLM
+        from sunfish.models.staged import StagedLMConfig
+
+        ar = StagedLMConfig.from_params(params.staged, preset, vocab_size=vocab, stage=0, eos_id=tokenizer.eos_id)
+        return BlockDiffusionConfig(
+            vocab_size=ar.vocab_size, backbone={**BlockDiffusionLM.backbone_from(ar), "dropout": params.cfg.dropout},
+            block_size=params.cfg.block_size, max_prompt_tokens=params.cfg.max_prompt_tokens,
+            conditioning_dropout=params.cfg.conditioning_dropout, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
     if model == "cfg":
         from sunfish.models.denoiser import DiffusionConfig
 
@@ -2035,7 +2065,11 @@ def _build_config(params: Params, model: str, tokenizer: Any):
 
 
 def _build_model(model: str, config: Any, device: torch.device | str = "cpu") -> nn.Module:
-    if model == "cfg":
+    if model == "cfg" and hasattr(config, "backbone"):
+        from sunfish.models.block_denoiser import BlockDiffusionLM
+
+        cls = BlockDiffusionLM
+    elif model == "cfg":
         from sunfish.models.denoiser import DiffusionLM
 
         cls = DiffusionLM
@@ -2050,7 +2084,7 @@ def _build_model(model: str, config: Any, device: torch.device | str = "cpu") ->
 
 
 def _count_params(model: str, config: Any) -> int:
-    if model == "cfg":
+    if model == "cfg" and not hasattr(config, "backbone"):
         from sunfish.models.denoiser import count_parameters
 
         return count_parameters(config)

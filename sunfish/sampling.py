@@ -34,6 +34,8 @@ def default_guidance(model, configured: str | None = None) -> str:
 
     Sequence guidance scores samples with the masked ELBO, so a continuous model gets token guidance.
     """
+    if getattr(model, "kind", None) == "block_diffusion":
+        return "token"  # its prompt is a prefix: there is no prompt-information estimate to resample by
     masked = getattr(model.config, "objective", None) == "masked"
     if configured == "sequence" and not masked:
         return "token"

@@ -27,6 +27,7 @@ def workspace(tmp_path_factory):
                    root / "data" / "prepared", CORPORA)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["staged"]["preset"] = "nano"
+    params["cfg"]["preset"] = "nano"  # the block diffusion model is the stage-0 network
     params["train"].update(max_steps=6, milestones=[3, 6], warmup_steps=1, batch_size=2, seq_len=32,
                            eval_every=3, eval_batches=1, log_every=1, threads=1, precision="fp32",
                            checkpoint_every=50)

@@ -82,7 +82,8 @@ def test_the_copy_head_generalises_to_words_never_seen_in_training():
 def test_prompt_copy_needs_the_masked_objective_and_the_own_encoder():
     with pytest.raises(ValueError, match="prompt_copy needs the masked objective"):
         model_with(True, objective="continuous")
-    params = load_params(PARAMS, overrides={"cfg.prompt_copy": True, "cfg.objective": "continuous"})
+    params = load_params(PARAMS, overrides={"cfg.prompt_copy": True, "cfg.objective": "continuous",
+                                            "cfg.architecture": "cross_attention"})
     preset = params.preset_for("cfg")
     resolved = DiffusionConfig.from_params(params.cfg, preset, vocab_size=64, pad_id=1, eos_id=0)
     assert resolved.prompt_copy is False  # params switch: on where it applies

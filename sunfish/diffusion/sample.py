@@ -1,4 +1,4 @@
-"""One entry point to sample text from a DiffusionLM, whatever its objective."""
+"""One entry point to sample text from a diffusion model, whatever its architecture and objective."""
 
 from __future__ import annotations
 
@@ -100,6 +100,14 @@ def sample(
         )
         by_sequence = (guidance == "sequence" and prompt_ids is not None
                        and float(guidance_scale) not in (0.0, 1.0))
+        if getattr(model, "kind", None) == "block_diffusion":
+            if by_sequence:
+                raise ValueError("guidance='sequence' is not available for a block diffusion model; "
+                                 "use guidance='token'")
+            from sunfish.diffusion import block
+
+            return block.sample(model, ids, mask, exact_counts=scheduler == "ddim", top_p=top_p,
+                                **common).cpu()
         if by_sequence and model.config.objective != "masked":
             raise ValueError("guidance='sequence' needs the masked objective (it scores samples with the "
                              "masked ELBO); use guidance='token' for the continuous one")

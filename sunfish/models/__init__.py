@@ -13,9 +13,16 @@ from typing import Any
 MODEL_REGISTRY: dict[str, tuple[str, str, str]] = {
     "staged": ("sunfish.models.staged", "StagedLM", "StagedLMConfig"),
     "diffusion": ("sunfish.models.denoiser", "DiffusionLM", "DiffusionConfig"),
+    "block_diffusion": ("sunfish.models.block_denoiser", "BlockDiffusionLM", "BlockDiffusionConfig"),
 }
+DIFFUSION_KINDS = frozenset({"diffusion", "block_diffusion"})
 
-__all__ = ["MODEL_REGISTRY", "build_model", "model_class"]
+
+def is_diffusion(kind: str) -> bool:
+    """Both prompt-conditioned diffusion families: sampled with guidance, scored by an ELBO."""
+    return kind in DIFFUSION_KINDS
+
+__all__ = ["DIFFUSION_KINDS", "MODEL_REGISTRY", "build_model", "is_diffusion", "model_class"]
 
 
 def model_class(kind: str) -> tuple[type, type]:

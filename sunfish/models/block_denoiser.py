@@ -77,6 +77,11 @@ class BlockDiffusionConfig:
         return self.vocab_size
 
     @property
+    def objective(self) -> str:
+        """Absorbing-state (masked) diffusion inside each block, as the masked DiffusionLM."""
+        return "masked"
+
+    @property
     def max_seq_len(self) -> int:
         return int(self.backbone["max_seq_len"])
 
@@ -193,6 +198,17 @@ class BlockDiffusionLM(nn.Module):
         if width > self.config.max_prompt_tokens:
             ids, mask = ids[:, -self.config.max_prompt_tokens:], mask[:, -self.config.max_prompt_tokens:]
         return ids, mask
+
+    def pad_prompt_ids(self, prompts: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Lists of prompt ids (our tokenizer's) -> right-padded (ids, mask), cut to max_prompt_tokens."""
+        width = max(1, min(self.config.max_prompt_tokens, max((len(p) for p in prompts), default=1)))
+        ids = torch.full((len(prompts), width), self.config.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+        for row, p in enumerate(prompts):
+            p = list(p)[: self.config.max_prompt_tokens]
+            ids[row, : len(p)] = torch.tensor(p, dtype=torch.long)
+            mask[row, : len(p)] = True
+        return ids.to(self.device), mask.to(self.device)
 
     def nll(self, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
         """Upper bound (ELBO) on the NLL in nats of the batch's texts given their prompts, and the
