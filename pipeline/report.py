@@ -55,6 +55,7 @@ def build_summary(ctx) -> dict:
         "stage_comparison": [],
         "components": milestones.get("components") or [],
         "judge": milestones.get("judge"),
+        "fluency": _read_json(reports / "fluency.json", {}),
         "next_steps": [],
     }
     prep = _read_json(reports / "metrics" / "prepare.json", {})

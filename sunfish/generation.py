@@ -138,3 +138,47 @@ def generate(
     finally:
         model.train(was_training)
     return new_tokens
+
+
+@torch.no_grad()
+def generate_batch(
+    model,
+    context: list[int],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    counter: dict | None = None,
+) -> Tensor:
+    """``num_samples`` continuations of one ``context`` in one batch, ``[num_samples, max_new_tokens]``.
+
+    The reference the diffusion sampler is compared with: the same rows per call, the same float64
+    nucleus and inverse-CDF draw (``sunfish.diffusion.masked``), one KV-cached forward pass per
+    token. ``counter["forward_rows"]`` grows by the rows of every call. No early stop at eos: the
+    caller trims, as it does for diffusion samples.
+    """
+    from sunfish.diffusion.masked import _sample_from, nucleus, uniform
+
+    if not context:
+        raise ValueError("generate_batch needs a non-empty context (e.g. [eos_id])")
+    if len(context) + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"{len(context)} context + {max_new_tokens} new tokens exceed max_seq_len="
+                         f"{model.config.max_seq_len}")
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        cache = model.init_cache()
+        ids = torch.tensor([context] * num_samples, device=device)
+        out = torch.empty((num_samples, max_new_tokens), dtype=torch.long, device=device)
+        for i in range(max_new_tokens):
+            if counter is not None:
+                counter["forward_rows"] = counter.get("forward_rows", 0) + num_samples
+            logits = model(ids, cache=cache)[:, -1].double()
+            log_probs = nucleus(torch.log_softmax(logits, dim=-1), top_p)
+            ids = _sample_from(log_probs, uniform(num_samples, generator, device).double())[:, None]
+            out[:, i] = ids[:, 0]
+    finally:
+        model.train(was_training)
+    return out.cpu()

@@ -48,7 +48,7 @@ def test_guidance_settings_are_not_training_inputs(key):
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     tracked = _tracked(dvc, raw)
     users = {name for name, keys in tracked.items() if _covered(key, keys)}
-    assert users == {"evaluate"}
+    assert users == {"evaluate", "evaluate_fluency"}
 
 
 def test_validate_stage_tracks_the_whole_file():

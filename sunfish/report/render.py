@@ -747,6 +747,24 @@ def _html_params(s: dict) -> str:
     return "".join(out)
 
 
+def _html_fluency(s: dict) -> str:
+    from sunfish.report import fluency_section as fs
+
+    fl = _d(s.get("fluency"))
+    out = ['<section id="fluency"><h2>Fluent and on topic</h2>']
+    if not fl.get("rows"):
+        out.append('<p class="muted">No fluency measurement (stage fluency did not run).</p></section>')
+        return "".join(out)
+    out += [f"<p>{_e(t)}</p>" for t in fs.sentences(fl)]
+    header, rows = fs.table(fl)
+    out.append(_table([_e(h) for h in header], [[_e(c) for c in r] for r in rows], num_cols=range(2, len(header))))
+    ex = fs.examples(fl)
+    if ex:
+        out.append(_table(["row", "prompt", "sample"], [[_e(a), _e(b), _e(c)] for a, b, c in ex]))
+    out.append("</section>")
+    return "".join(out)
+
+
 def render_html(summary: dict) -> str:
     """One self-contained HTML page (inline CSS and SVG, no external resources)."""
     s = _d(summary)
@@ -761,6 +779,7 @@ def render_html(summary: dict) -> str:
     if _d(s.get("data")).get("source"):
         meta.append(f"data <code>{_e(_d(s.get('data')).get('source'))}</code>")
     nav = [
+        ("fluency", "Fluent and on topic"),
         ("summary", "Summary"),
         ("curves", "Curves"),
         ("comparison", "Stage comparison"),
@@ -782,6 +801,7 @@ def render_html(summary: dict) -> str:
         "<nav>" + "".join(f'<a href="#{a}">{t}</a>' for a, t in nav) + "</nav></header>",
     ]
     sections: list[Callable[[], str]] = [
+        lambda: _html_fluency(s),
         lambda: _html_summary(s, models, names),
         lambda: _html_curves(models, names),
         lambda: _html_comparison(s),
@@ -827,6 +847,22 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _md_fluency(fl: dict) -> list[str]:
+    from sunfish.report import fluency_section as fs
+
+    out = ["## Fluent and on topic", ""]
+    if not fl.get("rows"):
+        return out + ["No fluency measurement (stage fluency did not run).", ""]
+    for t in fs.sentences(fl):
+        out += [_m(t), ""]
+    header, rows = fs.table(fl)
+    out += [_md_table([_m(h) for h in header], [[_m(c) for c in r] for r in rows]), ""]
+    ex = fs.examples(fl)
+    if ex:
+        out += [_md_table(["row", "prompt", "sample"], [[_m(a), _m(b), _m(c)] for a, b, c in ex]), ""]
+    return out
+
+
 def render_markdown(summary: dict) -> str:
     """The same content as render_html, with tables instead of plots."""
     s = _d(summary)
@@ -843,6 +879,7 @@ def render_markdown(summary: dict) -> str:
     if meta:
         out += [" · ".join(meta), ""]
 
+    out += _md_fluency(_d(s.get("fluency")))
     # summary
     out += ["## Summary", ""]
     if names:

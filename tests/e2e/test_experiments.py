@@ -82,7 +82,7 @@ def test_every_experiment_lands_grouped_in_the_one_store(repo, sweep):
         assert {c.data.tags["dvc.exp_name"] for c in children} == {name}
         assert {c.data.tags["sunfish.experiment"] for c in children} == {name}
         assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
-        assert stages <= {"validate", "evaluate", "report"} and "evaluate" in stages, stages
+        assert stages <= {"validate", "evaluate", "evaluate_fluency", "report"} and "evaluate" in stages, stages
         guidance[parent.data.params["cfg.guidance_scale"]] = name
         assert set(HEADLINE) <= set(parent.data.metrics), sorted(parent.data.metrics)
         evaluate = next(c for c in children if c.data.tags["dvc.stage"] == "evaluate")

@@ -10,6 +10,7 @@ into the main store.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -47,6 +48,7 @@ TINY = {
     "eval.guidance_scales": [0.0, 3.0],
     "eval.cfg_prompts": 4,
     "eval.cfg_seq_len": 32,
+    "eval.fluency": {"dev_prompts": 8, "test_prompts": 8, "max_words": 16, "judge_order": 3, "dev_scales": [1.0]},
     "diagnose.memorize_steps": 150,
 }
 
@@ -148,7 +150,7 @@ def test_repro_writes_reports_metrics_and_checkpoints(repo):
     assert (repo / "reports" / "report.html").stat().st_size > 1000
     assert (repo / "reports" / "report.md").exists()
     for name in ("prepare", "stage_0", "stage_1", "stage_2", "stage_3", "control_1", "control_2", "control_3",
-                 "cfg", "evaluate"):
+                 "cfg", "evaluate", "fluency"):
         assert (repo / "reports" / "metrics" / f"{name}.json").exists(), name
     for model, steps in {"stage_0": [6, 12], "stage_3": [4], "control_3": [4], "cfg": [6, 12]}.items():
         for step in steps:
@@ -216,6 +218,21 @@ def test_params_typo_fails_naming_the_key_and_keeps_outputs(repo):
     run(["dvc", "repro"], repo)  # the stamp stage reruns; nothing downstream does
 
 
+def test_fluency_rows_and_the_report_lead(repo):
+    """The measure ran on the tiny profile: dev/test/implied rows, references that fail, the report leads with it."""
+    data = json.loads((repo / "reports" / "fluency.json").read_text())
+    rows = {(r["set"], r["name"], r["guidance_scale"]) for r in data["rows"]}
+    assert {("test", "diffusion", 0.0), ("test", "diffusion", 1.0), ("test", "prompt echoed", None),
+            ("test", "AR stage 0", None), ("test", "real held-out text", None)} <= rows
+    assert any(s == "implied" for s, _, _ in rows) and any(s == "dev" for s, _, _ in rows)
+    echo = next(r for r in data["rows"] if r["name"] == "prompt echoed")
+    assert echo["on_topic"] == 1.0 and echo["fluent_on_topic"] == 0.0
+    assert all(r["seconds_per_sample"] > 0 and r["forward_rows_per_sample"] > 0
+               for r in data["rows"] if r["role"] == "model" or r["name"] == "AR stage 0")
+    md = (repo / "reports" / "report.md").read_text()
+    assert md.index("## Fluent and on topic") < md.index("## Summary")
+
+
 def test_guidance_change_reruns_only_evaluate_and_report(repo):
     original = (repo / "params.yaml").read_text()
     params = yaml.safe_load(original)
@@ -225,7 +242,7 @@ def test_guidance_change_reruns_only_evaluate_and_report(repo):
         proc = run(["dvc", "repro"], repo)
         stages = ran_stages(proc.stdout)
         assert "evaluate" in stages and "report" in stages
-        assert set(stages) <= {"validate", "evaluate", "report"}, stages
+        assert set(stages) <= {"validate", "evaluate", "evaluate_fluency", "report"}, stages
     finally:
         (repo / "params.yaml").write_text(original)
         run(["dvc", "repro"], repo)

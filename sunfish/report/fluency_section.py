@@ -1,0 +1,75 @@
+"""The report's first section: the "fluent and on topic" table (reports/fluency.json), as plain
+cells that the HTML and Markdown renderers escape their own way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+HEADER = ["row", "prompts", "w", "n", "fluent and on topic", "95% CI", "on topic", "fluent",
+          "judge ppl (median)", "s / sample", "net rows / sample", "tokens / s"]
+
+
+def _pct(x: Any) -> str:
+    return "–" if not isinstance(x, (int, float)) else f"{100 * x:.0f}%"
+
+
+def _num(x: Any, nd: int = 2) -> str:
+    return "–" if not isinstance(x, (int, float)) else f"{x:.{nd}f}"
+
+
+def table(fluency: dict) -> tuple[list[str], list[list[str]]]:
+    """Rows in reading order: test model rows, implied, test references, then dev."""
+    order = {"test": 0, "implied": 1, "dev": 3}
+    rows = sorted(fluency.get("rows") or [], key=lambda r: (order.get(r.get("set"), 2) + (r.get("role") == "reference"),
+                                                          r.get("guidance_scale") or 0))
+    out = []
+    for r in rows:
+        ci = r.get("ci") or [None, None]
+        out.append([
+            r.get("name", ""), r.get("set", ""), "–" if r.get("guidance_scale") is None else f"{r['guidance_scale']:g}",
+            str(r.get("n", "")), _pct(r.get("fluent_on_topic")), f"{_pct(ci[0])}–{_pct(ci[1])}",
+            _pct(r.get("on_topic")), _pct(r.get("fluent")), _num(r.get("judge_ppl_median"), 1),
+            _num(r.get("seconds_per_sample"), 3), _num(r.get("forward_rows_per_sample"), 1),
+            _num(r.get("tokens_per_s"), 0),
+        ])
+    return HEADER, out
+
+
+def sentences(fluency: dict) -> list[str]:
+    """What the table says, in words, with the judge's own calibration figures."""
+    h = fluency.get("headline") or {}
+    cal = ((fluency.get("judge") or {}).get("calibration")) or {}
+    out = []
+    if h:
+        out.append(
+            f"At the default guidance w = {h.get('guidance_scale'):g}, {_pct(h.get('fluent_on_topic'))} of the "
+            f"diffusion model's samples on the test prompts are fluent and on topic, against "
+            f"{_pct(h.get('fluent_on_topic_w0'))} with the prompt dropped (w = 0) and "
+            f"{_pct(h.get('real_fluent_on_topic'))} for the real held-out texts; the prompt echoed scores "
+            f"{_pct(h.get('echo_fluent_on_topic'))}. Fluent share: diffusion {_pct(h.get('fluent'))}, "
+            f"AR stage 0 {_pct(h.get('ar_fluent'))}. Implied-topic prompts (target word not in the prompt): "
+            f"{_pct(h.get('implied_fluent_on_topic'))} (w = 0: {_pct(h.get('implied_fluent_on_topic_w0'))}). "
+            f"The dev prompts' best scale was w = {h.get('dev_best_scale', 0):g}.")
+    if cal:
+        judge = fluency.get("judge") or {}
+        out.append(
+            f"Judge: {judge.get('kind', 'n-gram')} order {judge.get('order')}, fit on {judge.get('fit_on')}, "
+            f"independent of every evaluated model. A text is fluent when its first {cal.get('max_words')} "
+            f"judge tokens have perplexity <= {_num(cal.get('threshold'), 1)} (the 90th percentile of real "
+            f"held-out texts) and a distinct-bigram ratio >= {_num(cal.get('min_distinct'), 2)}. On its "
+            f"calibration texts: real {_pct((cal.get('real') or {}).get('fluent_share'))}, shuffled "
+            f"{_pct((cal.get('shuffled') or {}).get('fluent_share'))}, random words "
+            f"{_pct((cal.get('random_words') or {}).get('fluent_share'))} fluent.")
+    return out
+
+
+def examples(fluency: dict, per_row: int = 2) -> list[tuple[str, str, str]]:
+    """(row label, prompt, text) of the first samples of the test model rows and the AR row."""
+    out = []
+    for r in fluency.get("rows") or []:
+        if r.get("set") in ("test", "implied") and (r.get("role") == "model" or r.get("name") == "AR stage 0"):
+            w = "" if r.get("guidance_scale") is None else f" w={r['guidance_scale']:g}"
+            for e in (r.get("examples") or [])[:per_row]:
+                verdict = ("fluent" if e.get("fluent") else "not fluent") + (", on topic" if e.get("on_topic") else "")
+                out.append((f"{r['name']} ({r['set']}{w}; {verdict})", e.get("prompt") or "", e.get("text") or ""))
+    return out
