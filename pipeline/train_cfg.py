@@ -78,7 +78,8 @@ def build_block_model(ctx, tok) -> tuple[torch.nn.Module, dict[str, str]]:
 
     p = ctx.params
     common = dict(block_size=p.cfg.block_size, max_prompt_tokens=p.cfg.max_prompt_tokens,
-                  conditioning_dropout=p.cfg.conditioning_dropout, pad_id=tok.pad_id, eos_id=tok.eos_id)
+                  conditioning_dropout=p.cfg.conditioning_dropout, pad_id=tok.pad_id, eos_id=tok.eos_id,
+                  prompt_copy=p.cfg.prompt_copy)
     if p.cfg.init_from == "none":
         preset = p.preset_for("cfg")
         ar_config = StagedLMConfig.from_params(p.staged, preset, vocab_size=tok.vocab_size, stage=0,

@@ -20,10 +20,16 @@ def ar_model(seed: int = 0) -> StagedLM:
                                    max_seq_len=64, eos_id=EOS))
 
 
-def block_model(ar: StagedLM, block_size: int, init: bool = True) -> BlockDiffusionLM:
+def block_model(ar: StagedLM, block_size: int, init: bool = True, copy: bool = False) -> BlockDiffusionLM:
     config = BlockDiffusionConfig(vocab_size=VOCAB, backbone=BlockDiffusionLM.backbone_from(ar.config),
-                                  block_size=block_size, max_prompt_tokens=8, pad_id=PAD, eos_id=EOS)
+                                  block_size=block_size, max_prompt_tokens=8, pad_id=PAD, eos_id=EOS,
+                                  prompt_copy=copy)
     model = BlockDiffusionLM.from_ar(ar, config) if init else BlockDiffusionLM(config)
+    if copy:  # an open gate and sharp pointer, so that a wrong prompt state shows
+        with torch.no_grad():
+            model.copy_head.gate.bias.fill_(1.0)
+            model.copy_head.query.weight.normal_(0, 0.5)
+            model.copy_head.key.weight.normal_(0, 0.5)
     return model.eval()
 
 
@@ -87,9 +93,10 @@ def test_no_target_sees_its_own_block_in_clean_form():
     assert not torch.allclose(a[:, 8:], c[:, 8:])  # later blocks do see them
 
 
-def test_sampler_scores_a_group_as_the_objective_does():
+@pytest.mark.parametrize("copy", [False, True])
+def test_sampler_scores_a_group_as_the_objective_does(copy):
     """The sampler's logits for group g equal the training layout's for the same partly revealed text."""
-    model = block_model(ar_model(), 4)
+    model = block_model(ar_model(), 4, copy=copy)
     b = batch(rows=2, length=12)
     prompt_ids, prompt_mask = model.prompt_prefix(b["prompt_ids"], b["prompt_mask"])
     text = torch.cat((torch.full((2, 1), EOS), b["text_ids"]), dim=1)
@@ -159,15 +166,15 @@ def test_bad_shapes_are_refused_with_the_reason():
         bd.sample(model, None, None, num_samples=1, seq_len=80, num_steps=4, guidance_scale=0.0)
 
 
-@pytest.mark.parametrize("mu_full", [True, False])
+@pytest.mark.parametrize("mu_full,copy", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("w", [0.0, 1.0, 2.5])
-def test_kv_cached_sampler_draws_what_the_full_recompute_draws(mu_full, w):
+def test_kv_cached_sampler_draws_what_the_full_recompute_draws(mu_full, copy, w):
     torch.manual_seed(0)
     ar = StagedLM(StagedLMConfig(vocab_size=VOCAB, n_layer=2, n_head=2, d_model=32, d_ff=64, max_seq_len=64,
                                  eos_id=EOS, mu_full=mu_full))
     with torch.no_grad():
         ar.head.weight.mul_(3)  # peaked distributions: a wrong context shows in the draws
-    model = block_model(ar, 4)
+    model = block_model(ar, 4, copy=copy)
     b = batch(rows=3)
     kw = dict(num_samples=3, seq_len=14, num_steps=14, guidance_scale=w, top_p=0.95)
     counter: dict = {}
@@ -181,3 +188,64 @@ def test_kv_cached_sampler_draws_what_the_full_recompute_draws(mu_full, w):
     # the same look-ahead passes, plus the prefix once and a commit after each of the first 3 blocks
     assert recount["forward_rows"] >= rows * 4
     assert counter["forward_rows"] == recount["forward_rows"] + rows * (1 + 3)
+
+
+def test_copy_head_copies_prompt_tokens_and_leaves_the_null_prompt_alone():
+    model = block_model(ar_model(), 4, copy=True)
+    b = batch(rows=2, length=8)
+    prompt_ids, prompt_mask = model.prompt_prefix(b["prompt_ids"], b["prompt_mask"])
+    text = torch.cat((torch.full((2, 1), EOS), b["text_ids"]), dim=1)
+    ones = torch.ones_like(text, dtype=torch.bool)
+    masked = torch.zeros_like(ones)
+    masked[:, 1:] = True
+    with torch.no_grad():
+        mixed = torch.log_softmax(bd.layout_logits(model, prompt_ids, prompt_mask, text, ones, masked).double(), -1)
+        model.copy_enabled = False
+        vocab = torch.log_softmax(bd.layout_logits(model, prompt_ids, prompt_mask, text, ones, masked).double(), -1)
+        null = torch.zeros_like(prompt_mask)
+        model.copy_enabled = True
+        null_mixed = bd.layout_logits(model, prompt_ids, null, text, ones, masked)
+        model.copy_enabled = False
+        null_vocab = bd.layout_logits(model, prompt_ids, null, text, ones, masked)
+    torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(mixed.shape[:2], dtype=torch.float64))
+    for row in range(2):
+        in_prompt = torch.zeros(VOCAB, dtype=torch.bool)
+        in_prompt[prompt_ids[row][prompt_mask[row]]] = True
+        gain = (mixed[row].exp() - vocab[row].exp())[:, in_prompt].sum(-1)
+        assert bool((gain > 0.1).all())  # the open gate moves mass onto the prompt's tokens
+    torch.testing.assert_close(torch.log_softmax(null_mixed.double(), -1), torch.log_softmax(null_vocab.double(), -1))
+
+
+def test_copy_guidance_guides_the_vocabulary_and_keeps_the_copy_at_its_gate():
+    model = block_model(ar_model(), 4, copy=True)
+    b = batch(rows=2, length=6)
+    prompt_ids, prompt_mask = model.prompt_prefix(b["prompt_ids"], b["prompt_mask"])
+    ids = torch.cat((prompt_ids, b["text_ids"]), dim=1)
+    width = prompt_ids.shape[1]
+    ids2 = torch.cat((ids, ids))
+    pmask2 = torch.cat((prompt_mask, torch.zeros_like(prompt_mask)))
+    keys = torch.cat((pmask2, torch.ones(4, b["text_ids"].shape[1], dtype=torch.bool)), dim=1)
+    attn = keys[:, None, None, :] | torch.eye(ids.shape[1], dtype=torch.bool)[None, None]
+    positions = torch.arange(ids.shape[1])
+    with torch.no_grad():
+        hidden = model.net(ids2, positions=positions, attn_mask=attn, return_hidden=True)
+        text, prompt = hidden[:, width:], hidden[:, :width]
+        cond = torch.log_softmax(model.head_scores(text[:2], prompt[:2], ids2[:2, :width], pmask2[:2]).double(), -1)
+        uncond = torch.log_softmax(model.net.head(text[2:])[..., :VOCAB].double(), -1)
+        at = {w: bd.copy_guided_log_probs(model, text, prompt, ids2[:, :width], pmask2, w) for w in (0.0, 1.0, 3.0)}
+        vocab_c = torch.log_softmax(model.net.head(text[:2])[..., :VOCAB].double(), -1)
+        gate = torch.sigmoid(model.copy_head.gate(text[:2]).squeeze(-1).double())
+    torch.testing.assert_close(at[0.0], uncond)
+    torch.testing.assert_close(at[1.0], cond)
+    whole_mixture = torch.log_softmax(uncond + 3.0 * (cond - uncond), -1)  # what the plain rule would give
+    for row in range(2):
+        in_prompt = torch.zeros(VOCAB, dtype=torch.bool)
+        in_prompt[prompt_ids[row][prompt_mask[row]]] = True
+        copied = at[3.0][row].exp()[:, in_prompt].sum(-1)
+        # the prompt's words get the gate's share plus what the guided vocabulary gives them, never
+        # the mixture's amplified odds
+        assert bool((copied >= gate[row] - 1e-9).all())
+        assert float(copied.mean()) < float(whole_mixture[row].exp()[:, in_prompt].sum(-1).mean())
+    assert not torch.allclose(at[3.0], torch.log_softmax(vocab_c, -1))
+    with pytest.raises(ValueError, match="gate_scale"):
+        model.copy_head(text[:2], vocab_c, prompt[:2], pmask2[:2], ids2[:2, :width], gate_scale=1.5)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sunfish.diffusion.guidance import guided_log_probs
+from sunfish.diffusion.guidance import combine, guided_log_probs
 from sunfish.diffusion.masked import MIN_TIME, _sample_from, nucleus, uniform
 from sunfish.models.block_denoiser import decode_mask, group_mask
 
@@ -79,7 +79,8 @@ def _masked_pass(model, batch: dict, keep, t_of_target, generator):
 
 
 def layout_logits(model, prompt_ids, prompt_mask, text, text_mask, input_masked) -> torch.Tensor:
-    """Logits ``[rows, L-1, vocab]`` predicting x_1..x_{L-1} from the noised copy of the text.
+    """Logits ``[rows, L-1, vocab]`` predicting x_1..x_{L-1} from the noised copy of the text
+    (with the copy head: log-probabilities, which the same log-softmax and cross-entropy read).
 
     ``input_masked`` [rows, L]: which inputs of the noised copy are [MASK] (never an anchor).
     """
@@ -92,7 +93,7 @@ def layout_logits(model, prompt_ids, prompt_mask, text, text_mask, input_masked)
     keys = torch.cat((prompt_mask, text_mask, text_mask), dim=1)
     attn = group_mask(width, length, model.config.block_size, device)[None, None] & keys[:, None, None, :]
     attn = attn | torch.eye(ids.shape[1], dtype=torch.bool, device=device)[None, None]  # padding rows: themselves
-    return model.logits(ids, positions, attn)[:, width + length : width + 2 * length - 1]
+    return model.scores(ids, positions, attn, width, prompt_mask, slice(width + length, width + 2 * length - 1))
 
 
 def text_logits(model, batch: dict, masked: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -259,11 +260,13 @@ class _Context:
         self.width = prefix_ids.shape[1]
         self.keys = prefix_mask[:, :0]  # which cached keys are real (the prompt's padding is not)
         self.cache = model.net.init_cache()
+        self.prefix_ids, self.prefix_mask, self.prefix_hidden = prefix_ids, prefix_mask, None
         if self.width:
-            self._forward(prefix_ids, prefix_mask, self.cache, causal=True)
+            hidden = self._forward(prefix_ids, prefix_mask, self.cache, causal=True, hidden=model.copies)
+            self.prefix_hidden = hidden if model.copies else None
             self.keys = prefix_mask
 
-    def _forward(self, ids, new_keys, cache, causal: bool) -> torch.Tensor:
+    def _forward(self, ids, new_keys, cache, causal: bool, hidden: bool = False) -> torch.Tensor:
         rows, n = ids.shape
         device = ids.device
         cached = cache.length
@@ -276,7 +279,7 @@ class _Context:
         if self.counter is not None:
             self.counter["forward_rows"] = self.counter.get("forward_rows", 0) + rows
         return self.model.net(ids, cache=cache, positions=torch.arange(cached, cached + n, device=device),
-                              attn_mask=attn)
+                              attn_mask=attn, return_hidden=hidden)
 
     def _rows(self, ids):
         return torch.cat((ids, ids)) if self.guided else ids
@@ -293,7 +296,14 @@ class _Context:
         rows = group_ids.shape[0]
         ids = self._rows(group_ids)
         real = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-        logits = self._forward(ids, real, self.cache.fork(), causal=False)
+        if self.prefix_hidden is not None:
+            hidden = self._forward(ids, real, self.cache.fork(), causal=False, hidden=True)
+            if self.guided:
+                return copy_guided_log_probs(self.model, hidden, self.prefix_hidden, self.prefix_ids,
+                                             self.prefix_mask, scale)
+            logits = self.model.head_scores(hidden, self.prefix_hidden, self.prefix_ids, self.prefix_mask)
+        else:
+            logits = self._forward(ids, real, self.cache.fork(), causal=False)
         logp = torch.log_softmax(logits[..., : self.model.config.vocab_size].double(), dim=-1)
         if self.guided:
             return guided_log_probs(logp[:rows], logp[rows:], scale)
@@ -317,8 +327,33 @@ def _group_log_probs(model, prefix_ids, prefix_mask, text, anchor, end, guided, 
     attn = attn | torch.eye(ids.shape[1], dtype=torch.bool, device=ids.device)[None, None]
     if counter is not None:
         counter["forward_rows"] = counter.get("forward_rows", 0) + ids.shape[0]
-    logits = model.logits(ids, positions, attn)[:, width + anchor : width + end].double()
+    out = slice(width + anchor, width + end)
+    if guided and model.copies:
+        hidden = model.net(ids, positions=positions, attn_mask=attn, return_hidden=True)
+        return copy_guided_log_probs(model, hidden[:, out], hidden[:, :width], prefix_ids, prefix_mask, scale)
+    logits = model.scores(ids, positions, attn, width, prefix_mask, out).double()
     logp = torch.log_softmax(logits, dim=-1)
     if guided:
         return guided_log_probs(logp[:rows], logp[rows:], scale)
     return logp
+
+
+def copy_guided_log_probs(model, hidden, prompt_hidden, prompt_ids, prompt_mask, scale: float) -> torch.Tensor:
+    """Guidance with a copy head: CFG on the vocabulary head, the copy mixed in at its learned gate.
+
+    ``hidden`` [2R, N, d] holds the conditional rows, then the unconditional ones (null prompt);
+    the prompt tensors are [2R, P(, d)] likewise. The pointer has no unconditional counterpart,
+    so guiding the whole mixture multiplies the copied word's odds by about (1/g_u)^(w-1) and
+    the samples repeat it; here w scales only what the prompt does through attention, and the
+    copy weight is min(w, 1) times the gate. Exactly the unconditional model at w = 0 and the
+    conditional one at w = 1. Returns float64 log-probabilities ``[R, N, vocab]``.
+    """
+    rows = hidden.shape[0] // 2
+    vocab = model.config.vocab_size
+    log_vocab = torch.log_softmax(model.net.head(hidden)[..., :vocab].double(), dim=-1)
+    if scale == 0.0:
+        return log_vocab[rows:]
+    guided = torch.log_softmax(combine(log_vocab[:rows], log_vocab[rows:], scale), dim=-1)
+    mixed = model.copy_head(hidden[:rows], guided, prompt_hidden[:rows], prompt_mask[:rows], prompt_ids[:rows],
+                            gate_scale=min(scale, 1.0))
+    return torch.log_softmax(mixed, dim=-1)

@@ -26,6 +26,16 @@ positions, so a noised token sits where it will sit when sampled.
 
 The [MASK] token is one extra row of the input tables (initialised at the mean of the real
 rows); the head never predicts it.
+
+Copy head (``prompt_copy``). Reading a prefix prompt through self-attention means learning, for
+every noun separately, that a prompt token should raise the same token's logit in a story slot;
+240 fine-tuning steps did not teach it (the conditional and unconditional bounds differed by 0.003
+nats/token). The pointer of :mod:`sunfish.models.prompt_copy` makes copying one rule for every
+word: queries from the final hidden state of a text position, keys from the final hidden states of
+the prompt positions (the same network, causal over the prompt), a learned gate. The output is
+still a distribution over the vocabulary, so the ELBO stays a bound and guidance is unchanged; the
+null prompt has no tokens, so the unconditional branch is the vocabulary head alone. Whether the
+copies land in fluent text is for the fluency judge to say, not for the keyword check.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sunfish.models.prompt_copy import PromptCopyHead
 from sunfish.models.staged import StagedLM, StagedLMConfig
 
 
@@ -50,6 +61,7 @@ class BlockDiffusionConfig:
     pad_id: int = 1
     eos_id: int = 0
     init_from: str | None = None  # the AR checkpoint the weights started from (provenance only)
+    prompt_copy: bool = False  # a pointer from text positions to the prompt's tokens (PromptCopyHead)
 
     def __post_init__(self):
         problems = []
@@ -139,6 +151,8 @@ class BlockDiffusionLM(nn.Module):
         self.config = config
         self.net = StagedLM(StagedLMConfig.from_dict(config.backbone))
         self.mask_id = config.mask_id
+        self.copy_head = PromptCopyHead(self.net.config.d_model) if config.prompt_copy else None
+        self.copy_enabled = True  # False: the vocabulary head alone (the "copy head off" reference row)
 
     @property
     def device(self) -> torch.device:
@@ -179,8 +193,34 @@ class BlockDiffusionLM(nn.Module):
     # -- the network --------------------------------------------------------------------------
 
     def logits(self, ids: Tensor, positions: Tensor, attn_mask: Tensor) -> Tensor:
-        """Real-token logits ``[B, T, vocab_size]`` (the [MASK] column is dropped)."""
+        """Real-token logits ``[B, T, vocab_size]`` of the vocabulary head (the [MASK] column is
+        dropped; the copy head, if any, is not applied: see :meth:`scores`)."""
         return self.net(ids, positions=positions, attn_mask=attn_mask)[..., : self.config.vocab_size]
+
+    @property
+    def copies(self) -> bool:
+        return self.copy_head is not None and self.copy_enabled
+
+    def head_scores(self, hidden: Tensor, prompt_hidden: Tensor, prompt_ids: Tensor, prompt_mask: Tensor
+                    ) -> Tensor:
+        """Scores ``[B, N, vocab_size]`` of final hidden states ``[B, N, d]``: the vocabulary logits,
+        or with the copy head the log-probabilities of the mixture with a copy of the prompt
+        (``prompt_hidden`` [B, P, d], ``prompt_ids``/``prompt_mask`` [B, P]). Either way a
+        log-softmax gives the log-probabilities."""
+        logits = self.net.head(hidden)[..., : self.config.vocab_size]
+        if not self.copies or prompt_ids.shape[1] == 0:
+            return logits
+        log_vocab = torch.log_softmax(logits.float(), dim=-1)
+        return self.copy_head(hidden, log_vocab, prompt_hidden, prompt_mask, prompt_ids)
+
+    def scores(self, ids: Tensor, positions: Tensor, attn_mask: Tensor, prompt_width: int,
+               prompt_mask: Tensor, out: slice) -> Tensor:
+        """:meth:`head_scores` of the positions ``out`` of one pass over ``ids``, whose first
+        ``prompt_width`` positions are the prompt prefix (masked by ``prompt_mask``)."""
+        if not self.copies:
+            return self.logits(ids, positions, attn_mask)[:, out]
+        hidden = self.net(ids, positions=positions, attn_mask=attn_mask, return_hidden=True)
+        return self.head_scores(hidden[:, out], hidden[:, :prompt_width], ids[:, :prompt_width], prompt_mask)
 
     def prompt_prefix(self, prompt_ids: Tensor, prompt_mask: Tensor, keep: Tensor | None = None
                       ) -> tuple[Tensor, Tensor]:

@@ -50,6 +50,7 @@ class PromptCopyHead(nn.Module):
         prompt_mask: torch.Tensor,
         prompt_ids: torch.Tensor,
         where: torch.Tensor | None = None,
+        gate_scale: float = 1.0,
     ) -> torch.Tensor:
         """Mix the vocabulary distribution with the copy distribution, in log space.
 
@@ -57,8 +58,11 @@ class PromptCopyHead(nn.Module):
         log-probabilities at the positions ``where`` selects ([N, V]; all positions, [B, L, V], when
         ``where`` is None); prompt_states [B, P, d], prompt_mask [B, P] (True = a real prompt
         token, after conditioning dropout) and prompt_ids [B, P]: the encoded prompt without the
-        null slot. Returns log p in the shape of ``log_vocab``.
+        null slot. ``gate_scale`` in [0, 1] scales the copy weight g_i (guidance between the
+        unconditional model, 0, and the conditional one, 1). Returns log p in the shape of ``log_vocab``.
         """
+        if not 0.0 <= gate_scale <= 1.0:
+            raise ValueError(f"gate_scale must be in [0, 1], got {gate_scale}")
         batch, length, _ = hidden.shape
         scores = (self.query(hidden) @ self.key(prompt_states).transpose(1, 2)).float() * self.scale
         valid = prompt_mask.bool()
@@ -72,7 +76,12 @@ class PromptCopyHead(nn.Module):
             attention, gate, ids, has_prompt = attention[where], gate[where], ids[where], has_prompt[where]
         copy = torch.zeros_like(log_vocab).scatter_add(-1, ids, attention.to(log_vocab.dtype))
         log_copy = torch.where(copy > 0, copy.clamp_min(1e-30).log(), float("-inf"))
-        log_keep = torch.where(has_prompt, F.logsigmoid(-gate), 0.0).to(log_vocab.dtype)
-        log_gate = torch.where(has_prompt, F.logsigmoid(gate), float("-inf")).to(log_vocab.dtype)
+        if gate_scale == 1.0:
+            log_keep, log_on = F.logsigmoid(-gate), F.logsigmoid(gate)
+        else:
+            log_on = F.logsigmoid(gate) + math.log(gate_scale) if gate_scale > 0 else torch.full_like(gate, -math.inf)
+            log_keep = torch.log1p(-torch.exp(log_on))
+        log_keep = torch.where(has_prompt, log_keep, 0.0).to(log_vocab.dtype)
+        log_gate = torch.where(has_prompt, log_on, float("-inf")).to(log_vocab.dtype)
         return torch.logaddexp(log_keep[..., None] + log_vocab, log_gate[..., None] + log_copy)
 

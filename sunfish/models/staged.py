@@ -586,12 +586,11 @@ class StagedLM(nn.Module):
         rope = self.rope(positions)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, graph_mask, cache.layer(f"block.{i}") if cache is not None else None, attn_mask)
-        if return_hidden:
-            return self.norm(x)
-        logits = self.head(self.norm(x))
         if cache is not None:
             cache.length = offset + t
-        return logits
+        if return_hidden:
+            return self.norm(x)
+        return self.head(self.norm(x))
 
     def _graph_mask(
         self, state: Tensor | None, stream: Tensor, positions: Tensor, cache: KVCache | None
