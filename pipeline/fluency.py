@@ -8,7 +8,8 @@ The headline of the report (sunfish.evaluation.fluency says why the measure look
 3. the diffusion model's final checkpoint samples every prompt at w = 0, 1 and cfg.guidance_scale
    (test and implied), and at eval.fluency.dev_scales on dev: settings are chosen there;
 4. reference rows on the test prompts: the held-out text itself, the prompt echoed, its words
-   shuffled, random words, and stage 0's AR samples drawn the same way (batched, same nucleus).
+   shuffled, random words, stage 0's AR samples drawn the same way (batched, same nucleus), and
+   with a copy head the diffusion model with the head off (what the prompt does through attention).
 """
 
 from __future__ import annotations
@@ -161,6 +162,12 @@ def run() -> None:
 
     for w in sorted({0.0, 1.0, w_default}):
         model_row("diffusion", sets["test"], w, "test")
+    if getattr(model, "copy_head", None) is not None:  # what the prompt does without the pointer
+        model.copy_enabled = False
+        try:
+            model_row("diffusion, copy head off", sets["test"], w_default, "test")
+        finally:
+            model.copy_enabled = True
     for w in sorted({0.0, w_default}):
         model_row("diffusion (implied topic)", sets["implied"], w, "implied")
     for w in sorted({0.0, *map(float, fl.dev_scales)}):

@@ -288,7 +288,7 @@ class CfgConfig(Section):
     timesteps: int = Field(1000, ge=1, le=100000)
     noise_schedule: Literal["sqrt", "cosine"] = "sqrt"
     conditioning_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    guidance_scale: float = Field(1.5, ge=0.0, le=100.0)
+    guidance_scale: float = Field(1.0, ge=0.0, le=100.0)
     num_steps: int = Field(50, ge=1)
     scheduler: Literal["ddim", "ddpm"] = "ddim"
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity; 1 = DDPM ancestral")
@@ -301,7 +301,7 @@ class CfgConfig(Section):
         "token", description="sequence: resample whole conditional samples by their prompt information "
                                 "(masked objective); token: CFG on every position's prediction")
     guidance_candidates: int = Field(4, ge=1, le=64, description="sequence guidance: conditional samples per prompt")
-    prompt_copy: bool = Field(True, description="copy head: text positions may copy prompt tokens (masked objective, own encoder)")
+    prompt_copy: bool = Field(True, description="copy head: text positions may copy prompt tokens (block; cross_attention with the masked objective and own encoder)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     budget: Budget = Budget()
 

@@ -121,6 +121,7 @@ def headline(rows: list[dict], guidance_scale: float) -> dict:
         "ar_fluent": ar.get("fluent"),
         "implied_fluent_on_topic": find("diffusion (implied topic)", guidance_scale).get("fluent_on_topic"),
         "implied_fluent_on_topic_w0": find("diffusion (implied topic)", 0.0).get("fluent_on_topic"),
+        "copy_off_fluent_on_topic": find("diffusion, copy head off", guidance_scale).get("fluent_on_topic"),
         "echo_fluent_on_topic": find("prompt echoed").get("fluent_on_topic"),
         "real_fluent_on_topic": find("real held-out text").get("fluent_on_topic"),
         "tokens_per_s": at_w.get("tokens_per_s"),
