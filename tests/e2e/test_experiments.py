@@ -27,6 +27,13 @@ MODELS = ("stage_0", "stage_1", "stage_2", "stage_3", "cfg")
 HEADLINE = [f"{m}.best_val_bpb" for m in MODELS] + ["cfg.adherence", "cfg.checklist_passed"]
 
 
+SWEEP = (2, 3)  # guidance scales of the queued sweep; neither is the baseline's
+
+
+def baseline_guidance(repo: Path) -> float:
+    return float(yaml.safe_load((repo / "params.yaml").read_text())["cfg"]["guidance_scale"])
+
+
 @pytest.fixture(scope="module")
 def repo(tiny_baseline, tmp_path_factory) -> Path:
     return copy_repo(tiny_baseline, tmp_path_factory.mktemp("sunfish-exp"))
@@ -53,11 +60,12 @@ def store(repo: Path):
 def sweep(repo) -> list[str]:
     """Queue a guidance sweep (a list), run it on two workers; the experiments' names.
 
-    Every value differs from the baseline's (guidance 7.0): an experiment equal to its baseline reruns
-    no stage, so it logs nothing to MLflow (DVC shows it with the baseline's results).
+    Every value differs from the baseline's (params.yaml's cfg.guidance_scale): an experiment equal to
+    its baseline reruns no stage, so it logs nothing to MLflow (DVC shows it with the baseline's results).
     """
     start = time.perf_counter()
-    run(["dvc", "exp", "run", "--queue", "-S", "cfg.guidance_scale=1,3"], repo)
+    assert SWEEP[0] != baseline_guidance(repo) != SWEEP[1]
+    run(["dvc", "exp", "run", "--queue", "-S", f"cfg.guidance_scale={SWEEP[0]},{SWEEP[1]}"], repo)
     run(["dvc", "queue", "start", "-j", "2"], repo)
     status = wait_for_queue(repo)
     print(f"2 queued experiments on 2 workers: {time.perf_counter() - start:.0f}s")
@@ -89,7 +97,7 @@ def test_every_experiment_lands_grouped_in_the_one_store(repo, sweep):
         for model in MODELS:  # every per-milestone value arrived, with two experiments writing at once
             steps = sorted(m.step for m in client.get_metric_history(evaluate.info.run_id, f"{model}/val_bpb"))
             assert steps == ([6, 12] if model in ("stage_0", "cfg") else [4]), (name, model, steps)
-    assert set(guidance) == {"1.0", "3.0"}, guidance
+    assert set(guidance) == {f"{float(w)}" for w in SWEEP}, guidance
     assert not list((repo / "state" / "mlflow_fallback").glob("*.jsonl"))
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
 
@@ -122,7 +130,7 @@ def test_exp_show_has_the_key_metrics_and_swept_params(repo, sweep):
         metrics, params = shown[name]["metrics"], shown[name]["params"]
         for key in HEADLINE + ["cfg.checklist"]:
             assert metrics.get(key) is not None, (name, key, metrics)
-        assert params["cfg"]["guidance_scale"] in (1, 3) and params["train"]["lr"]
+        assert params["cfg"]["guidance_scale"] in SWEEP and params["train"]["lr"]
         parent = [p for p in client.search_runs([exp_id], filter_string=f"tags.`sunfish.experiment` = '{name}' "
                                                 "and tags.`sunfish.parent` = 'true'")][0]
         for key in HEADLINE:  # MLflow and DVC agree, under the same names
@@ -134,16 +142,16 @@ def test_exp_show_has_the_key_metrics_and_swept_params(repo, sweep):
 
 def test_exp_diff_and_plots_diff_compare_two_experiments(repo, sweep):
     shown = _exp_show(repo)
-    w1, w3 = sorted(sweep, key=lambda n: shown[n]["params"]["cfg"]["guidance_scale"])
-    diff = json.loads(run(["dvc", "exp", "diff", w1, w3, "--json"], repo).stdout)
+    low, high = sorted(sweep, key=lambda n: shown[n]["params"]["cfg"]["guidance_scale"])
+    diff = json.loads(run(["dvc", "exp", "diff", low, high, "--json"], repo).stdout)
     print(json.dumps(diff)[:1500])
     changed = diff["params"]["params.yaml"]
-    assert set(changed) == {"cfg.guidance_scale"} and changed["cfg.guidance_scale"]["new"] == 3, changed
+    assert set(changed) == {"cfg.guidance_scale"} and changed["cfg.guidance_scale"]["new"] == SWEEP[1], changed
     assert diff["metrics"]["reports/metrics/evaluate.json"], diff["metrics"]  # the run ids differ at least
     out = repo.parent / "plots-diff"
-    proc = run(["dvc", "plots", "diff", w1, w3, "-o", str(out)], repo)
+    proc = run(["dvc", "plots", "diff", low, high, "-o", str(out)], repo)
     html = (out / "index.html").read_text()
-    assert "Prompt adherence vs guidance scale" in html and w1 in html and w3 in html, proc.stdout
+    assert "Prompt adherence vs guidance scale" in html and low in html and high in html, proc.stdout
 
 
 def test_compare_lists_the_sweep(repo, sweep):
@@ -157,7 +165,7 @@ def test_compare_lists_the_sweep(repo, sweep):
     assert set(sweep) <= set(rows)
     header = result.stdout.splitlines()[0].split(",")
     assert {"cfg.guidance_scale", "cfg.best_val_bpb", "cfg.adherence", "checklist"} <= set(header)
-    assert {rows[n]["cfg.guidance_scale"] for n in sweep} == {"1.0", "3.0"}
+    assert {rows[n]["cfg.guidance_scale"] for n in sweep} == {f"{float(w)}" for w in SWEEP}
     table = subprocess.run(["sunfish", "compare", "--last", "2"], cwd=repo, env=env(), capture_output=True,
                            text=True, timeout=120).stdout
     print(table)

@@ -253,7 +253,9 @@ def test_queued_experiments_land_in_the_main_store(repo):
 
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "--allow-empty", "-m", "baseline"], repo)
-    run(["dvc", "exp", "run", "--queue", "-n", "queued-w1", "-S", "cfg.guidance_scale=1"], repo)
+    # a value other than the baseline's: an experiment equal to its baseline reruns (and logs) nothing
+    scale = float(yaml.safe_load((repo / "params.yaml").read_text())["cfg"]["guidance_scale"]) + 1.0
+    run(["dvc", "exp", "run", "--queue", "-n", "queued-guidance", "-S", f"cfg.guidance_scale={scale}"], repo)
     run(["dvc", "queue", "start", "-j", "1"], repo)
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -264,7 +266,7 @@ def test_queued_experiments_land_in_the_main_store(repo):
     assert "Success" in status, status
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sunfish")
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`dvc.exp_name` = 'queued-w1'")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`dvc.exp_name` = 'queued-guidance'")
     stages = {r.data.tags["dvc.stage"] for r in runs}
     assert {"evaluate", "report"} <= stages, stages
     assert not stages & {"train_stage_0", "train_cfg_micro"}, stages
