@@ -185,9 +185,9 @@ def test_kv_cached_sampler_draws_what_the_full_recompute_draws(mu_full, copy, w)
                      use_cache=False, counter=recount, **kw)
     assert torch.equal(cached, full)
     rows = 6 if w not in (0.0, 1.0) else 3
-    # the same look-ahead passes, plus the prefix once and a commit after each of the first 3 blocks
+    # the same look-ahead passes plus the prefix once: a finished block rides on the next block's first pass
     assert recount["forward_rows"] >= rows * 4
-    assert counter["forward_rows"] == recount["forward_rows"] + rows * (1 + 3)
+    assert counter["forward_rows"] == recount["forward_rows"] + rows
 
 
 def test_copy_head_copies_prompt_tokens_and_leaves_the_null_prompt_alone():
@@ -249,3 +249,66 @@ def test_copy_guidance_guides_the_vocabulary_and_keeps_the_copy_at_its_gate():
     assert not torch.allclose(at[3.0], torch.log_softmax(vocab_c, -1))
     with pytest.raises(ValueError, match="gate_scale"):
         model.copy_head(text[:2], vocab_c, prompt[:2], pmask2[:2], ids2[:2, :width], gate_scale=1.5)
+
+
+def test_cache_truncate_and_select_keep_the_right_positions_and_rows():
+    from sunfish.models.layers import KVCache
+
+    cache = KVCache()
+    layer = cache.layer("block.0")
+    layer.append(torch.arange(24.0).view(3, 1, 4, 2), -torch.arange(24.0).view(3, 1, 4, 2))
+    cache.length = 4
+    rows = cache.select(torch.tensor([True, False, True]))
+    assert rows.layers["block.0"].k.shape == (2, 1, 4, 2) and rows.length == 4
+    torch.testing.assert_close(rows.layers["block.0"].k[1], layer.k[2])
+    cache.truncate(3)
+    assert cache.length == 3 and layer.k.shape == (3, 1, 3, 2) and layer.v.shape == (3, 1, 3, 2)
+    assert rows.layers["block.0"].k.shape[-2] == 4  # the selection is its own
+    with pytest.raises(ValueError, match="truncate"):
+        cache.truncate(5)
+
+
+def test_extend_run_reveals_only_a_contiguous_run_of_sure_positions():
+    still = torch.tensor([[True, True, True, True], [False, True, True, True], [True, True, True, True]])
+    reveal = torch.tensor([[True, False, False, False], [False, True, False, False], [True, False, False, False]])
+    sure = torch.tensor([[False, True, False, True], [False, False, True, True], [False, False, True, True]])
+    got = bd._extend_run(still, reveal, sure)
+    assert got.tolist() == [[True, True, False, False], [False, True, True, True], [True, False, False, False]]
+
+
+@pytest.mark.parametrize("copy,w", [(False, 1.0), (True, 1.0), (True, 2.5)])
+def test_parallel_confidence_reveals_sure_tokens_together_and_caches_as_the_full_recompute(copy, w):
+    torch.manual_seed(0)
+    ar = ar_model()
+    with torch.no_grad():
+        ar.head.weight.mul_(40)  # peaked: many draws are sure
+    model = block_model(ar, 4, copy=copy)
+    b = batch(rows=3)
+    kw = dict(num_samples=3, seq_len=16, num_steps=16, guidance_scale=w, top_p=0.95, exact_counts=True)
+    one: dict = {}
+    bd.sample(model, b["prompt_ids"], b["prompt_mask"], generator=torch.Generator().manual_seed(1),
+              counter=one, **kw)
+    fast: dict = {}
+    cached = bd.sample(model, b["prompt_ids"], b["prompt_mask"], generator=torch.Generator().manual_seed(1),
+                       counter=fast, parallel_confidence=0.5, **kw)
+    full = bd.sample(model, b["prompt_ids"], b["prompt_mask"], generator=torch.Generator().manual_seed(1),
+                     use_cache=False, parallel_confidence=0.5, **kw)
+    assert torch.equal(cached, full)
+    assert not bool((cached == model.mask_id).any())
+    assert fast["forward_rows"] < one["forward_rows"]  # sure tokens came together: fewer passes
+    # a threshold no draw reaches is the one-token-a-step sampler's pass count
+    never: dict = {}
+    bd.sample(model, b["prompt_ids"], b["prompt_mask"], generator=torch.Generator().manual_seed(1),
+              counter=never, parallel_confidence=1.0, **kw)
+    assert never["forward_rows"] == one["forward_rows"]
+
+
+def test_parallel_confidence_is_checked():
+    model = block_model(ar_model(), 4)
+    for bad, match in ((0.0, "parallel_confidence"), (1.5, "parallel_confidence")):
+        with pytest.raises(ValueError, match=match):
+            bd.sample(model, None, None, num_samples=1, seq_len=8, num_steps=8, guidance_scale=0.0,
+                      parallel_confidence=bad)
+    with pytest.raises(ValueError, match="left_to_right"):
+        bd.sample(model, None, None, num_samples=1, seq_len=8, num_steps=8, guidance_scale=0.0,
+                  parallel_confidence=0.9, order="random")

@@ -157,6 +157,7 @@ def _rows_prefix(model, prompt_ids, prompt_mask, num_samples, device):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def sample(
     model,
     prompt_ids: torch.Tensor | None,
@@ -173,6 +174,7 @@ def sample(
     counter: dict | None = None,
     use_cache: bool = True,
     order: str = "left_to_right",
+    parallel_confidence: float | None = None,
 ) -> torch.Tensor:
     """``num_samples`` texts of ``seq_len`` tokens (without the leading <eos>), block by block.
 
@@ -182,13 +184,23 @@ def sample(
     (a block sees the kept tokens of earlier blocks and its own, not of later ones).
     ``counter``: when given, ``counter["forward_rows"]`` is increased by the rows of every network
     call (the cost of a sample, guidance included). ``use_cache``: keep the keys and values of the
-    prompt and the finished blocks (computed causally, as the training layout's clean copy) and
-    run only the block being denoised at each step; False recomputes everything (the reference).
+    prompt and the finished blocks (computed causally, as the training layout's clean copy; a
+    finished block is appended in the same pass as the next block's first look-ahead) and run only
+    the block being denoised at each step; False recomputes everything (the reference).
     ``order``: which masked positions of a block a step reveals: "left_to_right" (the earliest; the
     default, it measured far more fluent) or "random" (uniformly chosen, MDLM's order).
+    ``parallel_confidence`` (left to right only): a step also reveals the masked positions right
+    after the scheduled ones, in order, while the token drawn for each has at least this probability
+    under the (guided) model before the nucleus cut; a row whose block is done skips the block's
+    remaining passes. None reveals only what the schedule says.
     """
     if order not in ("left_to_right", "random"):
         raise ValueError(f"order={order!r} must be 'left_to_right' or 'random'")
+    if parallel_confidence is not None:
+        if not 0.0 < parallel_confidence <= 1.0:
+            raise ValueError(f"parallel_confidence={parallel_confidence} must be in (0, 1] or None")
+        if order != "left_to_right":
+            raise ValueError("parallel_confidence extends the left-to-right order; it needs order='left_to_right'")
     c = model.config
     b = c.block_size
     device = model.device
@@ -206,13 +218,10 @@ def sample(
                          f"max_seq_len={c.max_seq_len}")
     text = torch.full((num_samples, seq_len + 1), model.mask_id, dtype=torch.long, device=device)
     text[:, 0] = c.eos_id
-    fixed = torch.zeros_like(text, dtype=torch.bool)
-    fixed[:, 0] = True
     if infill is not None:
         ids, keep = infill
         keep = keep.to(device).bool()
         text[:, 1:] = torch.where(keep, ids.to(device), text[:, 1:])
-        fixed[:, 1:] = keep
     n_blocks = -(-seq_len // b)
     steps = max(1, min(b, -(-num_steps // n_blocks)))
     times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
@@ -236,24 +245,49 @@ def sample(
                 reveal = still & (rank < count[:, None])
             else:
                 reveal = still & (scores.double() < share)
+            needed = still if parallel_confidence is not None else reveal
             if not bool(reveal.any()):
                 continue
             if cache is not None:
-                log_probs = cache.group_log_probs(text[:, anchor:end], anchor, guidance_scale)
+                log_probs = cache.group_log_probs(text[:, anchor:end], guidance_scale, needed)
             else:
                 log_probs = _group_log_probs(model, prefix_ids, prefix_mask, text, anchor, end, guided,
-                                             guidance_scale, counter)
-            draws = uniform(int(reveal.sum()), generator, device).double()
-            values = _sample_from(nucleus(log_probs[reveal], top_p), draws)
-            targets = targets.masked_scatter(reveal, values)
+                                             guidance_scale, counter, needed)
+            draws = uniform(int(needed.sum()), generator, device).double()
+            values = _sample_from(nucleus(log_probs, top_p), draws)
+            if parallel_confidence is not None:
+                drawn = torch.full_like(targets, model.mask_id).masked_scatter(needed, values)
+                sure = torch.zeros_like(still)
+                sure[needed] = log_probs.gather(1, values[:, None]).squeeze(1).exp() >= parallel_confidence
+                reveal = _extend_run(still, reveal, sure)
+                targets = torch.where(reveal, drawn, targets)
+            else:
+                targets = targets.masked_scatter(reveal, values)
             text[:, anchor + 1 : end + 1] = targets
         if cache is not None and g + 1 < n_blocks:
-            cache.commit(text[:, anchor : anchor + b], anchor)
+            cache.finish(text[:, anchor : anchor + b])
     return text[:, 1:]
 
 
+def _extend_run(still: torch.Tensor, reveal: torch.Tensor, sure: torch.Tensor) -> torch.Tensor:
+    """``reveal`` [N, G] extended, left to right, over the masked positions that are ``sure``: a
+    masked position that is neither revealed nor sure ends a row's run."""
+    out = torch.zeros_like(reveal)
+    run = torch.ones_like(reveal[:, 0])
+    for j in range(reveal.shape[1]):
+        take = still[:, j] & run & (reveal[:, j] | sure[:, j])
+        out[:, j] = take
+        run = run & (~still[:, j] | take)
+    return out
+
+
 class _Context:
-    """The KV cache of a block sampler: the prompt prefix, then every finished block (causal)."""
+    """The KV cache of a block sampler: the prompt prefix, then every finished block (causal).
+
+    A finished block waits (``pending``) and is appended in the same pass as the next block's first
+    look-ahead: its rows are causal, the look-ahead rows see it, and the look-ahead's keys are
+    dropped afterwards. One pass a block fewer than appending it on its own, and the same keys.
+    """
 
     def __init__(self, model, prefix_ids, prefix_mask, guided: bool, counter: dict | None):
         self.model, self.guided, self.counter = model, guided, counter
@@ -261,20 +295,24 @@ class _Context:
         self.keys = prefix_mask[:, :0]  # which cached keys are real (the prompt's padding is not)
         self.cache = model.net.init_cache()
         self.prefix_ids, self.prefix_mask, self.prefix_hidden = prefix_ids, prefix_mask, None
+        self.pending: torch.Tensor | None = None
         if self.width:
-            hidden = self._forward(prefix_ids, prefix_mask, self.cache, causal=True, hidden=model.copies)
+            hidden = self._forward(prefix_ids, prefix_mask, self.cache, self.keys, causal=prefix_ids.shape[1],
+                                   hidden=model.copies)
             self.prefix_hidden = hidden if model.copies else None
             self.keys = prefix_mask
 
-    def _forward(self, ids, new_keys, cache, causal: bool, hidden: bool = False) -> torch.Tensor:
+    def _forward(self, ids, new_keys, cache, keys, causal: int, hidden: bool = False) -> torch.Tensor:
+        """One pass over ``ids`` after ``cache``: its first ``causal`` positions are causal, the
+        rest see every position of the pass (a group being denoised)."""
         rows, n = ids.shape
         device = ids.device
         cached = cache.length
         total = torch.arange(cached + n, device=device)[None, :]
         query = torch.arange(n, device=device)[:, None] + cached
-        attn = torch.cat((self.keys, new_keys), dim=1)[:, None, None, :].expand(rows, 1, n, cached + n)
-        if causal:
-            attn = attn & (total <= query)
+        attn = torch.cat((keys, new_keys), dim=1)[:, None, None, :].expand(rows, 1, n, cached + n)
+        in_group = torch.arange(n, device=device)[:, None] >= causal
+        attn = attn & (in_group | (total <= query))
         attn = attn | (total == query)  # a padding query sees itself (never a row of nothing)
         if self.counter is not None:
             self.counter["forward_rows"] = self.counter.get("forward_rows", 0) + rows
@@ -284,35 +322,70 @@ class _Context:
     def _rows(self, ids):
         return torch.cat((ids, ids)) if self.guided else ids
 
-    def commit(self, block_ids, anchor: int) -> None:
-        """Append a finished block (its anchor and revealed tokens but the last) causally."""
-        ids = self._rows(block_ids)
-        real = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-        self._forward(ids, real, self.cache, causal=True)
+    def finish(self, block_ids) -> None:
+        """A finished block (its anchor and revealed tokens but the last), appended with the next pass."""
+        if self.pending is not None:  # no pass came since the last one: append it on its own
+            self._append_pending()
+        self.pending = self._rows(block_ids)
+
+    def _append_pending(self) -> None:
+        real = torch.ones(self.pending.shape, dtype=torch.bool, device=self.pending.device)
+        self._forward(self.pending, real, self.cache, self.keys, causal=self.pending.shape[1])
         self.keys = torch.cat((self.keys, real), dim=1)
+        self.pending = None
 
-    def group_log_probs(self, group_ids, anchor: int, scale: float) -> torch.Tensor:
-        """float64 log-probabilities ``[N, G, vocab]`` of the group's targets (a look-ahead pass)."""
+    def group_log_probs(self, group_ids, scale: float, needed: torch.Tensor) -> torch.Tensor:
+        """float64 log-probabilities ``[n, vocab]`` of the group's targets where ``needed`` [N, G]
+        (a look-ahead pass, in row-major order); rows with nothing needed are not run."""
         rows = group_ids.shape[0]
-        ids = self._rows(group_ids)
+        active = needed.any(dim=1)
+        if self.pending is not None or bool(active.all()):
+            active = torch.ones_like(active)
+        run = self._rows(active)
+        ids = self._rows(group_ids)[run]
         real = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-        if self.prefix_hidden is not None:
-            hidden = self._forward(ids, real, self.cache.fork(), causal=False, hidden=True)
-            if self.guided:
-                return copy_guided_log_probs(self.model, hidden, self.prefix_hidden, self.prefix_ids,
-                                             self.prefix_mask, scale)
-            logits = self.model.head_scores(hidden, self.prefix_hidden, self.prefix_ids, self.prefix_mask)
+        keys = self.keys[run]
+        if self.pending is not None:  # append the finished block in the same pass
+            done = self.pending.shape[1]
+            length = self.cache.length
+            ids = torch.cat((self.pending, ids), dim=1)
+            real = torch.cat((torch.ones_like(self.pending, dtype=torch.bool), real), dim=1)
+            out = self._forward(ids, real, self.cache, keys, causal=done, hidden=True)[:, done:]
+            self.cache.truncate(length + done)
+            self.keys = torch.cat((self.keys, real[:, :done]), dim=1)
+            self.pending = None
         else:
-            logits = self._forward(ids, real, self.cache.fork(), causal=False)
-        logp = torch.log_softmax(logits[..., : self.model.config.vocab_size].double(), dim=-1)
-        if self.guided:
-            return guided_log_probs(logp[:rows], logp[rows:], scale)
-        return logp
+            cache = self.cache.fork() if bool(run.all()) else self.cache.select(run)
+            out = self._forward(ids, real, cache, keys, causal=0, hidden=True)
+        where = needed[active]
+        prefix_hidden = None if self.prefix_hidden is None else self.prefix_hidden[run]
+        return _log_probs_at(self.model, out, where, self.guided, scale, prefix_hidden,
+                             self.prefix_ids[run], self.prefix_mask[run], rows=int(active.sum()))
 
 
-def _group_log_probs(model, prefix_ids, prefix_mask, text, anchor, end, guided, scale, counter):
-    """float64 log-probabilities ``[N, end - anchor, vocab]`` of the group's targets, recomputing
-    the whole context (the reference the cached sampler is tested against)."""
+def _log_probs_at(model, hidden, where, guided: bool, scale: float, prompt_hidden, prompt_ids, prompt_mask,
+                  rows: int) -> torch.Tensor:
+    """float64 log-probabilities ``[n, vocab]`` of the final hidden states ``hidden`` [R(x2), G, d]
+    at the positions ``where`` [R, G] (guided: the conditional rows, then the null-prompt rows)."""
+    vocab = model.config.vocab_size
+    copies = model.copies and prompt_hidden is not None and prompt_ids.shape[1] > 0
+    if guided and copies:
+        return copy_guided_log_probs(model, hidden, prompt_hidden, prompt_ids, prompt_mask, scale, where=where)
+    if guided:
+        logits = model.net.head(torch.cat((hidden[:rows][where], hidden[rows:][where])))[..., :vocab]
+        n = int(where.sum())
+        return guided_log_probs(logits[:n], logits[n:], scale)
+    logits = model.net.head(hidden[where])[..., :vocab]
+    if copies:
+        log_vocab = torch.log_softmax(logits.float(), dim=-1)
+        logits = model.copy_head(hidden, log_vocab, prompt_hidden, prompt_mask, prompt_ids, where=where)
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def _group_log_probs(model, prefix_ids, prefix_mask, text, anchor, end, guided, scale, counter, needed=None):
+    """float64 log-probabilities of the group's targets, recomputing the whole context (the
+    reference the cached sampler is tested against): ``[N, end - anchor, vocab]``, or ``[n,
+    vocab]`` at the positions ``needed`` [N, end - anchor]."""
     rows = text.shape[0]
     context = text[:, :anchor]
     group = text[:, anchor:end]  # the anchor and the noised tokens before the last target
@@ -327,18 +400,15 @@ def _group_log_probs(model, prefix_ids, prefix_mask, text, anchor, end, guided, 
     attn = attn | torch.eye(ids.shape[1], dtype=torch.bool, device=ids.device)[None, None]
     if counter is not None:
         counter["forward_rows"] = counter.get("forward_rows", 0) + ids.shape[0]
-    out = slice(width + anchor, width + end)
-    if guided and model.copies:
-        hidden = model.net(ids, positions=positions, attn_mask=attn, return_hidden=True)
-        return copy_guided_log_probs(model, hidden[:, out], hidden[:, :width], prefix_ids, prefix_mask, scale)
-    logits = model.scores(ids, positions, attn, width, prefix_mask, out).double()
-    logp = torch.log_softmax(logits, dim=-1)
-    if guided:
-        return guided_log_probs(logp[:rows], logp[rows:], scale)
-    return logp
+    hidden = model.net(ids, positions=positions, attn_mask=attn, return_hidden=True)
+    where = needed if needed is not None else torch.ones((rows, end - anchor), dtype=torch.bool, device=ids.device)
+    out = _log_probs_at(model, hidden[:, width + anchor: width + end], where, guided, scale,
+                        hidden[:, :width] if model.copies else None, prefix_ids, prefix_mask, rows)
+    return out if needed is not None else out.view(rows, end - anchor, -1)
 
 
-def copy_guided_log_probs(model, hidden, prompt_hidden, prompt_ids, prompt_mask, scale: float) -> torch.Tensor:
+def copy_guided_log_probs(model, hidden, prompt_hidden, prompt_ids, prompt_mask, scale: float,
+                          where: torch.Tensor | None = None) -> torch.Tensor:
     """Guidance with a copy head: CFG on the vocabulary head, the copy mixed in at its learned gate.
 
     ``hidden`` [2R, N, d] holds the conditional rows, then the unconditional ones (null prompt);
@@ -346,14 +416,20 @@ def copy_guided_log_probs(model, hidden, prompt_hidden, prompt_ids, prompt_mask,
     so guiding the whole mixture multiplies the copied word's odds by about (1/g_u)^(w-1) and
     the samples repeat it; here w scales only what the prompt does through attention, and the
     copy weight is min(w, 1) times the gate. Exactly the unconditional model at w = 0 and the
-    conditional one at w = 1. Returns float64 log-probabilities ``[R, N, vocab]``.
+    conditional one at w = 1. Returns float64 log-probabilities ``[R, N, vocab]``, or ``[n,
+    vocab]`` at the positions ``where`` [R, N].
     """
-    rows = hidden.shape[0] // 2
+    rows, length = hidden.shape[0] // 2, hidden.shape[1]
     vocab = model.config.vocab_size
-    log_vocab = torch.log_softmax(model.net.head(hidden)[..., :vocab].double(), dim=-1)
+    at = where if where is not None else torch.ones((rows, length), dtype=torch.bool, device=hidden.device)
+    n = int(at.sum())
+    logits = model.net.head(torch.cat((hidden[:rows][at], hidden[rows:][at])))[..., :vocab]
+    log_vocab = torch.log_softmax(logits.double(), dim=-1)
     if scale == 0.0:
-        return log_vocab[rows:]
-    guided = torch.log_softmax(combine(log_vocab[:rows], log_vocab[rows:], scale), dim=-1)
-    mixed = model.copy_head(hidden[:rows], guided, prompt_hidden[:rows], prompt_mask[:rows], prompt_ids[:rows],
-                            gate_scale=min(scale, 1.0))
-    return torch.log_softmax(mixed, dim=-1)
+        out = log_vocab[n:]
+    else:
+        guided = torch.log_softmax(combine(log_vocab[:n], log_vocab[n:], scale), dim=-1)
+        mixed = model.copy_head(hidden[:rows], guided, prompt_hidden[:rows], prompt_mask[:rows], prompt_ids[:rows],
+                                where=at, gate_scale=min(scale, 1.0))
+        out = torch.log_softmax(mixed, dim=-1)
+    return out if where is not None else out.view(rows, length, -1)

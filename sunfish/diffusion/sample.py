@@ -36,6 +36,7 @@ def sample(
     top_p: float = 1.0,
     guidance: str = "token",
     candidates: int = 4,
+    parallel_confidence: float | None = None,
 ) -> torch.Tensor:
     """Draw ``num_samples`` texts of ``seq_len`` tokens -> LongTensor [num_samples, seq_len] (CPU).
 
@@ -58,6 +59,9 @@ def sample(
     infill: (ids LongTensor [num_samples or 1, seq_len], keep BoolTensor [same]): kept positions are
         fixed to the given ids; only the others are sampled.
     clamp: continuous objective only: snap x0_hat to the nearest token embedding at every step.
+    parallel_confidence: block diffusion only: a step also reveals the next masked tokens of the
+        block, left to right, while each drawn token has at least this probability (None: one
+        scheduled reveal at a time; see :func:`sunfish.diffusion.block.sample`).
     top_p: masked objective only: nucleus sampling of each revealed token (1 = exact; params
         cfg.top_p, 0.9 by default, is what evaluate and the CLI use).
     guidance: "token" (CFG on every position's prediction, the formula above) or "sequence"
@@ -107,7 +111,9 @@ def sample(
             from sunfish.diffusion import block
 
             return block.sample(model, ids, mask, exact_counts=scheduler == "ddim", top_p=top_p,
-                                **common).cpu()
+                                parallel_confidence=parallel_confidence, **common).cpu()
+        if parallel_confidence is not None:
+            raise ValueError("parallel_confidence is for a block diffusion model (cfg.architecture: block)")
         if by_sequence and model.config.objective != "masked":
             raise ValueError("guidance='sequence' needs the masked objective (it scores samples with the "
                              "masked ELBO); use guidance='token' for the continuous one")

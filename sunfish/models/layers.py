@@ -202,6 +202,22 @@ class KVCache:
         look-ahead pass, e.g. denoising a block that is not final yet."""
         return KVCache({k: LayerCache(c.k, c.v) for k, c in self.layers.items()}, dict(self.extras), self.length)
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on: a pass that both appended finished tokens and
+        looked ahead at a block still being denoised keeps only the finished ones."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        for c in self.layers.values():
+            if c.k is not None:
+                c.k, c.v = c.k[..., :length, :], c.v[..., :length, :]
+        self.length = length
+
+    def select(self, rows: Tensor) -> KVCache:
+        """A cache of the rows ``rows`` (an index or boolean over the batch) that extends this one
+        without changing it, as :meth:`fork` does."""
+        return KVCache({k: LayerCache(None if c.k is None else c.k[rows], None if c.v is None else c.v[rows])
+                        for k, c in self.layers.items()}, dict(self.extras), self.length)
+
     def layer(self, name: str) -> LayerCache:
         if name not in self.layers:
             self.layers[name] = LayerCache()
