@@ -518,6 +518,25 @@ def test_nucleus_keeps_the_smallest_set_holding_top_p():
         sample(tiny(), None, num_samples=1, seq_len=4, num_steps=2, guidance_scale=0.0, top_p=0.0)
 
 
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
+def test_nucleus_partial_sort_keeps_what_a_full_sort_keeps(top_p, monkeypatch):
+    """Peaked rows (the nucleus inside the candidates) and flat ones (the full-sort fallback)."""
+    from sunfish.diffusion import masked
+
+    g = torch.Generator().manual_seed(0)
+    sharpness = torch.linspace(0.1, 12, 48, dtype=torch.float64)[:, None]
+    logits = torch.randn(48, 4096, generator=g, dtype=torch.float64) * sharpness
+    log_p = torch.log_softmax(logits, dim=-1)
+    probs, order = log_p.exp().sort(dim=-1, descending=True)  # the plain full-sort reference
+    drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, (probs.cumsum(-1) - probs) >= top_p)
+    want = torch.log_softmax(log_p.masked_fill(drop, float("-inf")), dim=-1)
+    got = masked.nucleus(log_p, top_p)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got, want)
+    monkeypatch.setattr(masked, "NUCLEUS_CANDIDATES", 2)  # every row needs the fallback
+    torch.testing.assert_close(masked.nucleus(log_p, top_p), want)
+
+
 def test_train_stage_logs_embedding_health_of_every_milestone(tmp_path):
     """The continuous objective's non-collapse evidence reaches the metrics, a curve and MLflow."""
     import contextlib

@@ -86,17 +86,30 @@ def elbo(model, batch: dict, memory: torch.Tensor, memory_mask: torch.Tensor, ge
     return (ce * weight).sum()
 
 
+NUCLEUS_CANDIDATES = 128  # tokens ranked by a partial sort before falling back to a full one
+
+
 def nucleus(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Rows of log-probabilities restricted to their top-p nucleus and renormalised (1 = unchanged).
 
-    The most likely token always stays, so a row is never empty.
+    The most likely token always stays, so a row is never empty. Why a partial sort: ranking the
+    whole vocabulary for every drawn token was a third of an AR sampling step on CPU; the nucleus
+    almost always lies in the top few dozen tokens, so only rows whose top ``NUCLEUS_CANDIDATES``
+    hold less than ``top_p`` are sorted in full. The kept set is the same either way.
     """
     if top_p >= 1.0:
         return log_probs
-    probs, order = log_probs.exp().sort(dim=-1, descending=True)
-    outside = (probs.cumsum(dim=-1) - probs) >= top_p  # the mass before a token already reached top_p
-    drop = torch.zeros_like(outside).scatter(-1, order, outside)
-    return torch.log_softmax(log_probs.masked_fill(drop, float("-inf")), dim=-1)
+    probs = log_probs.exp()
+    k = min(NUCLEUS_CANDIDATES, probs.shape[-1])
+    top, order = probs.topk(k, dim=-1)  # descending
+    mass = top.cumsum(dim=-1)
+    short = mass[..., -1] < top_p  # the nucleus reaches beyond the candidates: rank these rows fully
+    keep = torch.zeros_like(log_probs, dtype=torch.bool).scatter(-1, order, (mass - top) < top_p)
+    if bool(short.any()):
+        full, full_order = probs[short].sort(dim=-1, descending=True)
+        inside = (full.cumsum(dim=-1) - full) < top_p  # the mass before a token has not reached top_p
+        keep[short] = torch.zeros_like(inside).scatter(-1, full_order, inside)
+    return torch.log_softmax(log_probs.masked_fill(~keep, float("-inf")), dim=-1)
 
 
 def _sample_from(log_probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
