@@ -85,35 +85,6 @@ def ar_texts(model, tok, n: int, *, seq_len: int, top_p: float, seed: int) -> tu
             out.numel())
 
 
-@torch.no_grad()
-def likelihoods(model, ar, tok, records: list[dict], *, seq_len: int, batch_size: int, seed: int) -> dict:
-    """Nats per token of the same held-out tokens (each text's first ``seq_len`` and its closing
-    <eos>, after an <eos>): the block model's ELBO with and without the prompt, stage 0's exact NLL.
-
-    Only the block architecture shares the AR model's tokens and context, so only it is compared.
-    """
-    from sunfish.data.dataset import PairDataset
-    from sunfish.diffusion.block import elbo
-
-    pairs = PairDataset(records, tok, seq_len, model.config.max_prompt_tokens)
-    gen = torch.Generator().manual_seed(seed)
-    totals = {"cond": 0.0, "uncond": 0.0, "ar": 0.0}
-    count = 0
-    model.eval()
-    for batch in pairs.eval_batches(batch_size):
-        nats, n = elbo(model, batch, gen, conditional=True)
-        totals["cond"] += float(nats)
-        totals["uncond"] += float(elbo(model, batch, gen, conditional=False)[0])
-        full = torch.cat((torch.full((batch["text_ids"].shape[0], 1), tok.eos_id), batch["text_ids"]), dim=1)
-        targets = full[:, 1:].masked_fill(~batch["text_mask"].bool(), -100)
-        totals["ar"] += float(ar.nll({"input_ids": full[:, :-1], "targets": targets})[0])
-        count += n
-    out = {f"{k}_nats_per_token": v / count for k, v in totals.items()}
-    out["tokens"] = count
-    out["uncond_over_ar"] = out["uncond_nats_per_token"] / out["ar_nats_per_token"]
-    return out
-
-
 def _unique(texts) -> list[str]:
     return list(dict.fromkeys(t for t in texts if t))
 
@@ -189,11 +160,12 @@ def run() -> None:
 
     likelihood = None
     if model.kind == "block_diffusion":
-        likelihood = likelihoods(model, ar, tok, val_records, seq_len=p.train.seq_len, batch_size=p.train.batch_size,
-                                 seed=ev.seed)
-        log.info("held-out nats/token: block ELBO %.4f with the prompt, %.4f without; AR %.4f (ratio %.3f)",
-                 likelihood["cond_nats_per_token"], likelihood["uncond_nats_per_token"],
-                 likelihood["ar_nats_per_token"], likelihood["uncond_over_ar"])
+        from sunfish.evaluation.document_likelihood import block_and_ar_nats
+
+        likelihood = block_and_ar_nats(model, ar, tok, val_records, batch_size=p.train.batch_size, seed=ev.seed)
+        log.info("whole held-out documents (%d tokens), nats/token: block ELBO <= %.4f with the prompt, <= %.4f "
+                 "without; AR %.4f (ratio %.3f)", likelihood["tokens"], likelihood["cond_nats_per_token"],
+                 likelihood["uncond_nats_per_token"], likelihood["ar_nats_per_token"], likelihood["uncond_over_ar"])
     head = headline(rows, w_default)
     chosen_dev = max((r for r in rows if r["set"] == "dev"), key=lambda r: (r["fluent_on_topic"], -r["guidance_scale"]))
     head["dev_best_scale"] = chosen_dev["guidance_scale"]
@@ -208,7 +180,7 @@ def run() -> None:
         "checkpoint": "models/cfg/final", "ar_checkpoint": "models/stage_0/final",
     }
     metrics = {f"fluency.{k}": v for k, v in head.items()}
-    metrics.update({f"likelihood.{k}": v for k, v in (likelihood or {}).items()})
+    metrics.update({f"likelihood.{k}": v for k, v in (likelihood or {}).items() if isinstance(v, (int, float))})
     with ctx.tracking(ctx.flat_params("eval")) as run:
         for r in rows:
             tag = f"{r['set']}/{r['name'].replace(' ', '_').replace('(', '').replace(')', '')}"

@@ -107,3 +107,19 @@ def test_headline_reads_test_rows_only():
     header, table = fluency_section.table({"rows": rows})
     assert len(table) == len(rows) and len(table[0]) == len(header)
     assert table[-1][1] == "dev"  # dev rows last: the test rows lead
+
+
+def test_the_likelihood_table_labels_the_diffusion_figures_as_bounds():
+    from sunfish.report.render import render_html, render_markdown
+
+    lk = {"ar_nats_per_token": 3.7, "ar_bpb": 1.34, "uncond_nats_per_token": 4.37, "uncond_bpb": 1.59,
+          "cond_nats_per_token": 4.24, "cond_bpb": 1.54, "uncond_over_ar": 4.37 / 3.7, "cond_over_ar": 4.24 / 3.7,
+          "tokens": 168702, "scope": "every token of 802 whole validation documents"}
+    rows = [_fake("diffusion", "test", 1.0, 0.5)]
+    header, table, scope = fluency_section.likelihood_table({"rows": rows, "likelihood": lk})
+    assert [r[1] for r in table] == ["exact NLL", "≤ (ELBO, an upper bound)", "≤ (ELBO, conditional)"]
+    assert table[1][4] == "1.181" and "802 whole validation documents" in scope and "168702 tokens" in scope
+    assert fluency_section.likelihood_table({"rows": rows})[1] == []  # not measured: no table
+    summary = {"fluency": {"rows": rows, "likelihood": lk}}
+    assert "≤ (ELBO, an upper bound)" in render_html(summary)
+    assert "≤ (ELBO, an upper bound)" in render_markdown(summary)

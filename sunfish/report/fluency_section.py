@@ -63,6 +63,27 @@ def sentences(fluency: dict) -> list[str]:
     return out
 
 
+LIKELIHOOD_HEADER = ["model", "figure", "nats / token", "bits / byte", "ratio to AR"]
+
+
+def likelihood_table(fluency: dict) -> tuple[list[str], list[list[str]], str]:
+    """The block model's bounds beside the AR model's exact NLL on the same whole documents
+    (header, rows, a sentence saying what was scored); no rows when it was not measured."""
+    lk = fluency.get("likelihood") or {}
+    if not isinstance(lk.get("ar_nats_per_token"), (int, float)):
+        return LIKELIHOOD_HEADER, [], ""
+    ar = lk["ar_nats_per_token"]
+    rows = [
+        ["AR stage 0", "exact NLL", _num(ar, 4), _num(lk.get("ar_bpb"), 4), "1.000"],
+        ["block diffusion, no prompt", "≤ (ELBO, an upper bound)", _num(lk.get("uncond_nats_per_token"), 4),
+         _num(lk.get("uncond_bpb"), 4), _num(lk.get("uncond_over_ar"), 3)],
+        ["block diffusion, with the document's prompt", "≤ (ELBO, conditional)",
+         _num(lk.get("cond_nats_per_token"), 4), _num(lk.get("cond_bpb"), 4), _num(lk.get("cond_over_ar"), 3)],
+    ]
+    scope = lk.get("scope") or "held-out texts"
+    return LIKELIHOOD_HEADER, rows, f"Likelihood over {scope} ({lk.get('tokens', '?')} tokens)."
+
+
 def examples(fluency: dict, per_row: int = 2) -> list[tuple[str, str, str]]:
     """(row label, prompt, text) of the first samples of the test model rows and the AR row."""
     out = []

@@ -758,6 +758,10 @@ def _html_fluency(s: dict) -> str:
     out += [f"<p>{_e(t)}</p>" for t in fs.sentences(fl)]
     header, rows = fs.table(fl)
     out.append(_table([_e(h) for h in header], [[_e(c) for c in r] for r in rows], num_cols=range(2, len(header))))
+    lk_header, lk_rows, lk_scope = fs.likelihood_table(fl)
+    if lk_rows:
+        out.append(f"<p>{_e(lk_scope)}</p>")
+        out.append(_table([_e(h) for h in lk_header], [[_e(c) for c in r] for r in lk_rows], num_cols=range(2, 5)))
     ex = fs.examples(fl)
     if ex:
         out.append(_table(["row", "prompt", "sample"], [[_e(a), _e(b), _e(c)] for a, b, c in ex]))
@@ -857,6 +861,9 @@ def _md_fluency(fl: dict) -> list[str]:
         out += [_m(t), ""]
     header, rows = fs.table(fl)
     out += [_md_table([_m(h) for h in header], [[_m(c) for c in r] for r in rows]), ""]
+    lk_header, lk_rows, lk_scope = fs.likelihood_table(fl)
+    if lk_rows:
+        out += [_m(lk_scope), "", _md_table([_m(h) for h in lk_header], [[_m(c) for c in r] for r in lk_rows]), ""]
     ex = fs.examples(fl)
     if ex:
         out += [_md_table(["row", "prompt", "sample"], [[_m(a), _m(b), _m(c)] for a, b, c in ex]), ""]
