@@ -231,6 +231,21 @@ def test_fluency_rows_and_the_report_lead(repo):
                for r in data["rows"] if r["role"] == "model" or r["name"] == "AR stage 0")
     md = (repo / "reports" / "report.md").read_text()
     assert md.index("## Fluent and on topic") < md.index("## Summary")
+    likelihood = data["likelihood"]  # every token of the validation documents
+    assert likelihood["tokens"] > 0 and "whole validation documents" in likelihood["scope"]
+    assert "≤ (ELBO, an upper bound)" in md
+
+
+def test_block_reveal_benchmark_prints_speed_beside_quality(repo, capsys):
+    from tests.bench_loader import load_benchmark
+
+    bench = next(load_benchmark("bench_block_reveal"))
+    out = bench.main(["--repo", str(repo), "--confidence", "none", "1e-6", "--num-steps", "32", "--threads", "1"])
+    one, every = out["rows"]
+    assert one["parallel_confidence"] is None and every["parallel_confidence"] == 1e-6
+    # every draw passes a threshold of 1e-6: a whole block is revealed in its first pass
+    assert every["forward_rows_per_sample"] < one["forward_rows_per_sample"] / 2
+    assert out["ar"]["tokens_per_s"] > 0 and "x AR" in capsys.readouterr().out
 
 
 def test_guidance_change_reruns_only_evaluate_and_report(repo):

@@ -1,0 +1,107 @@
+"""The block sampler's speed against its quality, beside batched KV-cached AR, on a finished run.
+
+Prints figures; it checks nothing (no thresholds). For each guidance scale and each
+``parallel_confidence`` (none = one scheduled reveal a step) it samples one story per prompt of a
+prompt set (dev by default: settings are chosen there) in one batch, and prints what
+evaluate_fluency prints for a row: fluent and on topic, on topic, fluent (the independent n-gram
+judge), tokens/s, network rows per sample, and the tokens/s ratio to stage 0's AR samples drawn the
+same way (one batch, the same nucleus). Tokens per pass is 64 tokens / rows per sample.
+
+    python benchmarks/bench_block_reveal.py                                # this repo's run, dev prompts
+    python benchmarks/bench_block_reveal.py --repo DIR --confidence none 0.9 0.7 --guidance 1 1.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: import sunfish from the checkout
+    sys.path.insert(0, str(ROOT))
+
+
+def _confidence(text: str) -> float | None:
+    return None if text.lower() in ("none", "null") else float(text)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from pipeline.fluency import RowCounter, _decode, _network, _unique, ar_texts
+    from sunfish.config import load_params
+    from sunfish.data.dataset import load_pairs
+    from sunfish.data.prompt_sets import prompt_sets
+    from sunfish.data.tokenizer import TextTokenizer
+    from sunfish.diffusion.sample import sample
+    from sunfish.evaluation.fluency import score_row
+    from sunfish.evaluation.ngram_judge import NGramJudge, calibrate
+    from sunfish.training.checkpoint import load_checkpoint
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repo", type=Path, default=ROOT, help="a project whose dvc repro has run (default: this one)")
+    ap.add_argument("--set", dest="prompt_set", choices=["dev", "test", "implied"], default="dev")
+    ap.add_argument("--confidence", nargs="+", type=_confidence, default=[None, 0.9, 0.7],
+                    help="parallel_confidence values; 'none' = one scheduled reveal a step")
+    ap.add_argument("--guidance", nargs="+", type=float, default=None, help="default: cfg.guidance_scale")
+    ap.add_argument("--num-steps", type=int, default=None, help="denoising steps in all; default: cfg.num_steps")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    repo = args.repo.resolve()
+    p = load_params(repo / "params.yaml")
+    ev, fl = p.eval, p.eval.fluency
+    prepared = repo / "data" / "prepared"
+    tok = TextTokenizer.load(prepared / "tokenizer.json")
+    train_texts = _unique(r["text"] for r in load_pairs(prepared / "pairs_train.jsonl"))
+    val = load_pairs(prepared / "pairs_val.jsonl")
+    sets = prompt_sets(val, train_texts, seed=ev.seed, n_dev=fl.dev_prompts, n_test=fl.test_prompts)
+    judge = NGramJudge.fit(train_texts, order=fl.judge_order)
+    test_docs = {r["text"] for r in sets["test"]}
+    cal = calibrate(judge, [t for t in _unique(r["text"] for r in val) if t not in test_docs],
+                    max_words=fl.max_words, seed=ev.seed)
+    model = load_checkpoint(repo / "models" / "cfg" / "final")[0]
+    ar = load_checkpoint(repo / "models" / "stage_0" / "final", expect_kind="staged")[0]
+    records = sets[args.prompt_set]
+    steps = args.num_steps or p.cfg.num_steps
+    prompts, targets = [r["prompt"] for r in records], [r["target"] for r in records]
+
+    texts, seconds, rows, n_tok = ar_texts(ar, tok, len(records), seq_len=ev.cfg_seq_len, top_p=p.cfg.top_p,
+                                           seed=ev.seed)
+    ar_row = score_row("AR stage 0", texts, targets, judge, cal, role="reference", prompt_set=args.prompt_set,
+                       seconds=seconds, forward_rows=rows, tokens=n_tok, prompts=prompts)
+    print(f"{len(records)} {args.prompt_set} prompts, {ev.cfg_seq_len} tokens, top_p {p.cfg.top_p}, "
+          f"num_steps {steps}, {args.threads} threads")
+    print(f"{'row':<28} {'fluent&topic':>12} {'on topic':>9} {'fluent':>7} {'tok/s':>7} {'x AR':>6} {'rows/sample':>11}")
+    print(f"{'AR stage 0':<28} {'':>12} {'':>9} {100 * ar_row['fluent']:>6.0f}% {ar_row['tokens_per_s']:>7.0f} "
+          f"{1.0:>6.2f} {ar_row['forward_rows_per_sample']:>11.1f}")
+    out = {"ar": ar_row, "rows": []}
+    ids = [tok.encode_prompt(q)[: model.config.max_prompt_tokens] for q in prompts]
+    for w in args.guidance or [p.cfg.guidance_scale]:
+        for confidence in args.confidence:
+            counter = RowCounter(_network(model))
+            start = time.perf_counter()
+            try:
+                drawn = sample(model, ids, num_samples=len(ids), seq_len=ev.cfg_seq_len, num_steps=steps,
+                               guidance_scale=w, scheduler=p.cfg.scheduler, top_p=p.cfg.top_p,
+                               generator=torch.Generator().manual_seed(ev.seed), parallel_confidence=confidence)
+            finally:
+                counter.close()
+            seconds = time.perf_counter() - start
+            row = score_row("diffusion", [_decode(tok, r) for r in drawn.tolist()], targets, judge, cal, role="model",
+                            prompt_set=args.prompt_set, guidance_scale=w, seconds=seconds, forward_rows=counter.rows,
+                            tokens=drawn.numel(), prompts=prompts)
+            row["parallel_confidence"] = confidence
+            out["rows"].append(row)
+            name = f"w={w:g} confidence={confidence}"
+            print(f"{name:<28} {100 * row['fluent_on_topic']:>11.0f}% {100 * row['on_topic']:>8.0f}% "
+                  f"{100 * row['fluent']:>6.0f}% {row['tokens_per_s']:>7.0f} "
+                  f"{row['tokens_per_s'] / ar_row['tokens_per_s']:>6.2f} {row['forward_rows_per_sample']:>11.1f}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
