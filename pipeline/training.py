@@ -150,6 +150,7 @@ def run_training(
             "val_loss": last_val.get("loss"),
             "val_ppl": last_val.get("ppl"),
             "val_bpb": last_val.get("bpb"),
+            "val_tokens": last_val.get("tokens"),  # train.eval_batches batches, not the whole split
             "tokens_per_s": result.tokens_per_s,
             "train_seconds": result.train_seconds,
             "milestones": result.milestones,
@@ -164,10 +165,12 @@ def run_training(
         write_json(ctx.reports / "metrics" / f"{model_name}.json", metrics)
         curves = ctx.reports / "curves" / model_name
         write_csv(curves / "train.csv", result.train_curve, ["step", "loss", "lr", "tokens_per_s", "grad_norm"])
-        write_csv(curves / "val.csv", result.val, ["step", "loss", "ppl", "bpb"])
+        # bpb stays the last column: DVC plots a curves folder without x/y by its last column
+        write_csv(curves / "val.csv", result.val, ["step", "loss", "ppl", "tokens", "bpb"])
         log.info(
-            "%s: %d steps in %.0fs (%.0f tokens/s); val loss %.3f -> %.3f, bpb %.3f",
+            "%s: %d steps in %.0fs (%.0f tokens/s); val loss %.3f -> %.3f, bpb %.3f (on %s validation tokens: "
+            "train.eval_batches; evaluate scores the whole split)",
             model_name, result.steps, result.train_seconds, result.tokens_per_s, first_val_loss,
-            last_val.get("loss", math.nan), last_val.get("bpb", math.nan),
+            last_val.get("loss", math.nan), last_val.get("bpb", math.nan), last_val.get("tokens", "?"),
         )
     return result

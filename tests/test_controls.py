@@ -84,6 +84,10 @@ def test_control_keeps_the_previous_model_and_matches_the_stage_budget(trained):
     for n in (1, 2):
         stage, control = _metrics(trained, f"stage_{n}"), _metrics(trained, f"control_{n}")
         assert control["steps"] == stage["steps"] == STEPS[f"stage_{n}"]
+        # the training-time figure says how many validation tokens it covers (a sample, not the split)
+        val = (trained / "reports" / "curves" / f"stage_{n}" / "val.csv").read_text().splitlines()
+        assert val[0].split(",")[-1] == "bpb" and "tokens" in val[0].split(",")
+        assert stage["val_tokens"] == int(val[-1].split(",")[val[0].split(",").index("tokens")]) > 0
         assert control["milestones"] == stage["milestones"]
         config = _config(trained, f"control_{n}")["model_config"]
         assert config["stage"] == n - 1

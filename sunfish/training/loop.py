@@ -479,7 +479,8 @@ def train(
                 val["step"] = done
                 result.val.append(val)
                 if main:
-                    log_metrics({"val/loss": val["loss"], "val/ppl": val["ppl"], "val/bpb": val["bpb"]}, done)
+                    log_metrics({"val/loss": val["loss"], "val/ppl": val["ppl"], "val/bpb": val["bpb"],
+                                 "val/tokens": val["tokens"]}, done)
                 model.train()
             if done in milestones:
                 if main:
