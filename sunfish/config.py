@@ -281,7 +281,7 @@ class CfgConfig(Section):
     architecture: Literal["block", "cross_attention"] = Field(
         "block", description="block: block diffusion over the stage-0 network with the prompt as a prefix; "
                              "cross_attention: the denoiser with a prompt encoder")
-    block_size: int = Field(4, ge=1, le=64, description="block architecture: tokens denoised jointly per block (1 = AR)")
+    block_size: int = Field(2, ge=1, le=64, description="block architecture: tokens denoised jointly per block (1 = AR)")
     init_from: Literal["stage_0", "none"] = Field(
         "stage_0", description="block architecture: start from the trained stage-0 weights, or from a random init")
     objective: Literal["masked", "continuous"] = "masked"
