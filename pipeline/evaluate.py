@@ -307,7 +307,9 @@ def _compute_checkpoint(ctx, res: _Resources, name: str, step: int, directory: P
     else:
         pairs = PairDataset(res.val_records, tok, seq_len, model.config.max_prompt_tokens)
         batches = pairs.eval_batches(p.train.batch_size)
-    scores = score_batches(model, batches, bytes_per_token=res.bpt, generator=torch.Generator().manual_seed(ev.seed))
+    with scoring_autocast(p.train.precision)[0]:
+        scores = score_batches(model, batches, bytes_per_token=res.bpt,
+                               generator=torch.Generator().manual_seed(ev.seed))
     entry: dict[str, Any] = {"val_loss": scores["loss"], "val_ppl": scores["ppl"], "val_bpb": scores["bpb"],
                              "tokens": scores["tokens"]}
     vocabulary, bigrams = res.corpus
@@ -344,10 +346,21 @@ def _closest(sweep: list[dict], scale: float) -> dict:
 # the stage
 
 
+def scoring_autocast(precision: str):
+    """The autocast context of the likelihood passes: the training precision (train.precision), so a
+    CPU with native bf16 scores in bf16 as it trained (about 1.5x faster, losses equal to about 4e-5
+    nats). Sampling never runs under it: its draws stay those of float32 weights and float64 draws."""
+    from sunfish.training.loop import autocast_dtype
+
+    amp = autocast_dtype(precision, torch.device("cpu"))
+    return torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None), str(amp)
+
+
 def _settings(ctx, data_id: str, code_id: str) -> Callable[[str], dict]:
     p = ctx.params
     common = {"data": data_id, "code": code_id, "torch": torch.__version__,
-              "seq_len": p.train.seq_len, "batch_size": p.train.batch_size}
+              "seq_len": p.train.seq_len, "batch_size": p.train.batch_size,
+              "scoring_precision": scoring_autocast(p.train.precision)[1]}
 
     def settings_for(kind: str) -> dict:
         if kind == "staged":

@@ -162,7 +162,12 @@ def run() -> None:
     if model.kind == "block_diffusion":
         from sunfish.evaluation.document_likelihood import block_and_ar_nats
 
-        likelihood = block_and_ar_nats(model, ar, tok, val_records, batch_size=p.train.batch_size, seed=ev.seed)
+        from pipeline.evaluate import scoring_autocast
+
+        autocast, precision = scoring_autocast(p.train.precision)
+        with autocast:
+            likelihood = block_and_ar_nats(model, ar, tok, val_records, batch_size=p.train.batch_size, seed=ev.seed)
+        likelihood["precision"] = precision
         log.info("whole held-out documents (%d tokens), nats/token: block ELBO <= %.4f with the prompt, <= %.4f "
                  "without; AR %.4f (ratio %.3f)", likelihood["tokens"], likelihood["cond_nats_per_token"],
                  likelihood["uncond_nats_per_token"], likelihood["ar_nats_per_token"], likelihood["uncond_over_ar"])

@@ -532,3 +532,31 @@ def test_sequence_guided_scales_share_one_set_of_candidates(mode, monkeypatch):
     by_scale = {r["scale"]: r for r in rows}
     for r in (*first, *rest):  # the same rows as the one-call sweep: the draw is seeded
         assert [x["text"] for x in r["samples"]] == [x["text"] for x in by_scale[r["scale"]]["samples"]]
+
+
+def test_scoring_follows_the_training_precision_and_keys_the_cache(monkeypatch):
+    import pipeline.evaluate as evaluate
+    import sunfish.training.loop as loop
+
+    context, name = evaluate.scoring_autocast("fp32")
+    assert name == "None" and not context._enabled
+    context, name = evaluate.scoring_autocast("bf16")
+    assert name == "torch.bfloat16" and context._enabled and context.fast_dtype == torch.bfloat16
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)
+    assert evaluate.scoring_autocast("auto")[1] == "None"  # no native bf16: fp32, as training
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: True)
+    assert evaluate.scoring_autocast("auto")[1] == "torch.bfloat16"
+
+
+def test_the_evaluation_cache_key_holds_the_scoring_precision():
+    from types import SimpleNamespace
+
+    import pipeline.evaluate as evaluate
+    from sunfish.config import load_params
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    keys = {}
+    for precision in ("fp32", "bf16"):
+        p = params.model_copy(update={"train": params.train.model_copy(update={"precision": precision})})
+        keys[precision] = evaluate._settings(SimpleNamespace(params=p), "data", "code")("staged")
+    assert keys["fp32"]["scoring_precision"] == "None" and keys["bf16"]["scoring_precision"] == "torch.bfloat16"
