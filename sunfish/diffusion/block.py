@@ -337,7 +337,6 @@ class _Context:
     def group_log_probs(self, group_ids, scale: float, needed: torch.Tensor) -> torch.Tensor:
         """float64 log-probabilities ``[n, vocab]`` of the group's targets where ``needed`` [N, G]
         (a look-ahead pass, in row-major order); rows with nothing needed are not run."""
-        rows = group_ids.shape[0]
         active = needed.any(dim=1)
         if self.pending is not None or bool(active.all()):
             active = torch.ones_like(active)
