@@ -160,9 +160,9 @@ def time_ar(model, ev, *, count: int, seq_len: int, eos_id: int, repeats: int) -
 def judge_ppl(judge, tok, texts: list[str]) -> float | None:
     if judge is None:
         return None
-    from sunfish.evaluation.judge import judge_perplexity
+    from sunfish.evaluation.score_text import model_perplexity
 
-    return judge_perplexity(judge[0], judge[1], [("", t) for t in texts])["ppl"]
+    return model_perplexity(judge[0], judge[1], [("", t) for t in texts])["ppl"]
 
 
 def run_sampling(ctx, args, report: dict) -> None:

@@ -3,16 +3,17 @@
 Validation loss, token-weighted perplexity and bits per byte over the whole validation split (the
 diffusion model's figure is its ELBO bound), seeded samples for fixed prompts, text-quality
 measures, for the diffusion model prompt adherence at each guidance scale on held-out prompts,
-and the judge perplexity of every model's samples under the best autoregressive checkpoint.
+and every sample judged by an n-gram model independent of the evaluated models (sunfish.evaluation.judge).
 
 Results are cached per checkpoint outside the DVC outputs (state/eval_cache, see
 sunfish.evaluation.cache): DVC deletes reports/ before rerunning the stage, and a run that gained
 one milestone should evaluate that milestone only.
 
 The diffusion model's guidance sweep costs a sampling run per scale, so every milestone gets the
-progress scales only (0, 1 and cfg.guidance_scale) and the milestone the report publishes (the
-best) gets the whole eval.guidance_scales curve: the same samples for the scales they share (each
-scale draws from its own generator seeded with eval.seed), the missing scales added.
+progress scales only (0, 1 and cfg.guidance_scale) on the dev prompts, which choose the best
+milestone; that milestone then gets the whole eval.guidance_scales curve on the test prompts, which
+are reported and never used to choose (the prompt sets of sunfish.data.prompt_sets, as in
+evaluate_fluency: disjoint held-out documents).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ EVAL_SOURCES = (
     _PACKAGE / "sunfish" / "diffusion",
     _PACKAGE / "sunfish" / "models",
     _PACKAGE / "sunfish" / "data" / "prompts.py",
+    _PACKAGE / "sunfish" / "data" / "prompt_sets.py",
     _PACKAGE / "sunfish" / "data" / "dataset.py",
     Path(__file__).resolve(),
 )
@@ -104,43 +106,30 @@ def evaluate_milestones(
     return out
 
 
-def _judge_pairs(entry: dict) -> dict:
-    """What the judge scores in one entry: {"samples": [(context, text)], "guidance": {scale: [...]}}."""
-    if entry.get("guidance"):
-        return {"guidance": {str(g["scale"]): [("", s["text"]) for s in g.get("samples", [])] for g in entry["guidance"]}}
-    return {"samples": [(s.get("prompt", ""), s.get("continuation", s.get("text", ""))) for s in entry.get("samples", [])]}
+def judge_entries(evaluated: Mapping[str, list[dict]], judge_texts: Callable[[list[str]], dict]) -> None:
+    """Add the judge's figures to each entry's quality and to each guidance row.
 
-
-def judge_entries(
-    evaluated: Mapping[str, list[dict]],
-    judge_id: str,
-    cache,
-    score: Callable[[list[tuple[str, str]]], dict],
-) -> None:
-    """Add the judge perplexity to each entry's quality (and to each guidance row's), cached.
-
-    ``score(pairs)`` returns {"ppl", "loss", "tokens"}; it is called only for entries whose
-    figures under this judge (``judge_id``: weights and code) are not cached.
+    ``judge_texts(texts)`` returns {"judge_ppl", "fluent_share", "fluent": [bool per text]} (see
+    sunfish.evaluation.judge.judge_samples). Autoregressive samples are judged as the whole text a
+    reader sees (prompt and continuation). A guidance row also gets "fluent_on_topic": the share of
+    its samples that name their target AND are fluent, which the copy head alone cannot pass.
     """
-    from sunfish.evaluation.cache import digest
+    def judged(quality: dict, texts: list[str]) -> list[bool]:
+        got = judge_texts(texts)
+        quality.update({k: got[k] for k in ("judge_ppl", "fluent_share", "varied_share")})
+        return got["fluent"]
 
     for entries in evaluated.values():
         for entry in entries:
-            key = digest("judge", entry["cache_key"], judge_id)
-
-            def compute(entry: dict = entry) -> dict:
-                pairs = _judge_pairs(entry)
-                if "guidance" in pairs:
-                    return {"guidance": {w: score(p) for w, p in pairs["guidance"].items()}}
-                return {"samples": score(pairs["samples"])}
-
-            figures, _ = cache.get_or_compute(key, compute)
-            if "guidance" in figures:
-                for g in entry.get("guidance", []):
-                    got = figures["guidance"].get(str(g["scale"]), {})
-                    g.setdefault("quality", {})["judge_ppl"] = got.get("ppl")
-            else:
-                entry.setdefault("quality", {})["judge_ppl"] = figures["samples"].get("ppl")
+            rows = [*entry.get("guidance", []), *entry.get("guidance_test", [])]
+            for g in rows:
+                fluent = judged(g.setdefault("quality", {}), [s["text"] for s in g.get("samples", [])])
+                both = [f and bool(s.get("adherent")) for f, s in zip(fluent, g.get("samples", []))]
+                for s_, f in zip(g.get("samples", []), fluent):
+                    s_["fluent"] = f
+                g["fluent_on_topic"] = sum(both) / len(both) if both else None
+            if not entry.get("guidance"):
+                judged(entry.setdefault("quality", {}), [s.get("text", "") for s in entry.get("samples", [])])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,11 +155,11 @@ def complete_sweeps(
     cache,
     sweep: Callable[[dict, list[float]], list[dict]],
 ) -> int:
-    """Give the best milestone of every diffusion model the guidance rows of all ``scales``.
+    """Give the best milestone of every diffusion model its reported curve: every one of ``scales``
+    on the test prompts, as ``guidance_test`` (its ``guidance`` rows, on the dev prompts, chose it).
 
-    ``sweep(entry, missing)`` samples the missing scales of one entry; the result is cached under
-    the entry's key plus the scales, and the entry's ``cache_key`` becomes that key (the judge's
-    figures follow it). Returns how many entries gained rows.
+    ``sweep(entry, scales)`` samples the test prompts of one entry; the result is cached under the
+    entry's key plus the scales. Returns how many entries gained a curve.
     """
     from sunfish.evaluation.cache import digest
     from sunfish.evaluation.checklist import best_checkpoint
@@ -181,34 +170,31 @@ def complete_sweeps(
             continue
         step = best_checkpoint(entries)
         entry = next((e for e in entries if e["step"] == step), entries[-1])
-        have = {float(g["scale"]) for g in entry.get("guidance", [])}
-        missing = [float(w) for w in scales if float(w) not in have]
-        if not missing:
-            continue
-        key = digest("sweep", entry["cache_key"], missing)
-        rows, _ = cache.get_or_compute(key, functools.partial(sweep, entry, missing))
-        entry["guidance"] = sorted([*entry.get("guidance", []), *rows], key=lambda g: g["scale"])
-        entry["cache_key"] = key
+        wanted = sorted({float(w) for w in scales})
+        key = digest("test-sweep", entry["cache_key"], wanted)
+        rows, _ = cache.get_or_compute(key, functools.partial(sweep, entry, wanted))
+        entry["guidance_test"] = sorted(rows, key=lambda g: g["scale"])
         completed += 1
     return completed
 
 
 def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, scales,
                     drawn: dict | None = None, checkpoint: str | None = None) -> list[dict]:
-    """The guidance rows of ``scales`` for one checkpoint.
+    """The guidance rows of ``scales`` for one checkpoint, one sample per prompt record of ``records``.
 
     ``drawn`` (a dict kept for one evaluate run) holds each ``checkpoint``'s sequence-guidance
     candidates: the best milestone's whole curve reuses those its progress rows drew (the draw is
     seeded, so the rows are the same as a fresh draw; it was a third of that milestone's time).
     """
-    from sunfish.data.prompts import adherent, spread_over_documents
+    from sunfish.data.prompts import adherent
     from sunfish.diffusion.sample import sample as diffusion_sample
     from sunfish.diffusion.sequence_guidance import draw_candidates, resample
     from sunfish.evaluation.text_quality import quality, wilson_interval
     from sunfish.sampling import default_guidance
 
     model = model_tuple[0]
-    chosen = spread_over_documents(records, ev.cfg_prompts)
+    chosen = list(records)
+    prompt_set = chosen[0].get("set") if chosen else None
     prompt_ids = [tok.encode_prompt(r["prompt"])[: model.config.max_prompt_tokens] for r in chosen]
     mode = default_guidance(model, cfg.guidance)
     # Sequence guidance: one set of conditional candidates serves every scale but 0. Scale 1 takes a
@@ -218,6 +204,7 @@ def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, sca
     sweep = []
     for w in scales:
         gen = torch.Generator().manual_seed(ev.seed)
+        started = time.perf_counter()
         if mode == "sequence" and w != 0.0:
             if shared is None and drawn is not None and checkpoint is not None:
                 shared = drawn.get(checkpoint)
@@ -246,7 +233,10 @@ def _guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, sca
         hits = sum(s["adherent"] for s in samples)
         sweep.append({
             "scale": w, "guidance": mode if w not in (0.0, 1.0) else "none", "adherence": hits / len(samples),
-            "n": len(samples),
+            "n": len(samples), "prompt_set": prompt_set,
+            # cost: conditional samples drawn per prompt (best-of-k draws k, shared by the rows w >= 1)
+            "samples_per_prompt": cfg.guidance_candidates if mode == "sequence" and w != 0.0 else 1,
+            "seconds": time.perf_counter() - started,
             "ci": list(wilson_interval(hits, len(samples))),
             "quality": quality([s["text"] for s in samples], vocabulary, bigrams), "samples": samples,
         })
@@ -261,7 +251,10 @@ class _Resources:
         self._vocab: tuple[set, set] | None = None
         self._val_stream = None
         self._records: list[dict] | None = None
-        self.drawn: dict = {}  # sequence-guidance candidates per checkpoint directory, for this run
+        self.drawn: dict = {}  # sequence-guidance candidates per checkpoint directory and prompt set, for this run
+        self._train_texts: list[str] | None = None
+        self._sets: dict | None = None
+        self._judge: tuple | None = None
 
     @property
     def corpus(self) -> tuple[set, set]:
@@ -290,6 +283,40 @@ class _Resources:
             self._records = load_pairs(self.ctx.prepared / "pairs_val.jsonl")
         return self._records
 
+    @property
+    def train_texts(self) -> list[str]:
+        if self._train_texts is None:
+            from sunfish.data.dataset import load_pairs
+
+            self._train_texts = list(dict.fromkeys(r["text"] for r in load_pairs(self.ctx.prepared / "pairs_train.jsonl")))
+        return self._train_texts
+
+    def prompts(self, which: str) -> list[dict]:
+        """eval.cfg_prompts records of the ``which`` ("dev" or "test") set of evaluate_fluency's prompt
+        sets: dev prompts choose the best milestone, test prompts are reported."""
+        if self._sets is None:
+            from sunfish.data.prompt_sets import prompt_sets
+
+            ev = self.ctx.params.eval
+            self._sets = prompt_sets(self.val_records, self.train_texts, seed=ev.seed,
+                                     n_dev=ev.fluency.dev_prompts, n_test=ev.fluency.test_prompts)
+        return self._sets[which][: self.ctx.params.eval.cfg_prompts]
+
+    def judge(self):
+        """The n-gram judge and its calibration, as evaluate_fluency builds them (the same identity)."""
+        if self._judge is None:
+            from sunfish.evaluation.judge import fit_judge, judge_summary
+
+            fl = self.ctx.params.eval.fluency
+            self.prompts("test")
+            test_docs = {r["text"] for r in self._sets["test"]}
+            held_out = [t for t in dict.fromkeys(r["text"] for r in self.val_records) if t not in test_docs]
+            judge, cal, seconds = fit_judge(self.train_texts, held_out, order=fl.judge_order,
+                                            max_words=fl.max_words, seed=self.ctx.params.eval.seed)
+            summary = judge_summary(judge, cal, fit_on=f"{len(self.train_texts)} train documents", seconds=seconds)
+            self._judge = (judge, cal, summary)
+        return self._judge
+
 
 def _compute_checkpoint(ctx, res: _Resources, name: str, step: int, directory: Path, meta: dict) -> dict:
     from sunfish.data.dataset import PairDataset
@@ -317,9 +344,9 @@ def _compute_checkpoint(ctx, res: _Resources, name: str, step: int, directory: P
         entry["samples"] = _ar_samples(loaded, tok, ev)
         entry["quality"] = quality([s["continuation"] for s in entry["samples"]], vocabulary, bigrams)
     else:
-        entry["guidance"] = _guidance_sweep(loaded, tok, ev, p.cfg, res.val_records, vocabulary, bigrams,
+        entry["guidance"] = _guidance_sweep(loaded, tok, ev, p.cfg, res.prompts("dev"), vocabulary, bigrams,
                                             progress_scales(p.cfg.guidance_scale), res.drawn,
-                                            str(directory.resolve()))
+                                            f"{directory.resolve()}#dev")
     entry["seconds"] = time.perf_counter() - start
     log.info("%s step %d: val loss %.3f, ppl %.2f, bpb %.3f (%.1fs)", name, step, entry["val_loss"],
              entry["val_ppl"], entry["val_bpb"], entry["seconds"])
@@ -367,6 +394,7 @@ def _settings(ctx, data_id: str, code_id: str) -> Callable[[str], dict]:
             return {**common, **{k: getattr(p.eval, k) for k in AR_SETTINGS}}
         return {**common, **{k: getattr(p.eval, k) for k in CFG_SETTINGS},
                 **{f"cfg.{k}": getattr(p.cfg, k) for k in CFG_SAMPLING},
+                "prompt_sets": [p.eval.fluency.dev_prompts, p.eval.fluency.test_prompts],
                 "scales": progress_scales(p.cfg.guidance_scale)}
 
     return settings_for
@@ -386,25 +414,31 @@ def summarise(evaluated: dict[str, list[dict]], ctx, judge: dict | None) -> tupl
             show_chosen_scale(entries, p.cfg.guidance_scale)
         best = best_entry(entries)
         best_m = next((e for e in entries if e["step"] == best["step"]), entries[-1])
-        judge_ppl = (best_m.get("quality") or {}).get("judge_ppl")
-        items = checklist_for(entries, kind, step=best["step"], judge_ppl=judge_ppl,
-                              judge_ppl_threshold=p.eval.judge_ppl_threshold)
-        for item in items:
-            if item["name"] == "coherent sentences" and judge:
-                item["criterion"] = (f"perplexity of the samples under the judge ({judge['model']} step {judge['step']}) "
-                                     f"< {p.eval.judge_ppl_threshold:g}")
+        quality = best_m.get("quality") or {}
+        if kind == "diffusion" and best_m.get("guidance_test"):  # report the test prompts' row at w
+            quality = _closest(best_m["guidance_test"], p.cfg.guidance_scale).get("quality") or quality
+            best_m = {**best_m, "quality": quality}
+        real = ((judge or {}).get("calibration") or {}).get("real") or {}
+        items = checklist_for([best_m if e["step"] == best_m["step"] else e for e in entries], kind,
+                              step=best["step"], real_fluent_share=real.get("fluent_share"),
+                              guidance_scale=p.cfg.guidance_scale)
         models[name] = {"kind": kind, "milestones": entries, "best": {**best, "checkpoint": best_m["checkpoint"]},
                         "checklist": items, "is_control": name in CONTROL_NAMES}
         measured = [i for i in items if i["passed"] is not None]
         passed = sum(1 for i in measured if i["passed"])
         flat = {"best_step": best["step"], "best_val_bpb": best_m["val_bpb"], "best_val_loss": best_m["val_loss"],
                 "final_val_bpb": entries[-1]["val_bpb"], "checklist": f"{passed}/{len(measured)}",
-                "checklist_passed": passed, "checklist_measured": len(measured), "judge_ppl": judge_ppl}
+                "checklist_passed": passed, "checklist_measured": len(measured),
+                "judge_ppl": quality.get("judge_ppl"), "fluent_share": quality.get("fluent_share")}
         if kind == "diffusion":
-            flat["adherence"] = best_m.get("adherence")
-            flat["adherence_scale"] = best_m.get("adherence_scale")
-            flat["adherence_w0"] = _closest(best_m["guidance"], 0.0).get("adherence")
-            bar = guidance_bar(best_m["guidance"])
+            reported = best_m.get("guidance_test") or best_m["guidance"]
+            at_w, at_0 = _closest(reported, p.cfg.guidance_scale), _closest(reported, 0.0)
+            flat["adherence"] = at_w.get("adherence")
+            flat["adherence_scale"] = at_w.get("scale")
+            flat["adherence_w0"] = at_0.get("adherence")
+            flat["fluent_on_topic"] = at_w.get("fluent_on_topic")
+            flat["fluent_on_topic_w0"] = at_0.get("fluent_on_topic")
+            bar = guidance_bar(reported)
             models[name]["guidance_bar"] = bar
             if bar is not None:  # the bar's verdict as numbers: 1 met, 0 not met, absent when unmeasured
                 flat["guidance_bar_met"] = None if bar["met"] is None else int(bar["met"])
@@ -418,9 +452,7 @@ def summarise(evaluated: dict[str, list[dict]], ctx, judge: dict | None) -> tupl
 def run() -> None:
     from sunfish.data.tokenizer import TextTokenizer
     from sunfish.evaluation.cache import EvalCache, digest, file_digest, source_digest
-    from sunfish.evaluation.components import component_deltas
-    from sunfish.evaluation.judge import choose_judge, judge_perplexity
-    from sunfish.training.checkpoint import load_checkpoint, load_tokenizer_for
+    from sunfish.evaluation.components import component_deltas, read_runs
     from sunfish.training.loop import set_threads
 
     ctx = open_stage("evaluate")
@@ -429,7 +461,8 @@ def run() -> None:
     tok = TextTokenizer.load(ctx.prepared / "tokenizer.json")
     set_threads(p.train.threads)
     res = _Resources(ctx, tok, meta["splits"]["val"]["bytes_per_token"])
-    data_id = file_digest(ctx.prepared / f for f in ("tokenizer.json", "val.bin", "train.bin", "pairs_val.jsonl", "meta.json"))
+    data_id = file_digest(ctx.prepared / f for f in ("tokenizer.json", "val.bin", "train.bin", "pairs_val.jsonl",
+                                                     "pairs_train.jsonl", "meta.json"))
     code_id = source_digest(EVAL_SOURCES)
     cache = EvalCache(ctx.root / "state" / "eval_cache" if ev.cache else None)
 
@@ -449,8 +482,8 @@ def run() -> None:
             vocabulary, bigrams = res.corpus
             directory = ctx.root / entry["checkpoint"]
             loaded = load_checkpoint(directory)
-            return _guidance_sweep(loaded, tok, ev, p.cfg, res.val_records, vocabulary, bigrams, missing,
-                                   res.drawn, str(directory.resolve()))
+            return _guidance_sweep(loaded, tok, ev, p.cfg, res.prompts("test"), vocabulary, bigrams, missing,
+                                   res.drawn, f"{directory.resolve()}#test")
 
         for entries in evaluated.values():
             show_chosen_scale(entries, p.cfg.guidance_scale)  # the best milestone depends on it
@@ -460,29 +493,20 @@ def run() -> None:
                      ", ".join(f"{w:g}" for w in ev.guidance_scales), completed)
         log.info("evaluated %d checkpoints, %d of them from the cache (%s)", computed + reused, reused, cache.directory)
 
-        # the judge: the best AR checkpoint, chosen once every model has its best milestone
-        from sunfish.evaluation.checklist import best_entry
+        # the judge: an n-gram model fitted on the train split, calibrated on held-out text
+        judge = None
+        if evaluated:
+            from sunfish.evaluation.judge import judge_samples
 
-        prelim = {n: {"milestones": es, "best": best_entry(es)} for n, es in evaluated.items()}
-        judge = choose_judge(prelim, [n for n in EVALUATED_MODELS if n in STAGED_MODELS or n in CONTROL_NAMES])
-        if judge is not None:
-            judge_dir = ctx.root / judge["checkpoint"]
-            _, judge["weights_sha256"] = checkpoint_weights_id(judge_dir)
-            loaded: list = []
-
-            def score(pairs: list[tuple[str, str]]) -> dict:
-                if not loaded:
-                    model, jmeta, directory = load_checkpoint(judge_dir)
-                    loaded.extend([model, load_tokenizer_for(directory, jmeta)])
-                return judge_perplexity(loaded[0], loaded[1], pairs)
-
-            judge_entries(evaluated, digest(judge["weights_sha256"], code_id), cache, score)
-            log.info("judge: %s step %d (val bpb %.4f)", judge["model"], judge["step"], judge["val_bpb"])
-        else:
-            log.warning("no autoregressive checkpoint to judge samples with: the coherence item is n/a")
+            ngram, cal, judge = res.judge()
+            judge_entries(evaluated, lambda texts: judge_samples(texts, ngram, cal))
+            log.info("judge: %s order %d (%s, %.1fs); real held-out text fluent %.0f%%, shuffled %.0f%%",
+                     judge["kind"], judge["order"], judge["fit_on"], judge["seconds"],
+                     100 * cal.real["fluent_share"], 100 * cal.shuffled["fluent_share"])
 
         models, metrics = summarise(evaluated, ctx, judge)
-        summary: dict = {"models": models, "judge": judge, "components": component_deltas(models),
+        summary: dict = {"models": models, "judge": judge,
+                         "components": component_deltas(models, read_runs(ctx.reports / "metrics")),
                          "cache": {"directory": "state/eval_cache" if cache.directory else None,
                                    "reused": reused, "computed": computed}}
         milestone_rows: list[dict] = []
@@ -507,12 +531,16 @@ def run() -> None:
                 best_m = next(e for e in model["milestones"] if e["step"] == best["step"])
                 guidance_rows = [{"guidance_scale": g["scale"], "adherence": g["adherence"],
                                   "ci_low": g["ci"][0], "ci_high": g["ci"][1],
+                                  "fluent_on_topic": g.get("fluent_on_topic"),
                                   "distinct_2": g["quality"].get("distinct_2"),
-                                  "judge_ppl": g["quality"].get("judge_ppl")} for g in best_m["guidance"]]
+                                  "judge_ppl": g["quality"].get("judge_ppl")}
+                                 for g in best_m.get("guidance_test") or best_m["guidance"]]
         if judge is not None:
-            run.set_tags({"sunfish.judge": f"{judge['model']}@step_{judge['step']}"})
-            metrics["judge.model"] = judge["model"]
-            metrics["judge.step"] = judge["step"]
+            run.set_tags({"sunfish.judge": f"ngram-{judge['order']}@{judge['identity']}"})
+            cal = judge["calibration"]
+            metrics["judge.real_fluent_share"] = cal["real"]["fluent_share"]
+            metrics["judge.shuffled_fluent_share"] = cal["shuffled"]["fluent_share"]
+            metrics["judge.ppl_threshold"] = cal["threshold"]
         metrics["mlflow_run_id"] = run.run_id
         summary["mlflow_run_id"] = run.run_id
         write_json(ctx.reports / "milestones.json", summary)

@@ -94,7 +94,7 @@ def run() -> None:
     from sunfish.data.prompt_sets import prompt_sets
     from sunfish.data.tokenizer import TextTokenizer
     from sunfish.evaluation.fluency import echo_text, headline, score_row, shuffled_text
-    from sunfish.evaluation.ngram_judge import NGramJudge, calibrate
+    from sunfish.evaluation.judge import fit_judge
     from sunfish.training.checkpoint import load_checkpoint
     from sunfish.training.loop import set_threads
 
@@ -107,12 +107,10 @@ def run() -> None:
     train_texts = _unique(r["text"] for r in load_pairs(ctx.prepared / "pairs_train.jsonl"))
     val_records = load_pairs(ctx.prepared / "pairs_val.jsonl")
     sets = prompt_sets(val_records, train_texts, seed=ev.seed, n_dev=fl.dev_prompts, n_test=fl.test_prompts)
-    start = time.perf_counter()
-    judge = NGramJudge.fit(train_texts, order=fl.judge_order)
     test_docs = {r["text"] for r in sets["test"]}
     calibration_texts = [t for t in _unique(r["text"] for r in val_records) if t not in test_docs]
-    cal = calibrate(judge, calibration_texts, max_words=fl.max_words, seed=ev.seed)
-    judge_seconds = time.perf_counter() - start
+    judge, cal, judge_seconds = fit_judge(train_texts, calibration_texts, order=fl.judge_order,
+                                          max_words=fl.max_words, seed=ev.seed)
 
     model = load_checkpoint(ctx.models / "cfg" / "final")[0]
     ar = load_checkpoint(ctx.models / "stage_0" / "final", expect_kind="staged")[0]

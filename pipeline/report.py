@@ -10,6 +10,7 @@ from pathlib import Path
 from pipeline.common import log, open_stage
 from pipeline.train_staged import DESCRIPTIONS
 from sunfish.config import CONTROL_NAMES, EVALUATED_MODELS, STAGED_MODELS
+from sunfish.evaluation.components import NOT_MEASURED_ONE_SEED, component_deltas, read_runs
 from sunfish.tracking import git_commit, repo_root, tracking_uri
 
 
@@ -53,7 +54,8 @@ def build_summary(ctx) -> dict:
         "diagnose": _read_json(reports / "diagnose.json", {}),
         "models": {},
         "stage_comparison": [],
-        "components": milestones.get("components") or [],
+        # the seeds' figures live in the training metrics, which evaluate does not read
+        "components": component_deltas(milestones.get("models") or {}, read_runs(reports / "metrics")),
         "judge": milestones.get("judge"),
         "fluency": _read_json(reports / "fluency.json", {}),
         "next_steps": [],
@@ -65,8 +67,8 @@ def build_summary(ctx) -> dict:
     for name in EVALUATED_MODELS:
         train_metrics = _read_json(reports / "metrics" / f"{name}.json", {})
         evaluated = milestones.get("models", {}).get(name, {})
-        if not train_metrics and not evaluated:
-            continue
+        if (not train_metrics and not evaluated) or train_metrics.get("trained") is False:
+            continue  # a control not trained (identical to its stage) is explained in the component table
         summary["mlflow"]["runs"][name] = train_metrics.get("mlflow_run_id")
         entry = {
             "kind": "diffusion" if name == "cfg" else "staged",
@@ -120,21 +122,30 @@ def next_steps(summary: dict) -> list[str]:
         if row.get("final") and row.get("verdict") == "hurts":
             tips.append(f"{row['component']} made {row['stage']} worse than its control at equal steps "
                         f"({row['delta_bpb']:+.4f} bpb): check its settings before training it longer.")
+        elif row.get("final") and row.get("verdict") == NOT_MEASURED_ONE_SEED:
+            tips.append(f"{row['component']}: one seed gives no verdict; set staged.seeds >= 2 (dvc exp run -S "
+                        "staged.seeds=3) to measure the noise floor.")
+        elif row.get("final") and row.get("extra_steps_measurable") is False:
+            tips.append(f"{row['component']}: {row['stage']}'s extra steps alone did not move validation bpb beyond "
+                        f"the seeds' noise, so the component had no room to show an effect: raise "
+                        f"staged.{row['stage']}.max_steps.")
     cfg = summary["models"].get("cfg")
     if cfg and cfg.get("milestones"):
         best_step = (cfg.get("best") or {}).get("step")
         judged = next((m for m in cfg["milestones"] if m.get("step") == best_step), cfg["milestones"][-1])
-        sweep = judged.get("guidance") or []
+        # chosen on the dev prompts' rows: the test curve is for reporting, not for choosing
+        sweep = [g for g in judged.get("guidance") or [] if g.get("fluent_on_topic") is not None]
         if sweep:
-            best = max(sweep, key=lambda g: (g["adherence"], -g["scale"]))
+            best = max(sweep, key=lambda g: (g["fluent_on_topic"], -g["scale"]))
             unguided = min(sweep, key=lambda g: g["scale"])
-            if best["adherence"] > unguided["adherence"]:
-                tips.append(f"Best prompt adherence {best['adherence']:.0%} at guidance {best['scale']:g} "
-                            f"(vs {unguided['adherence']:.0%} at {unguided['scale']:g}); "
-                            f"try dvc exp run -S cfg.guidance_scale={best['scale']:g}.")
+            if best["fluent_on_topic"] > unguided["fluent_on_topic"]:
+                tips.append(f"Most samples fluent and on topic on the dev prompts ({best['fluent_on_topic']:.0%}) at "
+                            f"guidance {best['scale']:g} (vs {unguided['fluent_on_topic']:.0%} at "
+                            f"{unguided['scale']:g}); try dvc exp run -S cfg.guidance_scale={best['scale']:g}.")
             else:
-                tips.append("No guidance scale raised prompt adherence above the unguided samples yet: train the "
-                            "diffusion model longer (-S cfg.budget.max_steps=...) before tuning cfg.guidance_scale.")
+                tips.append("No guidance scale made more samples fluent and on topic than the unguided ones yet: "
+                            "train the diffusion model longer (-S cfg.budget.max_steps=...) before tuning "
+                            "cfg.guidance_scale.")
     if not tips:
         tips.append("Every checklist item passed: scale up with -S staged.preset=micro and a longer run.")
     return tips

@@ -7,23 +7,38 @@ control_N answers "did stage N's component help, or only its extra steps?": it s
 same weights and optimizer moments as stage N, trains on the same batches (same seed) for stage
 N's exact budget (staged.stage_N), but keeps stage N-1's model (no new component; for K-1, no
 K-1 hook). stage_N minus control_N at equal steps is then the component's own effect.
+
+One run cannot tell a component's effect from the luck of its batch order, so stages 1..3 and the
+controls each train ``staged.seeds`` times from the same start (weights, optimizer moments, zero
+new component), the extra runs with seeds train.seed+1, +2, ...: only their final validation
+figures are kept, and their spread is the noise floor the component table measures against.
+
+K-1 in ``log`` mode only measures gradients, so control_2 would end bit-identical to stage_2:
+training it twice would spend minutes to prove an identity, so it is written as not trained.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 
-from pipeline.common import open_stage
+from pipeline.common import log, open_stage, write_csv, write_json
 from pipeline.training import load_optimizer_state, read_meta, run_training
 
 DESCRIPTIONS = {
     0: "MU semantic-matrix tokens + RoPE + causal attention",
     1: "+ TEMPORAL learned per-token embeddings",
     2: "+ K-1 hierarchical credit assignment on gradients",
-    3: "+ graph-routed sparse causal attention",
+    3: "+ graph-routed attention mask blended with dense attention (an extra attention pass, no compute saved)",
 }
+NOT_TRAINED = "not_trained.json"
 
 
 def run(stage: int) -> None:
@@ -32,9 +47,15 @@ def run(stage: int) -> None:
 
 
 def run_control(stage: int) -> None:
-    """Train control_``stage`` (1..3): stage ``stage - 1``'s model for stage ``stage``'s budget."""
+    """Train control_``stage`` (1..3): stage ``stage - 1``'s model for stage ``stage``'s budget
+    (control_2 under ``staged.k1.mode: log`` is written as not trained: it would equal stage_2)."""
     if not 1 <= stage <= 3:
         raise ValueError(f"controls exist for stages 1..3, got {stage}")
+    if stage == 2:
+        ctx = open_stage("control_stage_2")
+        if ctx.params.staged.k1.mode == "log":
+            _write_not_trained(ctx, "control_2", "stage_2", "staged.k1.mode=log changes no update")
+            return
     _train(
         f"control_stage_{stage}", f"control_{stage}", model_stage=stage - 1,
         description=f"control for stage {stage}: stage {stage - 1} trained for stage {stage}'s extra steps",
@@ -42,9 +63,72 @@ def run_control(stage: int) -> None:
     )
 
 
+def _write_not_trained(ctx, name: str, same_as: str, because: str) -> None:
+    """The outputs DVC expects of ``name`` (models/<name>, its metrics and curves), holding no weights:
+    evaluate finds no checkpoint in it, and the report reads the reason from the metrics file."""
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun one process writes
+        return
+    reason = f"identical to {same_as} by construction: {because}"
+    out_dir = ctx.models / name
+    shutil.rmtree(out_dir, ignore_errors=True)
+    write_json(out_dir / NOT_TRAINED, {"model": name, "trained": False, "identical_to": same_as, "reason": reason})
+    write_json(ctx.reports / "metrics" / f"{name}.json",
+               {"model": name, "description": f"not trained: {reason}", "trained": False, "identical_to": same_as,
+                "reason": reason, "steps": 0, "seeds": 0})
+    curves = ctx.reports / "curves" / name  # DVC declares the folder: header-only tables
+    write_csv(curves / "train.csv", [], ["step", "loss", "lr", "tokens_per_s", "grad_norm"])
+    write_csv(curves / "val.csv", [], ["step", "loss", "ppl", "tokens", "bpb"])
+    state = ctx.root / "state" / name
+    for old in state.glob("seed_*"):
+        shutil.rmtree(old, ignore_errors=True)
+    write_json(state / "progress.json", {"model": name, "state": "not trained", "note": reason, "step": 0,
+                                         "max_steps": 0, "milestones": [], "milestones_reached": [],
+                                         "updated": time.time()})
+    log.info("%s: not trained (%s); wrote %s", name, reason, out_dir / NOT_TRAINED)
+
+
+def _seed_runs(name: str, start: torch.nn.Module, tcfg, seeds: int, progress_dir, **loop) -> Callable:
+    """``run_training``'s ``after_train``: ``seeds - 1`` more runs of ``start`` for the same budget with
+    seeds train.seed+1, ... (other batch orders), saving nothing; returns the seeds' final figures on
+    the validation batches the main run's final figure used, the main run first."""
+
+    def after_train(result, run) -> dict:
+        from sunfish.training.loop import train
+
+        final = result.val[-1] if result.val else {}
+        seeds_used, bpb, loss = [tcfg.seed], [final.get("bpb")], [final.get("loss")]
+        run.log_metrics({f"seeds/val_bpb_{tcfg.seed}": final.get("bpb")}, tcfg.max_steps)
+        for old in progress_dir.glob("seed_*"):
+            shutil.rmtree(old, ignore_errors=True)
+        began = time.perf_counter()
+        for seed in range(tcfg.seed + 1, tcfg.seed + seeds):
+            cfg = tcfg.model_copy(update={"model": f"{name} seed {seed}", "seed": seed, "milestones": [],
+                                          "eval_every": tcfg.max_steps})
+            out = train(copy.deepcopy(start), cfg, save_milestone=lambda m, s: None,
+                        progress_file=progress_dir / f"seed_{seed}" / "progress.json", **loop)
+            seeds_used.append(seed)
+            bpb.append(out.val[-1]["bpb"])
+            loss.append(out.val[-1]["loss"])
+            run.log_metrics({f"seeds/val_bpb_{seed}": bpb[-1]}, tcfg.max_steps)
+        known = [b for b in bpb if b is not None]
+        figures = {"seeds": len(seeds_used), "seed_values": seeds_used, "val_bpb_seeds": bpb, "val_loss_seeds": loss,
+                   "val_bpb_mean": statistics.fmean(known) if known else None,
+                   "val_bpb_std": statistics.stdev(known) if len(known) > 1 else None,
+                   "seeds_train_seconds": time.perf_counter() - began}
+        run.log_metrics({"seeds/val_bpb_mean": figures["val_bpb_mean"], "seeds/val_bpb_std": figures["val_bpb_std"],
+                         "seeds/count": len(seeds_used)}, tcfg.max_steps)
+        if len(known) > 1:
+            log.info("%s: final val bpb over %d seeds: %s (mean %.5f, sd %.5f)", name, len(known),
+                     ", ".join(f"{b:.5f}" for b in known), figures["val_bpb_mean"], figures["val_bpb_std"])
+        return figures
+
+    return after_train
+
+
 def _train(dvc_stage: str, name: str, *, model_stage: int, description: str, start_stage: int | None = None) -> None:
     """Train ``name`` (its budget from params) with ``model_stage``'s components, warm-started from
-    ``start_stage``'s final checkpoint (default: the previous stage; none for stage 0)."""
+    ``start_stage``'s final checkpoint (default: the previous stage; none for stage 0), then its
+    extra seeds (stages 1..3 and controls: ``staged.seeds``)."""
     from sunfish.data.dataset import TokenStream
     from sunfish.data.tokenizer import TextTokenizer
     from sunfish.models.staged import StagedLM, StagedLMConfig
@@ -101,6 +185,17 @@ def _train(dvc_stage: str, name: str, *, model_stage: int, description: str, sta
 
     flat = {**ctx.flat_params("train", "staged"),
             **{f"presets.{p.staged.preset}.{k}": v for k, v in preset.model_dump().items()}}
+    after_train = None
+    # K-1 in log mode has no control to compare with (it would be stage_2 again): no verdict needs
+    # stage_2's seed spread, so its extra seeds are not trained
+    seeds = 1 if name == "stage_2" and p.staged.k1.mode == "log" else p.staged.seeds
+    if start_stage >= 0:  # the start is copied before the main run moves it
+        after_train = _seed_runs(
+            name, copy.deepcopy(model), tcfg, seeds, ctx.root / "state" / name,
+            sample_batch=sample_batch, val_batches=val_batches, tokens_per_batch=tcfg.batch_size * tcfg.seq_len,
+            bytes_per_token=meta["splits"]["val"]["bytes_per_token"], after_clip=after_clip,
+            optimizer_state=optimizer_state,
+        )
     run_training(
         ctx, name, model, tcfg,
         sample_batch=sample_batch, val_batches=val_batches,
@@ -108,5 +203,5 @@ def _train(dvc_stage: str, name: str, *, model_stage: int, description: str, sta
         bytes_per_token=meta["splits"]["val"]["bytes_per_token"],
         flat_params=flat, stage_params={"model.stage": model_stage}, identities=identities,
         after_clip=after_clip, start_metrics=start_metrics,
-        description=description, optimizer_state=optimizer_state,
+        description=description, optimizer_state=optimizer_state, after_train=after_train,
     )

@@ -65,6 +65,7 @@ def run_training(
     description: str = "",
     optimizer_state: dict | None = None,
     stage_params: dict | None = None,
+    after_train: Callable[[TrainResult, object], dict] | None = None,
 ) -> TrainResult:
     """Train one model for a DVC stage, resuming its interrupted or extended run when that is sound.
 
@@ -73,6 +74,8 @@ def run_training(
     mirrors of the milestones already written, which are put back into models/<model>/ on resume.
     ``identities`` name the data and starting weights (file digests) so that new data or a retrained
     previous stage starts a fresh run instead of continuing a stale one.
+    ``after_train(result, run)`` runs on every process once training is done (the staged seeds use it:
+    more runs that save nothing); what it returns joins reports/metrics/<model>.json.
     """
     dist = init_from_env("cuda" if torch.cuda.is_available() and tcfg.device in ("auto", "cuda") else "cpu")
     out_dir = ctx.models / model_name
@@ -128,6 +131,7 @@ def run_training(
                 optimizer_state=optimizer_state, checkpoints=checkpoints, resume=point,
                 checkpoint_extra={"mlflow_run_id": run.run_id},
             )
+            extra = after_train(result, run) if after_train is not None else {}
         except TrainingInterrupted as exc:
             run.log_metrics({"interrupted_at_step": exc.step}, exc.step)
             raise
@@ -157,6 +161,7 @@ def run_training(
             "skipped_nonfinite_steps": result.skipped_nonfinite,
             "processes": dist.world_size,
             **(start_metrics or {}),
+            **extra,
             "mlflow_run_id": run.run_id,
         }
         run.log_metrics({"final/val_loss": last_val.get("loss"), "final/val_bpb": last_val.get("bpb"),

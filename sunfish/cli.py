@@ -188,6 +188,7 @@ def stage_train_control(stage_index: int) -> None:
 
     The same batches and steps as stage N without its new component, so the report can tell what
     the component adds beyond the extra training. Resumes and stops like `train-staged` (state/control_N/).
+    With staged.k1.mode: log, control_2 would equal stage_2 bit for bit: it is written as not trained.
     """
     _relaunch_distributed()
     from pipeline.train_staged import run_control

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 MODEL_NAMES = ("stage_0", "stage_1", "stage_2", "stage_3", "cfg")
 STAGED_MODELS = MODEL_NAMES[:4]
@@ -256,6 +256,8 @@ class StagedConfig(Section):
     preset: str = "tiny"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     tie_embeddings: bool = True
+    seeds: int = Field(3, ge=1, description="runs per stage 1..3 and control from the same start, differing in "
+                                            "batch order (train.seed, +1, ...); the first is saved and continued")
     mu: MUConfig = MUConfig()
     temporal: TemporalConfig = TemporalConfig()
     k1: K1Config = K1Config()
@@ -346,9 +348,6 @@ class EvalConfig(Section):
     guidance_scales: list[float] = Field(default_factory=lambda: [0.0, 1.0, 3.0, 7.0])
     cfg_prompts: int = Field(8, ge=1, description="held-out prompts sampled per guidance scale")
     cfg_seq_len: int = Field(64, ge=8, description="length of diffusion samples in tokens")
-    judge_ppl_threshold: float = Field(
-        50.0, gt=1.0, description='"coherent sentences": samples\' perplexity under the judge (best AR checkpoint) below this'
-    )
     fluency: FluencyConfig = FluencyConfig()
     cache: bool = Field(True, description="reuse per-checkpoint results from state/eval_cache (keyed by weights and settings)")
     log_checkpoints: bool = Field(True, description="log each model's best checkpoint to MLflow (checkpoints/<model>)")
@@ -366,6 +365,16 @@ class EvalConfig(Section):
         if not v:
             raise ValueError("give at least one prompt")
         return v
+
+    @model_validator(mode="after")
+    def _prompt_sets(self) -> EvalConfig:
+        # evaluate samples cfg_prompts of the dev set and of the test set of eval.fluency
+        limit = min(self.fluency.dev_prompts, self.fluency.test_prompts)
+        if self.cfg_prompts > limit:
+            raise ValueError(f"eval.cfg_prompts: {self.cfg_prompts} is more than the dev/test prompt sets hold "
+                             f"(eval.fluency.dev_prompts {self.fluency.dev_prompts}, test_prompts "
+                             f"{self.fluency.test_prompts}); use at most {limit}")
+        return self
 
 
 class DiagnoseConfig(Section):

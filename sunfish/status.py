@@ -1,7 +1,8 @@
 """`sunfish status`: training progress read from disk, also while training runs elsewhere.
 
-The training loop rewrites ``state/<model>/progress.json`` atomically at every log step; this
-module only reads those files, so it never disturbs a running job.
+The training loop rewrites ``state/<model>/progress.json`` atomically at every log step (and
+``state/<model>/seed_<seed>/progress.json`` for a staged model's extra seeds); this module only
+reads those files, so it never disturbs a running job.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ def read_status(root: Path, model: str | None = None) -> list[dict[str, Any]]:
     state = Path(root) / "state"
     if not state.is_dir():
         return rows
-    for path in sorted(state.glob("*/progress.json")):
-        if model and path.parent.name != model:
+    paths = sorted(state.glob("*/progress.json")) + sorted(state.glob("*/seed_*/progress.json"))
+    for path in sorted(paths, key=lambda p: (p.relative_to(state).parts[0], len(p.parts), p)):
+        owner = path.parent.name if path.parent.parent == state else path.parent.parent.name
+        if model and owner != model:
             continue
         try:
             rows.append(json.loads(path.read_text(encoding="utf-8")))
@@ -53,6 +56,9 @@ def format_status(rows: list[dict[str, Any]], now: float | None = None) -> str:
         next_ms = upcoming[0] if upcoming else None
         eta_ms = None if next_ms is None else ((next_ms - step) / rate * 60 if rate else None)
         state = r.get("state", "running")
+        if state == "not trained":
+            lines.append(f"{r.get('model', '?')}: not trained  ({r.get('note') or 'nothing to train'})")
+            continue
         if state == "running" and now - r.get("updated", now) > 600:
             state = "stalled?"
         resumed = f"  (resumed at step {r['resumed_from']})" if r.get("resumed_from") else ""

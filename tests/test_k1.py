@@ -105,6 +105,8 @@ def test_training_loop_hook(mode):
     assert all(isinstance(v, float) for v in metrics.values())
     assert hook.last_attribution["path_members"] == ["big"]
     assert model.small.grad[0].item() == pytest.approx(1.0 / 3.5 if mode == "scale" else 1.0)
+    if mode == "log":  # attribution only: no gradient changes, which is why control_2 is not trained
+        assert model.big.grad.tolist() == [6.0, 0, 0, 0] and model.small.grad.tolist() == [1.0, 0, 0, 0]
     assert "k1_path_size" not in hook(model, 2)
     with pytest.raises(ValueError):
         make_k1_hook("bogus", 0.9)

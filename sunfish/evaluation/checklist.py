@@ -2,14 +2,18 @@
 
 Input is a model's milestone list as the report summary holds it (see docs/CONTRACTS.md and
 sunfish/report): each milestone is a dict with "step", "val_loss", "quality" ({"real_word_share",
-"distinct_1", "distinct_2", "repetition_rate", "bigram_share"}) and, for the diffusion model,
-"guidance" ([{"scale", "adherence", "n", "ci", ...}]). Any of these may be missing.
+"distinct_1", "distinct_2", "repetition_rate", "bigram_share", and the judge's "fluent_share",
+"varied_share", "judge_ppl"}) and, for the diffusion model, "guidance" (dev-prompt rows
+[{"scale", "adherence", "fluent_on_topic", "n", "ci", ...}]) and at the best milestone
+"guidance_test" (the reported test-prompt curve). Any of these may be missing.
 
 Each item is {"name", "passed", "value", "criterion", "step"}; passed is True/False, or None when
 the item cannot be measured (no data, or not applicable to the model kind); "step" is the
-milestone the value was measured at (the criterion text is the same for every model). Items are judged at
-the best checkpoint (best_checkpoint) unless ``step`` is given, except "word variety increasing",
-which compares the first and the last milestone.
+milestone the value was measured at. Items are judged at the best checkpoint (best_checkpoint)
+unless ``step`` is given. Every item can fail on text a trick produces: the judged items are
+relative to real held-out text under a judge independent of the models (sunfish.evaluation.judge),
+and "prompts have an effect" counts only samples that are fluent AND name the prompt's target, so
+a copy head that pastes the prompt's word into word salad does not pass it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ __all__ = [
     "LOSS_THRESHOLD",
     "REAL_WORD_THRESHOLD",
     "BIGRAM_THRESHOLD",
-    "JUDGE_PPL_THRESHOLD",
+    "COHERENT_RATIO",
+    "PROMPT_EFFECT_GAIN",
     "BEST_TOLERANCE",
     "BEST_RULE",
     "best_checkpoint",
@@ -34,7 +39,8 @@ __all__ = [
 LOSS_THRESHOLD = 2.0  # validation nats/token
 REAL_WORD_THRESHOLD = 0.9  # share of sample words seen in the training corpus
 BIGRAM_THRESHOLD = 0.6  # share of sample word pairs seen in the training corpus
-JUDGE_PPL_THRESHOLD = 50.0  # perplexity of the samples under a judge language model
+COHERENT_RATIO = 0.5  # a judged share must reach this fraction of real held-out text's share
+PROMPT_EFFECT_GAIN = 0.15  # fluent-and-on-topic share above guidance 0's
 BEST_TOLERANCE = 0.02  # relative val-loss window for best_checkpoint
 
 BEST_RULE = (
@@ -112,24 +118,46 @@ def _guidance_rows(m: dict | None) -> list[dict]:
     return [r for r in rows if isinstance(r, dict) and _num(r.get("scale")) is not None and _num(r.get("adherence")) is not None]
 
 
+def _reported_rows(m: dict | None) -> list[dict]:
+    """The guidance rows a milestone reports: its test-prompt curve when it has one, else its rows."""
+    if isinstance(m, dict) and isinstance(m.get("guidance_test"), list) and m["guidance_test"]:
+        return _guidance_rows({"guidance": m["guidance_test"]})
+    return _guidance_rows(m)
+
+
+def _judged(at: dict | None, key: str, real: float | None, name: str, what: str, step: int | None) -> dict:
+    """An item that passes when the share ``key`` of the samples is at least COHERENT_RATIO x real text's."""
+    share = _quality(at, key) if at else None
+    crit = (f"share of samples {what} >= {COHERENT_RATIO:g} x real held-out text's"
+            + ("" if real is None else f" ({real:.0%})") + " under the independent n-gram judge")
+    if share is None or real is None:
+        return _item(name, None, share, crit + " (n/a without judged samples)", step)
+    return _item(name, share >= COHERENT_RATIO * real - 1e-12, share, crit, step)
+
+
 def checklist(
     milestones: Sequence[dict],
     *,
     kind: str = "staged",
     step: int | None = None,
-    judge_ppl: float | None = None,
+    real_fluent_share: float | None = None,
+    real_varied_share: float = 0.9,
+    guidance_scale: float | None = None,
     bigram_share: float | None = None,
     loss_threshold: float = LOSS_THRESHOLD,
     real_word_threshold: float = REAL_WORD_THRESHOLD,
     bigram_threshold: float = BIGRAM_THRESHOLD,
-    judge_ppl_threshold: float = JUDGE_PPL_THRESHOLD,
 ) -> list[dict]:
     """Judge the six checklist items for one model.
 
     ``kind`` is "staged" or "diffusion" ("prompts have an effect" only applies to diffusion).
-    ``step`` picks the milestone to judge (default: best_checkpoint). ``judge_ppl`` is the
-    perplexity of that milestone's samples under a judge model, if one was run; ``bigram_share``
-    overrides the milestone's quality["bigram_share"].
+    ``step`` picks the milestone to judge (default: best_checkpoint). The judge's figures come from
+    the milestone's quality ("fluent_share", "varied_share") and guidance rows ("fluent_on_topic");
+    ``real_fluent_share`` is the share of real held-out texts the same judge calls fluent (its
+    calibration), ``real_varied_share`` theirs for variety (0.9 by construction: the threshold is real
+    text's 10th percentile). ``guidance_scale`` is the scale whose row "prompts have an effect" reads
+    (default: the guided row with the most fluent-and-on-topic samples). ``bigram_share`` overrides
+    the milestone's quality["bigram_share"].
     """
     ms = _milestones(milestones)
     if step is None:
@@ -158,30 +186,10 @@ def checklist(
         )
     )
 
-    # 3. word variety increasing (first vs last milestone)
-    with_d2 = [m for m in ms if _quality(m, "distinct_2") is not None]
-    if len(with_d2) >= 2:
-        first, last = with_d2[0], with_d2[-1]
-        d_first, d_last = _quality(first, "distinct_2"), _quality(last, "distinct_2")
-        items.append(
-            _item(
-                "word variety increasing",
-                d_last > d_first,
-                {f"step {first['step']}": d_first, f"step {last['step']}": d_last},
-                "distinct-2 of the samples at the last milestone > at the first",
-                last["step"],
-            )
-        )
-    else:
-        items.append(
-            _item(
-                "word variety increasing",
-                None,
-                None,
-                "distinct-2 at the last milestone > at the first (needs two milestones with samples)",
-                None,
-            )
-        )
+    # 3. word variety: as varied as real text (a loop fails; distinct-2 of a few samples rising from
+    # the first milestone could not fail in practice)
+    items.append(_judged(at, "varied_share", real_varied_share, "word variety",
+                         "whose distinct-bigram ratio reaches real text's 10th percentile", step))
 
     # 4. phrases forming
     bs = _num(bigram_share) if bigram_share is not None else (_quality(at, "bigram_share") if at else None)
@@ -195,56 +203,38 @@ def checklist(
         )
     )
 
-    # 5. prompts have an effect (diffusion only)
+    # 5. prompts have an effect (diffusion only): fluent AND on topic, so copying the prompt's word
+    # into word salad does not count
+    crit = (f"share of samples fluent and naming the prompt's target at the guidance scale >= "
+            f"{PROMPT_EFFECT_GAIN * 100:g} points above guidance 0 (test prompts)")
     if kind != "diffusion":
-        items.append(
-            _item(
-                "prompts have an effect",
-                None,
-                None,
-                "diffusion model only: adherence at the best guidance scale > at guidance 0",
-                None,
-            )
-        )
+        items.append(_item("prompts have an effect", None, None, "diffusion model only: " + crit, None))
     else:
         g_at = at
-        rows = _guidance_rows(at)
+        rows = _reported_rows(at)
         if not rows:  # the judged milestone was not swept: use the latest one that was
             swept = [m for m in ms if _guidance_rows(m)]
             g_at = swept[-1] if swept else None
-            rows = _guidance_rows(g_at)
+            rows = _reported_rows(g_at)
+        g_step = g_at["step"] if g_at else None
+        rows = [r for r in rows if _num(r.get("fluent_on_topic")) is not None]
         zero = [r for r in rows if _num(r["scale"]) == 0.0]
         guided = [r for r in rows if _num(r["scale"]) > 0.0]
-        g_step = g_at["step"] if g_at else None
-        crit = "prompt adherence at the best guidance scale > adherence at guidance 0"
+        if guidance_scale is not None:
+            guided = [r for r in guided if abs(_num(r["scale"]) - guidance_scale) < 1e-9] or guided
         if zero and guided:
-            a0 = _num(zero[0]["adherence"])
-            best = max(guided, key=lambda r: (_num(r["adherence"]), -_num(r["scale"])))
-            ab, wb = _num(best["adherence"]), _num(best["scale"])
-            items.append(
-                _item(
-                    "prompts have an effect",
-                    ab > a0,
-                    {"guidance 0": a0, f"guidance {wb:g}": ab},
-                    crit,
-                    g_step,
-                )
-            )
+            a0 = _num(zero[0]["fluent_on_topic"])
+            best = max(guided, key=lambda r: (_num(r["fluent_on_topic"]), -_num(r["scale"])))
+            ab, wb = _num(best["fluent_on_topic"]), _num(best["scale"])
+            items.append(_item("prompts have an effect", ab - a0 >= PROMPT_EFFECT_GAIN - 1e-12,
+                               {"guidance 0": a0, f"guidance {wb:g}": ab}, crit, g_step))
         else:
-            items.append(_item("prompts have an effect", None, None, f"{crit} (needs scale 0 and a scale > 0)", g_step))
+            items.append(_item("prompts have an effect", None, None,
+                               f"{crit} (needs judged rows at scale 0 and a scale > 0)", g_step))
 
     # 6. coherent sentences
-    jp = _num(judge_ppl) if judge_ppl is not None else None
-    items.append(
-        _item(
-            "coherent sentences",
-            None if jp is None else jp < judge_ppl_threshold,
-            jp,
-            f"perplexity of the samples under a judge language model < {judge_ppl_threshold:g} "
-            "(n/a when no judge model was run)",
-            step,
-        )
-    )
+    items.append(_judged(at, "fluent_share", real_fluent_share, "coherent sentences",
+                         "judged fluent (perplexity <= real text's 90th percentile, as varied as real text)", step))
     return items
 
 

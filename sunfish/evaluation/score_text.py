@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def score_files(checkpoint: str | Path, files: list[Path], *, seq_len: int | None = None, seed: int = 0) -> dict:
@@ -68,3 +70,54 @@ def _figures(name: str, nats: float, tokens: int, n_bytes: int) -> dict:
     loss = nats / max(tokens, 1)
     return {"file": name, "tokens": tokens, "bytes": n_bytes, "loss": loss,
             "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": nats / math.log(2) / max(n_bytes, 1)}
+
+
+def model_perplexity(model: Any, tok: Any, pairs: Sequence[tuple[str, str]], *, batch_size: int = 16) -> dict:
+    """Token-weighted perplexity of each ``text`` given its ``context`` under a language model.
+
+    Used by the sampling benchmark; the pipeline's sample judge is the independent n-gram model of
+    sunfish.evaluation.judge, never a model of the run.
+
+    ``pairs`` are (context, text): for autoregressive samples the prompt and the continuation,
+    for diffusion samples an empty context and the sample. Every sequence starts with the end of
+    text token (a document boundary, as in training). Only the text's tokens are scored; a text
+    longer than the judge's window is scored on its first window. Returns {"ppl", "loss", "tokens",
+    "samples"}; ppl and loss are None when no token was scored (empty samples).
+    """
+    import torch
+
+    max_len = int(model.config.max_seq_len)
+    rows: list[tuple[list[int], list[int]]] = []
+    for context, text in pairs:
+        text_ids = tok.encode(text or "")
+        if not text_ids:
+            continue
+        ctx_ids = [tok.eos_id] + (tok.encode(context) if context else [])
+        text_ids = text_ids[:max_len]
+        ctx_ids = ctx_ids[-(max_len + 1 - len(text_ids)):] if len(ctx_ids) + len(text_ids) > max_len + 1 else ctx_ids
+        ids = ctx_ids + text_ids
+        targets = [-100] * (len(ctx_ids) - 1) + text_ids
+        rows.append((ids[:-1], targets))
+    total_nats, total_tokens = 0.0, 0
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(rows), batch_size):
+                chunk = rows[i : i + batch_size]
+                width = max(len(ids) for ids, _ in chunk)
+                input_ids = torch.full((len(chunk), width), tok.pad_id, dtype=torch.long)
+                targets = torch.full((len(chunk), width), -100, dtype=torch.long)
+                for r, (ids, tgt) in enumerate(chunk):
+                    input_ids[r, : len(ids)] = torch.tensor(ids)
+                    targets[r, : len(tgt)] = torch.tensor(tgt)
+                nats, n = model.nll({"input_ids": input_ids, "targets": targets})
+                total_nats += float(nats)
+                total_tokens += int(n)
+    finally:
+        if was_training:
+            model.train(True)
+    if total_tokens == 0:
+        return {"ppl": None, "loss": None, "tokens": 0, "samples": len(rows)}
+    loss = total_nats / total_tokens
+    return {"ppl": math.exp(min(loss, 700.0)), "loss": loss, "tokens": total_tokens, "samples": len(rows)}

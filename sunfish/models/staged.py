@@ -10,7 +10,8 @@ stage     adds
 1         TEMPORAL: a per-token table (zero-initialised) projected into the input stream
 2         nothing in the forward pass: K-1 credit assignment acts on gradients
           (``sunfish.training.k1``; ``StagedLM.uses_k1`` says when the loop should call it)
-3         graph-routed sparse causal attention, blended in through a zero-initialised gate
+3         a graph-routed causal attention mask, blended with dense attention through a
+          zero-initialised gate (an extra attention pass: it saves no compute)
 ========  ===================================================================================
 
 Everything is causal: no position can see a later token, anywhere (MU refinement, graph
@@ -36,7 +37,9 @@ branch stuck at zero forever (each factor's gradient is proportional to the othe
 Stage 3: exact warm start
 -------------------------
 Each decoder layer computes q, k, v once and attends twice: full causal attention (what stage 2
-computed) and graph-routed attention (the same q, k, v under the sparse graph mask). The head
+computed) and graph-routed attention (the same q, k, v under the graph mask). The routed pass is
+dense attention with more entries masked, not a sparse kernel: stage 3 costs an extra attention
+pass and saves no compute; what it tests is whether routing helps the model, not speed. The head
 outputs are blended per head, ``out = full + g_h * (graph - full)``, with ``g`` a per-layer,
 per-head parameter initialised to zero, so stage 3's first logits are bit-identical to stage 2's,
 and the gradient of ``g`` (``sum(dL/dout * (graph - full))``) is non-zero, so the model learns how

@@ -141,12 +141,32 @@ def _run_link(uri: Any, run_id: Any) -> str | None:
 
 def _judge_text(judge: Any) -> str:
     j = _d(judge)
-    if not j.get("model"):
-        return "No judge: no autoregressive checkpoint was evaluated, so \"coherent sentences\" is n/a."
-    return (f"Judge perplexity is measured under {j.get('model')} step {j.get('step')} "
-            f"(validation {_f(j.get('val_bpb'), 4)} bits/byte), chosen as {j.get('rule') or 'the best AR checkpoint'}. "
-            "A judge finds its own samples easy, and a looping sample is predictable too: read it beside "
-            "distinct-2 and the repetition rate.")
+    cal = _d(j.get("calibration"))
+    if not j.get("kind") or not cal:
+        return "No judge: no sample was judged, so \"coherent sentences\" and \"word variety\" are n/a."
+    real, shuffled, rand = _d(cal.get("real")), _d(cal.get("shuffled")), _d(cal.get("random_words"))
+    return (f"Samples are judged by an order-{j.get('order')} {j.get('kind')} model fitted on {j.get('fit_on')}, "
+            "independent of every model it judges. A sample is fluent when its perplexity is at most "
+            f"{_f(cal.get('threshold'), 1)} (the 90th percentile of real held-out texts of {cal.get('max_words')} "
+            "words) and it is as varied as real text. Reference rows: real held-out text "
+            f"{_pct(real.get('fluent_share'))} fluent, its words shuffled {_pct(shuffled.get('fluent_share'))}, "
+            f"random words {_pct(rand.get('fluent_share'))}.")
+
+
+BOUND_NOTE = ("≤: the diffusion model's figures are its ELBO, an upper bound on its negative log-likelihood, "
+              "conditional on each validation text's prompt; the autoregressive figures are exact. The "
+              "unconditional bound over whole documents, beside the AR model's exact figure on the same "
+              "tokens, is in the fluency section.")
+
+
+def _bound(model: dict, cell: str) -> str:
+    """A likelihood cell, marked "≤ " when it is a diffusion model's bound rather than an exact figure."""
+    return f"≤ {cell}" if _d(model).get("kind") == "diffusion" and cell != "–" else cell
+
+
+def _pct(x: Any) -> str:
+    v = _finite(x)
+    return "–" if v is None else f"{v:.0%}"
 
 
 def _component_rows(s: dict, final_only: bool) -> list[dict]:
@@ -177,9 +197,19 @@ def _guided_milestone(model: dict) -> dict | None:
     return swept[-1] if swept else None
 
 
-def _guidance(m: dict | None) -> list[dict]:
-    rows = [r for r in _l(_d(m).get("guidance")) if isinstance(r, dict) and _finite(r.get("scale")) is not None]
+def _guidance(m: dict | None, key: str = "guidance") -> list[dict]:
+    rows = [r for r in _l(_d(m).get(key)) if isinstance(r, dict) and _finite(r.get("scale")) is not None]
     return sorted(rows, key=lambda r: _finite(r.get("scale")))
+
+
+def _set_label(rows: list[dict]) -> str:
+    sets = {r.get("prompt_set") for r in rows} - {None}
+    return " (test prompts; dev prompts chose the milestone)" if sets == {"test"} else ""
+
+
+def _reported(m: dict | None) -> list[dict]:
+    """The curve a milestone reports: on the test prompts when it has one (dev prompts chose it)."""
+    return _guidance(m, "guidance_test") or _guidance(m)
 
 
 def _checklist_rows(models: dict, names: list[str]) -> list[tuple[str, str]]:
@@ -325,9 +355,9 @@ def _html_summary(s: dict, models: dict, names: list[str]) -> str:
                     _e(model.get("kind") or "–"),
                     _e(model.get("description") or ""),
                     _e(best.get("step") if best.get("step") is not None else m.get("step", "–")),
-                    _f(m.get("val_loss")),
-                    _f(m.get("val_ppl"), 2),
-                    _f(m.get("val_bpb")),
+                    _bound(model, _f(m.get("val_loss"))),
+                    _bound(model, _f(m.get("val_ppl"), 2)),
+                    _bound(model, _f(m.get("val_bpb"))),
                     f"{len(passed)}/{len(measured)}" + (f' <span class="muted">({len(items) - len(measured)} n/a)</span>' if len(items) > len(measured) else ""),
                 ]
             )
@@ -339,6 +369,8 @@ def _html_summary(s: dict, models: dict, names: list[str]) -> str:
                 num_cols=(3, 4, 5, 6),
             )
         )
+        if any(_d(models.get(n)).get("kind") == "diffusion" for n in names):
+            out.append(f'<p class="muted">{_e(BOUND_NOTE)}</p>')
         for rule, who in rules.items():
             label = "Best-checkpoint rule" + ("" if len(rules) == 1 else f" ({', '.join(who)})")
             out.append(f'<p class="rule"><strong>{_e(label)}:</strong> {_e(rule)}</p>')
@@ -436,21 +468,29 @@ def _html_curves(models: dict, names: list[str]) -> str:
 _VERDICT_CLASS = {"helps": "pass", "hurts": "fail"}
 
 
-COMPONENT_COLUMNS = ["Component", "Stage vs control", "Step", "Stage bpb", "Control bpb", "Δ bpb", "Verdict"]
+COMPONENT_COLUMNS = ["Component", "Stage vs control", "Step", "Seeds", "Stage bpb", "Control bpb", "Δ bpb", "2 SE",
+                     "Extra steps alone", "Verdict"]
+_COMPONENT_NOTE = ("Δ = stage − control validation bits per byte (negative: the component helps). Seed rows: means over "
+                   "staged.seeds runs from the same start (batch orders); a verdict needs |Δ| > 2 SE of that spread. "
+                   "Milestone rows: one seed, whole split, no verdict. Extra steps alone: control − the previous stage.")
 
 
 def _component_cells(
     r: dict, escape: Callable[[Any], str], strong: Callable[[str], str], verdict: Callable[[str], str]
 ) -> list[str]:
     """One component-table row; ``escape``/``strong``/``verdict`` give the HTML or Markdown form."""
-    delta = _finite(r.get("delta_bpb"))
+    delta, se, extra = (_finite(r.get(k)) for k in ("delta_bpb", "se_bpb", "extra_steps_bpb"))
+    moved = {True: " (beyond 2 SE)", False: " (within 2 SE)"}.get(r.get("extra_steps_measurable"), "")
     return [
         strong(escape(r.get("component", "?"))),
         escape(f"{r.get('stage', '?')} vs {r.get('control', '?')}"),
         escape(r.get("step") if r.get("step") is not None else "–"),
+        escape(f"{r.get('stage_seeds', '–')} / {r.get('control_seeds', '–')}"),
         _f(r.get("stage_bpb"), 4),
         _f(r.get("control_bpb"), 4),
         "–" if delta is None else f"{delta:+.4f}",
+        "–" if se is None else f"{2 * se:.4f}",
+        "–" if extra is None else escape(f"{extra:+.4f}{moved}"),
         verdict(str(r.get("verdict") or "–")),
     ]
 
@@ -458,7 +498,7 @@ def _component_cells(
 def _html_components_table(rows: list[dict]) -> str:
     body = [_component_cells(r, _e, lambda x: f"<strong>{x}</strong>",
                              lambda v: f'<span class="{_VERDICT_CLASS.get(v, "na")}">{_e(v)}</span>') for r in rows]
-    return _table(COMPONENT_COLUMNS, body, cls="components", num_cols=(2, 3, 4, 5))
+    return _table(COMPONENT_COLUMNS, body, cls="components", num_cols=(2, 4, 5, 6, 7))
 
 
 def _html_comparison(s: dict) -> str:
@@ -480,8 +520,7 @@ def _html_comparison(s: dict) -> str:
     out.append('<h3 id="components">What each component adds</h3>')
     if comps:
         out.append(_html_components_table(comps))
-        out.append('<p class="muted">Δ = stage − control validation bits per byte at the same step: negative means the '
-                   "component helps. Differences inside the noise floor are reported as no measurable effect.</p>")
+        out.append(f'<p class="muted">{_e(_COMPONENT_NOTE)}</p>')
     else:
         out.append('<p class="muted">No component comparison: the control models were not evaluated.</p>')
     out.append("</section>")
@@ -516,8 +555,8 @@ def _html_guidance(models: dict, names: list[str]) -> str:
         if judged is None:
             continue
         shown += 1
-        rows = _guidance(judged)
-        out.append(f"<h3>{_e(name)} — {_e(_step_label(judged))}</h3>")
+        rows = _reported(judged)
+        out.append(f"<h3>{_e(name)} — {_e(_step_label(judged))}{_e(_set_label(rows))}</h3>")
         adherence_series = {}
         for m in _milestones(model):
             g = _guidance(m)
@@ -553,7 +592,7 @@ def _html_guidance(models: dict, names: list[str]) -> str:
             ))
         out.append(f'<div class="charts">{"".join(charts)}</div>')
         out.append('<p class="muted">Error bars: 95% Wilson interval of the adherence share. Judge perplexity: lower '
-                   "means the samples read more like the corpus to the judge model.</p>")
+                   "means the samples read more like real text to the independent n-gram judge.</p>")
         body = []
         for r in rows:
             ci = _l(r.get("ci"))
@@ -563,7 +602,9 @@ def _html_guidance(models: dict, names: list[str]) -> str:
                     _e(_value(r.get("scale"))),
                     _f(r.get("adherence")),
                     f"[{_f(ci[0])}, {_f(ci[1])}]" if len(ci) == 2 else "–",
+                    _f(r.get("fluent_on_topic")),
                     _count(r.get("n")),
+                    _count(r.get("samples_per_prompt")),
                     _f(q.get("distinct_2")),
                     _f(q.get("real_word_share")),
                     _f(q.get("repetition_rate")),
@@ -571,8 +612,8 @@ def _html_guidance(models: dict, names: list[str]) -> str:
                 ]
             )
         out.append(
-            _table(["Guidance w", "Adherence", "95% CI", "n", "Distinct-2", "Real words", "Repetition", "Judge ppl"], body,
-                   num_cols=range(8))
+            _table(["Guidance w", "Adherence", "95% CI", "Fluent & on topic", "n", "Samples/prompt", "Distinct-2",
+                    "Real words", "Repetition", "Judge ppl"], body, num_cols=range(10))
         )
         sentence = _bar_sentence(rows)
         if sentence:
@@ -909,14 +950,16 @@ def render_markdown(summary: dict) -> str:
                     _m(model.get("kind") or "–"),
                     _m(model.get("description") or ""),
                     _m(best.get("step") if best.get("step") is not None else m.get("step", "–")),
-                    _f(m.get("val_loss")),
-                    _f(m.get("val_ppl"), 2),
-                    _f(m.get("val_bpb")),
+                    _bound(model, _f(m.get("val_loss"))),
+                    _bound(model, _f(m.get("val_ppl"), 2)),
+                    _bound(model, _f(m.get("val_bpb"))),
                     f"{len(passed)}/{len(measured)}" + (f" ({len(items) - len(measured)} n/a)" if len(items) > len(measured) else ""),
                 ]
             )
         out += ["### Best checkpoint per model", ""]
         out += [_md_table(["Model", "Kind", "Description", "Best step", "Val loss", "Val ppl", "Val bpb", "Checklist passed"], rows), ""]
+        if any(_d(models.get(n)).get("kind") == "diffusion" for n in names):
+            out += [f"> {_m(BOUND_NOTE)}", ""]
         for rule, who in rules.items():
             label = "Best-checkpoint rule" + ("" if len(rules) == 1 else f" ({', '.join(who)})")
             out += [f"> **{_m(label)}:** {_m(rule)}", ""]
@@ -1006,8 +1049,7 @@ def render_markdown(summary: dict) -> str:
         out += ["No stage comparison available.", ""]
     out += ["### What each component adds", ""]
     if _component_rows(s, False):
-        out += [_md_components_table(_component_rows(s, False)), "",
-                "Δ = stage − control validation bits per byte at the same step: negative means the component helps.", ""]
+        out += [_md_components_table(_component_rows(s, False)), "", _m(_COMPONENT_NOTE), ""]
     else:
         out += ["No component comparison: the control models were not evaluated.", ""]
 
@@ -1020,8 +1062,8 @@ def render_markdown(summary: dict) -> str:
         if judged is None:
             continue
         shown = True
-        rows = _guidance(judged)
-        out += [f"### {_m(name)} — {_m(_step_label(judged))}", ""]
+        rows = _reported(judged)
+        out += [f"### {_m(name)} — {_m(_step_label(judged))}{_m(_set_label(rows))}", ""]
         body = []
         for r in rows:
             ci = _l(r.get("ci"))
@@ -1031,15 +1073,17 @@ def render_markdown(summary: dict) -> str:
                     _m(_value(r.get("scale"))),
                     _f(r.get("adherence")),
                     f"[{_f(ci[0])}, {_f(ci[1])}]" if len(ci) == 2 else "–",
+                    _f(r.get("fluent_on_topic")),
                     _count(r.get("n")),
+                    _count(r.get("samples_per_prompt")),
                     _f(q.get("distinct_2")),
                     _f(q.get("real_word_share")),
                     _f(q.get("repetition_rate")),
                     _f(q.get("judge_ppl"), 1),
                 ]
             )
-        out += [_md_table(["Guidance w", "Adherence", "95% CI (Wilson)", "n", "Distinct-2", "Real words", "Repetition",
-                           "Judge ppl"], body), ""]
+        out += [_md_table(["Guidance w", "Adherence", "95% CI (Wilson)", "Fluent & on topic", "n", "Samples/prompt",
+                           "Distinct-2", "Real words", "Repetition", "Judge ppl"], body), ""]
         sentence = _bar_sentence(rows)
         if sentence:
             out += [_m(sentence), ""]

@@ -17,13 +17,13 @@ ignored):
 - **scaling** multiplies each gradient by ``min(1, n_p / mean(n))``: tensors with a below-average
   gradient norm (off the error path) get proportionally smaller updates, the others are untouched.
 
-Note for reading results: with Adam-type optimisers a constant per-tensor gradient scale is almost
-cancelled by the second-moment normalisation, so the scale mode acts mainly through how the scale
-changes from step to step (and through epsilon); measure it, at equal steps, against ``log``.
-Measured on the default profile (stage 2 from the same stage-1 weights, 60 steps on the same
-batches): validation 1.3845 bits per byte with ``scale``, 1.3842 with ``log``: no help, so ``log``
-is the default. In ``log`` mode no update changes, so control_2 (stage 1's model trained for stage
-2's steps) ends bit-identical to stage_2 and the report shows K-1's delta as exactly zero.
+Why two modes: with Adam-type optimisers a constant per-tensor gradient scale is almost cancelled
+by the second-moment normalisation, so ``scale`` can act only through how the scale changes from
+step to step (and through epsilon); whether that helps is an empirical question, answered at equal
+steps against a control (README, "What each component adds"). ``log`` measures the error path
+without touching an update, so a stage trained with it is the same run as one trained without K-1:
+the pipeline then does not train control_2 at all (``pipeline.train_staged``), and the report calls
+K-1 attribution only.
 """
 
 from __future__ import annotations

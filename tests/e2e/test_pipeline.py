@@ -162,12 +162,16 @@ def test_repro_writes_reports_metrics_and_checkpoints(repo):
 def test_controls_train_the_previous_model_for_the_stage_budget(repo):
     import json
 
-    for n in (1, 2, 3):
+    for n in (1, 3):
         stage = json.loads((repo / "reports" / "metrics" / f"stage_{n}.json").read_text())
         control = json.loads((repo / "reports" / "metrics" / f"control_{n}.json").read_text())
         assert control["steps"] == stage["steps"] and control["milestones"] == stage["milestones"]
+        assert control["seeds"] == stage["seeds"] == 3 and len(set(control["val_bpb_seeds"])) == 3
         config = json.loads((repo / "models" / f"control_{n}" / "final" / "config.json").read_text())
         assert config["model_config"]["stage"] == n - 1
+    # staged.k1.mode: log changes no update, so control_2 would be stage_2: written, not trained
+    assert [p.name for p in (repo / "models" / "control_2").iterdir()] == ["not_trained.json"]
+    assert "attribution only (k1.mode: log)" in (repo / "reports" / "report.md").read_text()
 
 
 def test_mlflow_holds_one_run_per_training_stage(repo):
@@ -180,13 +184,15 @@ def test_mlflow_holds_one_run_per_training_stage(repo):
     for r in runs:
         by_stage.setdefault(r.data.tags.get("dvc.stage"), []).append(r)
     for stage in ("train_stage_0", "train_stage_1", "train_stage_2", "train_stage_3", "control_stage_1",
-                  "control_stage_2", "control_stage_3", "train_cfg_micro"):
+                  "control_stage_3", "train_cfg_micro"):  # control_stage_2 trains nothing in k1.mode log
         assert len(by_stage.get(stage, [])) == 1, stage
         r = by_stage[stage][0]
         assert {"train/loss", "val/loss", "val/ppl", "val/bpb"} <= set(r.data.metrics), stage
         assert r.data.params["train.lr"]
         assert r.data.tags.get("git.commit") and r.data.tags.get("params.hash")
         assert r.info.status == "FINISHED"
+        if stage not in ("train_stage_0", "train_cfg_micro"):
+            assert {"seeds/val_bpb_mean", "seeds/val_bpb_std", "seeds/count"} <= set(r.data.metrics), stage
     history = client.get_metric_history(by_stage["train_stage_0"][0].info.run_id, "train/loss")
     assert len(history) >= 4
     # one `dvc repro`, one parent run: every stage run of it is grouped under the same parent
