@@ -154,7 +154,8 @@ def _judge_text(judge: Any) -> str:
 
 
 BOUND_NOTE = ("≤: the diffusion model's figures are its ELBO, an upper bound on its negative log-likelihood, "
-              "conditional on each validation text's prompt; the autoregressive figures are exact. The "
+              "over the opening of each validation text (train.seq_len tokens) given its prompt; the "
+              "autoregressive figures are exact, over every validation token. The "
               "unconditional bound over whole documents, beside the AR model's exact figure on the same "
               "tokens, is in the fluency section.")
 
