@@ -449,6 +449,30 @@ def summarise(evaluated: dict[str, list[dict]], ctx, judge: dict | None) -> tupl
     return models, metrics
 
 
+def register_models(run, models: Mapping[str, dict], root: Path) -> None:
+    """Each model's best checkpoint (controls aside: they are yardsticks) as a version of the
+    registered model sunfish-<model>, aliased champion (sunfish.model_registry). Needs the store:
+    when it is down the checkpoints still go to the fallback file, and this says what was skipped."""
+    if not getattr(run, "enabled", False) or getattr(run, "client", None) is None or not run.run_id:
+        return
+    from sunfish.model_registry import ALIAS, register_best, registered_name
+    from sunfish.tracking_sync import open_client
+
+    try:
+        client = open_client(run.uri)
+        for name, model in models.items():
+            if model.get("is_control"):
+                continue
+            best = model["best"]
+            _, weights = checkpoint_weights_id(root / best["checkpoint"])
+            version = register_best(client, run_id=run.run_id, model=name, weights_sha256=weights, step=best["step"])
+            log.info("registered %s step %s as models:/%s@%s (version %s)", name, best["step"],
+                     registered_name(name), ALIAS, version)
+    except Exception as exc:  # the registry is a convenience: evaluation's figures stand without it
+        log.warning("could not register the best checkpoints in the MLflow model registry at %s (%s); "
+                    "they are logged as run artifacts checkpoints/<model>", run.uri, str(exc).splitlines()[0][:200])
+
+
 def run() -> None:
     from sunfish.data.tokenizer import TextTokenizer
     from sunfish.evaluation.cache import EvalCache, digest, file_digest, source_digest
@@ -541,6 +565,8 @@ def run() -> None:
             metrics["judge.real_fluent_share"] = cal["real"]["fluent_share"]
             metrics["judge.shuffled_fluent_share"] = cal["shuffled"]["fluent_share"]
             metrics["judge.ppl_threshold"] = cal["threshold"]
+        if ev.log_checkpoints:
+            register_models(run, models, ctx.root)
         metrics["mlflow_run_id"] = run.run_id
         summary["mlflow_run_id"] = run.run_id
         write_json(ctx.reports / "milestones.json", summary)

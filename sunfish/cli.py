@@ -299,7 +299,7 @@ def config_show(params_path: Path, model: str | None, fmt: str) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--uri", "tracking", default=None,
-              help="MLflow tracking URI for runs:/ and mlflow: checkpoints; default: MLFLOW_TRACKING_URI, "
+              help="MLflow tracking URI for models:/, runs:/ and mlflow: checkpoints; default: MLFLOW_TRACKING_URI, "
                    "else tracking.uri of ./params.yaml, else the project's mlflow.db")
 @friendly_errors
 def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
@@ -309,8 +309,10 @@ def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, 
 
     CHECKPOINT is a checkpoint directory (models/stage_3/final), its model.safetensors, or a model
     directory (models/stage_3, which uses final/). A checkpoint logged to MLflow by the evaluate
-    stage works too: runs:/<run_id>/checkpoints/<model>, or mlflow:<experiment>/<model> for the best
-    checkpoint of an experiment (a name from `sunfish compare`); it is downloaded once into
+    stage works too: models:/sunfish-<model>@champion (the registered best checkpoint of the latest
+    evaluate run; models:/<name>/<version> for an earlier one), runs:/<run_id>/checkpoints/<model>, or
+    mlflow:<experiment>/<model> for the best checkpoint of an experiment (a name from `sunfish
+    compare`); it is downloaded once into
     ~/.cache/sunfish/mlflow ($SUNFISH_CACHE/mlflow). Options marked "AR only" or "diffusion only"
     are refused (exit 2) for the other kind of checkpoint rather than silently ignored.
     """

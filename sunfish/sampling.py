@@ -40,7 +40,7 @@ def default_guidance(model, configured: str | None = None) -> str:
     if configured == "sequence" and not masked:
         return "token"
     return configured or ("sequence" if masked else "token")
-MLFLOW_PREFIXES = ("runs:/", "mlflow:")
+MLFLOW_PREFIXES = ("runs:/", "mlflow:", "models:/")
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
 
@@ -58,14 +58,26 @@ def fetch_checkpoint(reference: str, *, uri: str, mlflow_experiment: str = "sunf
                      cache_dir: Path | None = None) -> Path:
     """The local directory of a checkpoint logged to MLflow, downloaded on first use.
 
-    ``runs:/<run_id>/<artifact path>`` names the artifact directory exactly (as the MLflow UI shows
-    it); ``mlflow:<experiment>/<model>`` takes the best checkpoint of ``model`` from the latest
+    ``models:/sunfish-<model>@champion`` (or ``/<version>``) is a registered version (the evaluate
+    stage registers each model's best checkpoint); ``runs:/<run_id>/<artifact path>`` names the
+    artifact directory exactly (as the MLflow UI shows it); ``mlflow:<experiment>/<model>`` takes the best checkpoint of ``model`` from the latest
     evaluate run of that experiment (a DVC experiment name, a ``workspace@<commit>`` label, or the
     id of the parent or evaluate run).
     """
     from sunfish.training.checkpoint import CheckpointError
 
-    if reference.startswith("runs:/"):
+    if reference.startswith("models:/"):
+        from sunfish.model_registry import resolve
+        from sunfish.tracking_sync import bound_http_retries, open_client
+
+        bound_http_retries()
+        try:
+            run_id, artifact_path = resolve(open_client(uri), reference)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        except Exception as exc:
+            raise CheckpointError(f"{reference}: not in the model registry at {uri} ({_first_line(exc)})") from exc
+    elif reference.startswith("runs:/"):
         run_id, _, artifact_path = reference[len("runs:/"):].partition("/")
         if not run_id or not artifact_path.strip("/"):
             raise CheckpointError(f"{reference}: expected runs:/<run_id>/checkpoints/<model>")
@@ -81,6 +93,10 @@ def fetch_checkpoint(reference: str, *, uri: str, mlflow_experiment: str = "sunf
         log.info("using %s downloaded before to %s", reference, dest)
         return dest
     return _download(run_id, artifact_path, uri, dest, reference)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _download(run_id: str, artifact_path: str, uri: str, dest: Path, reference: str) -> Path:

@@ -40,6 +40,10 @@ def _evaluate(root: Path, name: str, guidance: float, bpb0: float, bpb_cfg: floa
                 run.set_tags({"sunfish.best.stage_0": 3})
                 for f in ("model.safetensors", "config.json", "tokenizer.json"):
                     run.log_artifact(checkpoint / f, "checkpoints/stage_0")
+                from pipeline.evaluate import register_models
+
+                register_models(run, {"stage_0": {"best": {"step": 3, "checkpoint": str(checkpoint)}},
+                                      "control_1": {"is_control": True}}, Path("/"))
         return run.run_id
     finally:
         del os.environ["DVC_EXP_NAME"]
@@ -142,6 +146,34 @@ def test_sample_from_a_run_artifact_and_from_an_experiment_name(logged_checkpoin
     by_name = runner.invoke(main, ["sample", "mlflow:exp-best/stage_0", "--uri", uri, *args])
     assert by_name.exit_code == 0, by_name.output
     assert json.loads(by_name.output)["text"] == json.loads(expected.output)["text"]
+
+
+def test_the_best_checkpoint_is_a_registered_model_with_an_alias(logged_checkpoint, tmp_path):
+    from mlflow import MlflowClient
+
+    from sunfish.model_registry import register_best
+
+    root, uri, run_id, local = logged_checkpoint
+    client = MlflowClient(tracking_uri=uri)
+    version = client.get_model_version_by_alias("sunfish-stage_0", "champion")
+    assert version.run_id == run_id and str(version.version) == "1"
+    assert [m.name for m in client.search_registered_models()] == ["sunfish-stage_0"]  # controls are not registered
+    runner = CliRunner()
+    args = ["--prompt", "Once upon", "--max-new-tokens", "5", "--temperature", "0", "--format", "json"]
+    expected = json.loads(runner.invoke(main, ["sample", str(local), *args]).output)["text"]
+    for ref in ("models:/sunfish-stage_0@champion", "models:/sunfish-stage_0/1"):
+        result = runner.invoke(main, ["sample", ref, "--uri", uri, *args])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["text"] == expected
+    # the same weights again: the alias stays on the version that holds them, no copy is added
+    sha = json.loads((local / "config.json").read_text()).get("weights_sha256") or version.tags["sunfish.weights_sha256"]
+    assert register_best(client, run_id=run_id, model="stage_0", weights_sha256=sha, step=3) == "1"
+    assert register_best(client, run_id=run_id, model="stage_0", weights_sha256="other", step=4) == "2"
+    assert str(client.get_model_version_by_alias("sunfish-stage_0", "champion").version) == "2"
+    for ref, message in {"models:/sunfish-nope@champion": "not in the model registry",
+                         "models:/sunfish-stage_0": "expected models:/<name>@<alias>"}.items():
+        result = runner.invoke(main, ["sample", ref, "--uri", uri])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
 
 
 def test_cached_download_is_reused_and_damage_is_caught(logged_checkpoint, tmp_path):

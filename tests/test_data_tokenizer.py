@@ -147,3 +147,31 @@ def test_prompts_are_tokenised_as_their_words_appear_inside_a_text(tok):
     assert tok.encode_prompt("  Write about dogs") == tok.encode(" Write about dogs")
     assert tok.encode_prompt("") == [] and tok.encode_prompt("   ") == []  # still the null prompt
     assert tok.encode_prompt_batch(["dog", ""]) == [tok.encode(" dog"), []]
+
+
+def test_autotokenizer_loads_eos_and_pad_from_a_checkpoint(tok, texts, tmp_path):
+    """A checkpoint folder is a Hugging Face tokenizer folder: AutoTokenizer finds eos and pad."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    from sunfish.training.checkpoint import save_checkpoint
+    from tests.ckpt_fixtures import staged_model
+
+    tok.save(tmp_path / "tokenizer.json")
+    out = save_checkpoint(tmp_path / "ckpt", staged_model(tok.vocab_size, seq=32), model_name="stage_0", step=1,
+                          tokenizer_file=tmp_path / "tokenizer.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoTokenizer.from_pretrained(str(out))
+    assert (hf.eos_token, hf.pad_token) == ("<|endoftext|>", "<|pad|>")
+    assert (hf.eos_token_id, hf.pad_token_id) == (tok.eos_id, tok.pad_id) == (0, 1)
+    assert hf.model_max_length == 32
+    for text in texts[:10] + ["héllo 🐟"]:
+        assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
+        assert hf.decode(tok.encode(text)) == text
+    # without the config file the special tokens are unknown to transformers: the file is what does it
+    (out / "tokenizer_config.json").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert AutoTokenizer.from_pretrained(str(out)).eos_token is None

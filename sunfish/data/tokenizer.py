@@ -12,6 +12,8 @@ pads pair batches. The saved ``tokenizer.json`` is the plain Hugging Face format
 
 from __future__ import annotations
 
+import json
+
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # what transformers reads for the special tokens
 MAX_VOCAB = 65535  # token ids are stored as uint16; the config caps vocab_size at the same value
 # names other tokenizers use for their eos / pad, tried in order when a tokenizer.json is loaded
 _EOS_NAMES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "[SEP]")
@@ -77,6 +80,22 @@ class TextTokenizer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(str(path))
+
+    def hf_config(self, model_max_length: int | None = None) -> dict:
+        """The tokenizer_config.json that lets ``transformers.AutoTokenizer`` load this tokenizer.json
+        with its eos and pad tokens (without it they come back None)."""
+        eos, pad = self.tokenizer.id_to_token(self.eos_id), self.tokenizer.id_to_token(self.pad_id)
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
+                  "pad_token": pad, "add_prefix_space": False, "clean_up_tokenization_spaces": False}
+        if model_max_length:
+            config["model_max_length"] = int(model_max_length)
+        return config
+
+    def save_hf_config(self, directory: str | Path, model_max_length: int | None = None) -> Path:
+        """Write tokenizer_config.json into ``directory`` (beside its tokenizer.json); returns its path."""
+        path = Path(directory) / HF_TOKENIZER_CONFIG
+        path.write_text(json.dumps(self.hf_config(model_max_length), indent=2) + "\n", encoding="utf-8")
+        return path
 
     @classmethod
     def load(cls, path: str | Path, eos_id: int | None = None, pad_id: int | None = None) -> TextTokenizer:

@@ -19,11 +19,14 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -167,7 +170,17 @@ def _write_into(tmp: Path, model: Any, *, model_name: str, step: int, tokenizer_
     }
     (tmp / CONFIG).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
     if tokenizer_file:
+        from sunfish.data.tokenizer import TextTokenizer
+
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
+        config = model.config
+        try:  # tokenizer_config.json: what transformers.AutoTokenizer needs to know eos and pad
+            tok = TextTokenizer.load(tmp / TOKENIZER, eos_id=getattr(config, "eos_id", None),
+                                     pad_id=getattr(config, "pad_id", None))
+        except ValueError as exc:  # a tokenizer SunFish cannot read: the checkpoint is still written
+            log.warning("no tokenizer_config.json in %s: %s", tmp.name, exc)
+        else:
+            tok.save_hf_config(tmp, getattr(config, "max_seq_len", None))
     for name, write in (extra_files or {}).items():
         write(tmp / name)
     for f in tmp.iterdir():

@@ -200,6 +200,11 @@ def test_mlflow_holds_one_run_per_training_stage(repo):
     # one `dvc repro`, one parent run: every stage run of it is grouped under the same parent
     parents = {r.data.tags.get("mlflow.parentRunId") for stage, rs in by_stage.items() if stage for r in rs}
     assert len(parents) == 1 and None not in parents, parents
+    # every model's best checkpoint is a registered version aliased champion; controls are yardsticks
+    registered = {m.name for m in client.search_registered_models()}
+    assert registered == {"sunfish-stage_0", "sunfish-stage_1", "sunfish-stage_2", "sunfish-stage_3", "sunfish-cfg"}
+    champion = client.get_model_version_by_alias("sunfish-stage_3", "champion")
+    assert champion.run_id == by_stage["evaluate"][0].info.run_id
 
 
 def test_second_repro_reruns_nothing(repo):
