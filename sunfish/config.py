@@ -25,6 +25,8 @@ STAGED_MODELS = MODEL_NAMES[:4]
 # control_N continues stage N-1 for stage N's budget without stage N's new component, so the report
 # can say what the component adds at equal extra training (stage_N vs control_N, same steps).
 CONTROL_NAMES = ("control_1", "control_2", "control_3")
+STAGE_SEED_STRIDE = 1000  # stage N (and control_N) trains with seed train.seed + 1000 N; extra seeds add 1, 2, ...
+
 # Every model the evaluate stage scores, in report order.
 EVALUATED_MODELS = (*STAGED_MODELS, *CONTROL_NAMES, "cfg")
 
@@ -350,7 +352,8 @@ class EvalConfig(Section):
     cfg_seq_len: int = Field(64, ge=8, description="length of diffusion samples in tokens")
     fluency: FluencyConfig = FluencyConfig()
     cache: bool = Field(True, description="reuse per-checkpoint results from state/eval_cache (keyed by weights and settings)")
-    log_checkpoints: bool = Field(True, description="log each model's best checkpoint to MLflow (checkpoints/<model>)")
+    log_checkpoints: bool = Field(True, description="log each model's best checkpoint to MLflow (checkpoints/<model>) "
+                                                    "and register it (models:/sunfish-<model>@champion)")
 
     @field_validator("guidance_scales")
     @classmethod
@@ -443,6 +446,11 @@ class Params(Section):
         if base["max_steps"] not in base["milestones"]:
             base["milestones"].append(base["max_steps"])
         base["seq_len"] = self.train.seq_len or self.preset_for(model).seq_len
+        kind, _, n = model.partition("_")
+        if kind in ("stage", "control") and n.isdigit() and int(n) > 0:
+            # stage N draws its batches from its own stream, or it would replay the batches stage 0
+            # began with; control_N shares stage N's stream, so seed s of both sees the same batches
+            base["seed"] = self.train.seed + STAGE_SEED_STRIDE * int(n)
         return ResolvedTraining(model=model, **base)
 
     def consistency_problems(self) -> list[str]:

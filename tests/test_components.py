@@ -9,6 +9,7 @@ import pytest
 
 from sunfish.evaluation.components import (
     COMPONENTS,
+    NEGLIGIBLE,
     NOT_MEASURED_ONE_SEED,
     VERDICT_RULE,
     component_deltas,
@@ -96,6 +97,11 @@ def test_paired_seeds_measure_the_noise_of_the_difference():
     runs["control_1"] = _run(control, seed_values=[4, 5, 6])
     row = {r["component"]: r for r in headline(component_deltas({}, runs))}["TEMPORAL"]
     assert row["basis"] == "seeds" and row["verdict"] == "no measurable effect"
+    # a difference of millionths that every seed agrees on is real but changes nothing: negligible, not "hurts"
+    runs = {"stage_3": _run([1.0, 1.1, 1.2], seed_values=[1, 2, 3]),
+            "control_3": _run([1.0 - 1.1e-5, 1.1 - 1.0e-5, 1.2 - 0.9e-5], seed_values=[1, 2, 3])}
+    row = {r["component"]: r for r in headline(component_deltas({}, runs))}[COMPONENTS[3]]
+    assert row["verdict"] == NEGLIGIBLE and "+0.000010" in row["text"]
 
 
 def test_one_seed_is_not_a_verdict():

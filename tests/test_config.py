@@ -92,6 +92,14 @@ def test_budget_overrides_and_scaled_milestones(raw):
     assert t.milestones == sorted({max(1, round(m * 40 / base.max_steps)) for m in base.milestones})
 
 
+def test_each_stage_draws_its_own_batch_stream_shared_with_its_control(raw):
+    params = parse_params(raw)
+    seed = params.train.seed
+    assert params.training_for("stage_0").seed == seed and params.training_for("cfg").seed == seed
+    for n in (1, 2, 3):  # not stage 0's stream: a stage must not replay the batches stage 0 began with
+        assert params.training_for(f"stage_{n}").seed == params.training_for(f"control_{n}").seed == seed + 1000 * n
+
+
 def test_flatten_gives_dotted_keys(raw):
     flat = flatten(parse_params(raw))
     assert flat["train.lr"] == raw["train"]["lr"]

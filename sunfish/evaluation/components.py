@@ -31,7 +31,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COMPONENTS", "DESCRIPTIONS", "SE_MULTIPLE", "VERDICT_RULE", "NOT_MEASURED_ONE_SEED",
+__all__ = ["COMPONENTS", "DESCRIPTIONS", "MIN_EFFECT_BPB", "NEGLIGIBLE", "SE_MULTIPLE", "VERDICT_RULE",
+           "NOT_MEASURED_ONE_SEED", "bpb_text",
            "component_deltas", "headline", "read_runs", "verdict"]
 
 COMPONENTS = {1: "TEMPORAL", 2: "K-1", 3: "Graph-routed attention mask"}
@@ -41,6 +42,10 @@ DESCRIPTIONS = {
     3: "a routed attention mask blended with dense attention: an extra attention pass, no compute saved",
 }
 SE_MULTIPLE = 2.0
+# the smallest difference worth a verdict: paired seeds resolve millionths of a bit per byte, which
+# are real (the component does change the model) but change no decision
+MIN_EFFECT_BPB = 0.001
+NEGLIGIBLE = f"negligible (beyond {SE_MULTIPLE:g} SE, under {MIN_EFFECT_BPB:g} bpb)"
 NOT_MEASURED_ONE_SEED = "not measured (one seed)"
 ATTRIBUTION_ONLY = "attribution only (k1.mode: log)"
 VERDICT_RULE = (
@@ -49,7 +54,8 @@ VERDICT_RULE = (
     "order, and seed s of the stage and of its control see the same batches); SE = the standard error of "
     "the per-seed differences (paired), or sqrt(s_stage^2/n_stage + s_control^2/n_control) when the seeds "
     f"do not pair; helps when delta < -{SE_MULTIPLE:g} SE, hurts when delta > +{SE_MULTIPLE:g} SE, else no "
-    f"measurable effect; with fewer than 2 seeds on either side: {NOT_MEASURED_ONE_SEED}"
+    f"measurable effect; a difference beyond {SE_MULTIPLE:g} SE but under {MIN_EFFECT_BPB:g} bpb is negligible; with "
+    f"fewer than 2 seeds on either side: {NOT_MEASURED_ONE_SEED}"
 )
 
 
@@ -86,14 +92,20 @@ def _spread(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def verdict(delta: float, se: float | None) -> str:
-    """helps / hurts beyond ``SE_MULTIPLE`` standard errors, else no measurable effect; no SE: no verdict."""
+    """helps / hurts beyond ``SE_MULTIPLE`` standard errors and at least MIN_EFFECT_BPB, else no
+    measurable effect (or negligible: real but too small to matter); no SE: no verdict."""
     if se is None:
         return NOT_MEASURED_ONE_SEED
-    if delta < -SE_MULTIPLE * se:
-        return "helps"
-    if delta > SE_MULTIPLE * se:
-        return "hurts"
-    return "no measurable effect"
+    if abs(delta) <= SE_MULTIPLE * se:
+        return "no measurable effect"
+    if abs(delta) < MIN_EFFECT_BPB:
+        return NEGLIGIBLE
+    return "helps" if delta < 0 else "hurts"
+
+
+def bpb_text(x: float) -> str:
+    """A bits-per-byte difference with the digits it needs: paired differences can be a few millionths."""
+    return f"{x:+.4f}" if abs(x) >= 0.001 or x == 0 else f"{x:+.6f}"
 
 
 def read_runs(metrics_dir: str | Path) -> dict[str, dict]:
@@ -166,9 +178,9 @@ def _seed_row(n: int, base: dict, runs: Mapping[str, Mapping]) -> dict | None:
            "se_bpb": se, "verdict": verdict(delta, se), "baseline_bpb": baseline,
            "stage_gain_bpb": None if baseline is None else ms - baseline,
            "control_gain_bpb": None if baseline is None else mc - baseline, **_extra_steps(control_seeds, baseline)}
-    noise = "" if se is None else f" ± {SE_MULTIPLE * se:.4f} ({SE_MULTIPLE:g} SE)"
+    noise = "" if se is None else f" ± {bpb_text(SE_MULTIPLE * se)[1:]} ({SE_MULTIPLE:g} SE)"
     row["text"] = (f"{base['component']} ({stage} vs {control} at step {step}, means of {len(stage_seeds)} and "
-                   f"{len(control_seeds)} seeds): {ms:.4f} vs {mc:.4f} bpb, delta {delta:+.4f}{noise} ({row['verdict']})"
+                   f"{len(control_seeds)} seeds): {ms:.4f} vs {mc:.4f} bpb, delta {bpb_text(delta)}{noise} ({row['verdict']})"
                    + _extra_text(row, control, previous) + ".")
     return row
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from sunfish.evaluation.components import bpb_text
 from sunfish.report.svg import line_chart
 
 __all__ = ["render_html", "render_markdown", "write_report"]
@@ -472,7 +473,8 @@ _VERDICT_CLASS = {"helps": "pass", "hurts": "fail"}
 COMPONENT_COLUMNS = ["Component", "Stage vs control", "Step", "Seeds", "Stage bpb", "Control bpb", "Δ bpb", "2 SE",
                      "Extra steps alone", "Verdict"]
 _COMPONENT_NOTE = ("Δ = stage − control validation bits per byte (negative: the component helps). Seed rows: means over "
-                   "staged.seeds runs from the same start (batch orders); a verdict needs |Δ| > 2 SE of that spread. "
+                   "staged.seeds runs from the same start (batch orders); a verdict needs |Δ| > 2 SE of the per-seed "
+                   "differences and >= 0.001 bpb. "
                    "Milestone rows: one seed, whole split, no verdict. Extra steps alone: control − the previous stage.")
 
 
@@ -489,8 +491,8 @@ def _component_cells(
         escape(f"{r.get('stage_seeds', '–')} / {r.get('control_seeds', '–')}"),
         _f(r.get("stage_bpb"), 4),
         _f(r.get("control_bpb"), 4),
-        "–" if delta is None else f"{delta:+.4f}",
-        "–" if se is None else f"{2 * se:.4f}",
+        "–" if delta is None else bpb_text(delta),
+        "–" if se is None else bpb_text(2 * se)[1:],
         "–" if extra is None else escape(f"{extra:+.4f}{moved}"),
         verdict(str(r.get("verdict") or "–")),
     ]
