@@ -83,6 +83,20 @@ def test_each_control_stage_mirrors_its_training_stage():
     assert "staged.k1" in stages["control_stage_2"]["params"]
 
 
+def test_training_stages_depend_on_the_code_they_run():
+    """Editing the training settings, the runner or the data code must rerun training, or DVC's cache
+    serves results of code that no longer exists."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    runner = {"sunfish/config.py", "sunfish/data", "sunfish/models", "sunfish/training", "pipeline/common.py",
+              "pipeline/training.py"}
+    for name, stage in stages.items():
+        if name.startswith(("train_", "control_")):
+            own = "pipeline/train_cfg.py" if name == "train_cfg_micro" else "pipeline/train_staged.py"
+            assert runner | {own} <= set(stage["deps"]), (name, sorted(runner | {own} - set(stage["deps"])))
+    for path in runner:
+        assert (ROOT / path).exists(), path
+
+
 def test_dvc_parses_yaml_with_the_c_parser():
     """Every stage with params makes DVC parse params.yaml again; the pure-Python parser cost ~1.3 s
     of a no-op `dvc repro` (pyproject's ruamel.yaml.clib dependency is what this checks)."""
