@@ -1,41 +1,19 @@
-"""The prompt-conditioned diffusion denoiser (the ``cfg`` model).
+"""The prompt-conditioned cross-attention diffusion denoiser (``cfg.architecture: cross_attention``).
 
-A pre-norm transformer over the text positions. Each block: non-causal self-attention with RoPE
-(text key padding mask), cross-attention to the encoded prompt (prompt key padding mask; slot 0 of
-the memory is the learned null prompt and is always visible), then a GELU MLP. The network only
-predicts; the objectives in :mod:`sunfish.diffusion` score it and sample from it:
+A pre-norm transformer over the text positions: non-causal self-attention with RoPE, cross-attention
+to the encoded prompt (memory slot 0 is a learned null prompt, always visible, so the unconditional
+branch of classifier-free guidance is the same network), then a GELU MLP. It only predicts; the
+objectives in :mod:`sunfish.diffusion` score and sample it. ``objective="masked"`` reads token ids
+with [MASK] = ``vocab_size`` and predicts real tokens through a head tied to the input embedding (so
+[MASK] is never predicted); ``objective="continuous"`` reads a noisy point among the normalised
+token embeddings plus a timestep embedding and predicts x0, read back by the rounding head.
 
-- ``objective="masked"`` (default): the input is token ids where id ``vocab_size`` is [MASK] (one
-  extra embedding row); the output is logits over the ``vocab_size`` real tokens, from a head tied
-  to the input embedding, so [MASK] can never be predicted. No time input.
-- ``objective="continuous"``: the input is a noisy point z_t in the space of the normalised token
-  embeddings (each row scaled to norm sqrt(d_model)) plus a sinusoidal timestep embedding (and,
-  with self-conditioning, a projection of the previous x0 estimate); the output is x0_hat, read as
-  tokens by the rounding head (x0_hat against the unit-norm embedding matrix).
-
-Input: before the blocks, every position's input (token embedding, or z_t) gets a learned mix of
-its two neighbours' inputs (a width-3 convolution over the sequence, zero-initialised, padding
-excluded). Without it a masked position has no information of its own, and on TinyStories the
-model sat on the unigram solution for 500+ steps: the hidden state of a masked position did not
-depend on the visible tokens at all, so the CE at 5% masking equalled the CE at 95% masking
-(~6.0 nats), with RoPE, learned absolute positions or ALiBi alike. With a width-5 convolution the
-CE at 5% masking fell to 4.75 nats within 150 steps (same data and budget).
-
-Prompt paths: cross-attention in every block always; optionally (``prompt_prefix``) the encoded
-prompt also leads the sequence that self-attention reads, and (``prompt_pooling``) the mean of the
-encoded prompt, through a zero-initialised projection, is added to every position (the DiT way of
-feeding a class). Measured on TinyStories pairs (tiny, 300 steps of 16 x 128 tokens, one seed each,
-held-out pairs): the prompt lowered the ELBO by 0.80 nats per text with ``prompt_encoder_layers=0``
-(the prompt's token embeddings read directly), by 0.69 with two encoder layers plus the prefix,
-by 0.15 with two layers alone (-0.01 at batch 8 x 600 steps) and by 0.08 with two layers and
-pooling. Depth 0 is the default (cfg.prompt_encoder_layers): as good as the prefix and cheaper. The
-prefix and pooling are DiffusionConfig options only, not params.
-
-Initialisation: N(0, 1) token embeddings (unit-scale inputs; the tied masked head divides by
-sqrt(d_model), so the first loss is about ln(vocab)), N(0, 0.02) for the linears, and the output
-projection of every residual branch (self-attention, cross-attention, MLP) at zero, so every block
-starts as the identity. On a toy Markov-chain task the unit-scale embeddings reached a 40% lower
-ELBO after 200 steps than the usual N(0, 0.02) ones, and the zero-init branches beat N(0, 0.01).
+Why the less usual parts: a zero-initialised width-3 convolution mixes each position's input with
+its neighbours', because a masked position otherwise carries nothing of its own and training stalls
+at the unigram solution; the prompt encoder defaults to no layers (``cfg.prompt_encoder_layers: 0``),
+which carried the most prompt information and costs least; unit-scale embeddings and zero-initialised
+residual outputs make every block start as the identity. The measurements behind each choice:
+docs/findings/2026-12-04-cross-attention-denoiser-design.md.
 """
 
 from __future__ import annotations
