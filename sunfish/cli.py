@@ -416,7 +416,7 @@ def diagnose(params_path: Path, model: str, preset: str | None, as_json: bool) -
     """
     from pipeline.common import setup_logging
     from sunfish.config import load_params
-    from sunfish.diagnostics import format_table, run_diagnostics
+    from sunfish.diagnose import format_table, run_diagnostics
 
     setup_logging()
     overrides = {}
