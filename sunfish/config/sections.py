@@ -91,19 +91,20 @@ DEFAULT_PRESETS: dict[str, dict[str, int]] = {
 
 
 class TrainConfig(Section):
-    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    lr: float = Field(2.0e-3, gt=0.0, le=1.0, description="peak learning rate (after warmup, then cosine decay)")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine floor as a share of lr")
-    warmup_steps: int = Field(20, ge=0)
-    max_steps: int = Field(300, ge=1)
-    milestones: list[int] = Field(default_factory=lambda: [100, 200, 300])
+    warmup_steps: int = Field(30, ge=0, description="linear warmup steps to the peak lr")
+    max_steps: int = Field(240, ge=1)
+    milestones: list[int] = Field(default_factory=lambda: [24, 48, 120, 240],
+                                  description="steps with a saved checkpoint; max_steps is always one")
     batch_size: int = Field(16, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables clipping")
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
-    seq_len: int | None = Field(None, ge=8, description="training window; null = the preset's seq_len")
-    eval_every: int = Field(100, ge=1)
+    seq_len: int | None = Field(128, ge=8, description="training window; null = the preset's seq_len")
+    eval_every: int = Field(40, ge=1, description="steps between validation losses")
     eval_batches: int = Field(8, ge=1)
     log_every: int = Field(10, ge=1)
     seed: int = 1337
@@ -178,6 +179,11 @@ class GraphConfig(Section):
     shortcuts: int = Field(6, ge=0)
 
 
+# Stages 1..3 (and their controls) continue the previous stage's weights: a short run at a lower
+# peak lr, not train.*'s budget (which stage 0 uses).
+STAGE_BUDGET = Budget(max_steps=30, milestones=[30], lr=6.0e-4, warmup_steps=3)
+
+
 class StagedConfig(Section):
     preset: str = "tiny"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -189,9 +195,9 @@ class StagedConfig(Section):
     k1: K1Config = K1Config()
     graph: GraphConfig = GraphConfig()
     stage_0: Budget = Budget()
-    stage_1: Budget = Budget()
-    stage_2: Budget = Budget()
-    stage_3: Budget = Budget()
+    stage_1: Budget = STAGE_BUDGET
+    stage_2: Budget = STAGE_BUDGET
+    stage_3: Budget = STAGE_BUDGET
 
     @field_validator("stage_0", "stage_1", "stage_2", "stage_3")
     @classmethod
@@ -217,12 +223,12 @@ class CfgConfig(Section):
     noise_schedule: Literal["sqrt", "cosine"] = "sqrt"
     conditioning_dropout: float = Field(0.1, ge=0.0, le=1.0)
     guidance_scale: float = Field(1.0, ge=0.0, le=100.0)
-    num_steps: int = Field(50, ge=1)
+    num_steps: int = Field(64, ge=1, description="denoising steps in all (block: spread over the blocks)")
     scheduler: Literal["ddim", "ddpm"] = "ddim"
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity; 1 = DDPM ancestral")
     self_conditioning: bool = False
     prompt_encoder: str = Field("own", description="own | gpt2 | a local path or hub name of a GPT-2 model")
-    prompt_encoder_layers: int = Field(0, ge=0, le=24, description="transformer layers over the prompt embeddings (0 measured best)")
+    prompt_encoder_layers: int = Field(0, ge=0, le=24, description="transformer layers over the prompt embeddings")
     max_prompt_tokens: int = Field(32, ge=1, le=1024)
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="masked sampler: nucleus mass per revealed token; 1 = exact")
     guidance: Literal["sequence", "token"] = Field(
@@ -231,7 +237,7 @@ class CfgConfig(Section):
     guidance_candidates: int = Field(4, ge=1, le=64, description="sequence guidance: conditional samples per prompt")
     prompt_copy: bool = Field(True, description="copy head: text positions may copy prompt tokens (block; cross_attention with the masked objective and own encoder)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    budget: Budget = Budget()
+    budget: Budget = Budget(lr=1.0e-3)  # train.* except a lower peak lr
 
     @field_validator("budget")
     @classmethod
@@ -261,8 +267,9 @@ class FluencyConfig(Section):
 
 
 class EvalConfig(Section):
-    prompts: list[str] = Field(default_factory=lambda: ["The capital of India is", "Once upon a time"])
-    max_new_tokens: int = Field(48, ge=1, le=4096)
+    prompts: list[str] = Field(default_factory=lambda: ["The capital of India is", "Once upon a time", "The little dog"],
+                               description="prompts every AR checkpoint continues in the report")
+    max_new_tokens: int = Field(40, ge=1, le=4096)
     temperature: float = Field(0.8, ge=0.0, le=10.0)
     top_k: int = Field(40, ge=0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
@@ -271,8 +278,9 @@ class EvalConfig(Section):
     max_eval_tokens: int | None = Field(
         None, ge=256, description="cap on validation tokens scored per checkpoint; null = whole split"
     )
-    guidance_scales: list[float] = Field(default_factory=lambda: [0.0, 1.0, 3.0, 7.0])
-    cfg_prompts: int = Field(8, ge=1, description="held-out prompts sampled per guidance scale")
+    guidance_scales: list[float] = Field(default_factory=lambda: [0.0, 1.0, 3.0, 5.0, 7.0, 10.0, 15.0],
+                                         description="guidance scales of the reported curve")
+    cfg_prompts: int = Field(16, ge=1, description="held-out prompts sampled per guidance scale")
     cfg_seq_len: int = Field(64, ge=8, description="length of diffusion samples in tokens")
     fluency: FluencyConfig = FluencyConfig()
     cache: bool = Field(True, description="reuse per-checkpoint results from state/eval_cache (keyed by weights and settings)")
