@@ -30,6 +30,7 @@ from sunfish.config.base import (
     check_milestones,
     control_of,
 )
+from sunfish.config.generation import GENERATION_CONFIG, GenerationConfig
 from sunfish.config.load import flatten, load_params, parse_params
 from sunfish.config.params import Params
 from sunfish.config.sections import (
@@ -53,9 +54,9 @@ from sunfish.config.sections import (
 )
 
 __all__ = [
-    "CONTROL_NAMES", "DEFAULT_PRESETS", "EVALUATED_MODELS", "MODEL_NAMES", "STAGED_MODELS", "STAGE_SEED_STRIDE",
-    "Budget", "CfgConfig", "DataConfig", "DiagnoseConfig", "EvalConfig", "FluencyConfig", "GraphConfig",
-    "K1Config", "MUConfig", "ModelPreset", "Params", "ParamsError", "ReportConfig", "ResolvedTraining",
-    "Section", "StagedConfig", "TemporalConfig", "TokenizerConfig", "TrackingConfig", "TrainConfig",
-    "check_milestones", "control_of", "flatten", "load_params", "parse_params",
+    "CONTROL_NAMES", "DEFAULT_PRESETS", "EVALUATED_MODELS", "GENERATION_CONFIG", "MODEL_NAMES", "STAGED_MODELS",
+    "STAGE_SEED_STRIDE", "Budget", "CfgConfig", "DataConfig", "DiagnoseConfig", "EvalConfig", "FluencyConfig",
+    "GenerationConfig", "GraphConfig", "K1Config", "MUConfig", "ModelPreset", "Params", "ParamsError",
+    "ReportConfig", "ResolvedTraining", "Section", "StagedConfig", "TemporalConfig", "TokenizerConfig",
+    "TrackingConfig", "TrainConfig", "check_milestones", "control_of", "flatten", "load_params", "parse_params",
 ]
