@@ -31,7 +31,8 @@ AR_TOP_P = EvalConfig.model_fields["top_p"].default  # nucleus mass of the AR st
 
 
 def default_guidance(model, configured: str | None = None) -> str:
-    """The guidance mode when none is asked for: ``configured`` (params cfg.guidance) where it applies.
+    """The guidance mode when none is asked for: ``configured`` (cfg.guidance: the checkpoint's, or
+    params.yaml's in evaluate) where it applies.
 
     Sequence guidance scores samples with the masked ELBO, so a continuous model gets token guidance.
     """

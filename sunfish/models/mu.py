@@ -22,7 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sunfish.models.layers import MLP, Attention, KVCache, LayerCache, RMSNorm, RotaryEmbedding, apply_rotary, attend
+from sunfish.models.layers import (
+    MLP,
+    Attention,
+    KVCache,
+    LayerCache,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    attend,
+)
 
 # ----------------------------------------------------------------------------------------------
 # the MU layout: defined once

@@ -79,7 +79,7 @@ from sunfish.models.layers import (
     init_weights,
     scaled_residual_std,
 )
-from sunfish.models.mu import (  # noqa: F401  (re-exported: the MU layout's names as staged.py gave them)
+from sunfish.models.mu import (
     MU_AFFINITY_DIM,
     MU_BLOCK_INDEX,
     MU_BLOCK_SIDE,
@@ -100,6 +100,13 @@ from sunfish.models.mu import (  # noqa: F401  (re-exported: the MU layout's nam
 
 if TYPE_CHECKING:  # config stays importable without torch, and this module without pydantic at runtime
     from sunfish.config import ModelPreset, StagedConfig
+
+__all__ = [  # the MU names are sunfish.models.mu's, re-exported where they were defined before
+    "GRAPH_FEATURE_DIM", "GRAPH_SIMILARITY_BLOCKS", "MU_AFFINITY_DIM", "MU_BLOCK_INDEX", "MU_BLOCK_SIDE",
+    "MU_BLOCK_SIZE", "MU_BLOCKS", "MU_CROSS_HEADS", "MU_DIM", "MU_GRID", "MU_MATRIX_SIDE", "MU_N_BLOCKS",
+    "BlockDiagonalLinear", "MUEncoder", "MURefinementLayer", "StagedBlock", "StagedLM", "StagedLMConfig",
+    "fibonacci_offsets", "graph_attention_mask", "mu_blocks", "mu_matrix", "mu_state",
+]
 
 # ----------------------------------------------------------------------------------------------
 # graph routing: the features it compares
