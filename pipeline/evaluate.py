@@ -30,7 +30,7 @@ import torch
 
 from pipeline.common import log, open_stage, write_json
 from pipeline.training import read_meta
-from sunfish.config import CONTROL_NAMES, EVALUATED_MODELS, STAGED_MODELS
+from sunfish.config import CONTROL_NAMES, EVALUATED_MODELS, GENERATION_CONFIG, STAGED_MODELS
 from sunfish.models import is_diffusion
 
 # Code whose change changes evaluation figures: part of every cache key.
@@ -575,6 +575,8 @@ def run() -> None:
             if ev.log_checkpoints:
                 for f in BEST_FILES:
                     run.log_artifact(ctx.root / best["checkpoint"] / f, f"checkpoints/{name}")
+                if (ctx.root / best["checkpoint"] / GENERATION_CONFIG).exists():  # a diffusion model's own defaults
+                    run.log_artifact(ctx.root / best["checkpoint"] / GENERATION_CONFIG, f"checkpoints/{name}")
             if model["kind"] == "diffusion":
                 best_m = next(e for e in model["milestones"] if e["step"] == best["step"])
                 guidance_rows = [{"guidance_scale": g["scale"], "adherence": g["adherence"],
