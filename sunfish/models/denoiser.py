@@ -27,17 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sunfish.models.layers import RotaryEmbedding, TransformerBlock, init_weights, zero_residual_outputs
 from sunfish.models.prompt_copy import PromptCopyHead
 from sunfish.models.prompt_encoder import (
-    MLP,
-    Attention,
+    BLOCK_OPTIONS,
     PromptEncoder,
-    RotaryEmbedding,
-    init_weights,
     is_own,
     pad_prompts,
     pretrained_embedding_shape,
-    zero_residual_outputs,
 )
 
 OBJECTIVES = ("masked", "continuous")
@@ -172,25 +169,6 @@ class TimestepEmbedding(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
-class DenoiserBlock(nn.Module):
-    """Pre-norm: self-attention (RoPE, text mask) -> cross-attention to the prompt -> MLP."""
-
-    def __init__(self, d_model: int, n_head: int, d_ff: int, dropout: float = 0.0):
-        super().__init__()
-        self.norm_attention = nn.LayerNorm(d_model)
-        self.attention = Attention(d_model, n_head, dropout)
-        self.norm_cross = nn.LayerNorm(d_model)
-        self.cross_attention = Attention(d_model, n_head, dropout)
-        self.norm_mlp = nn.LayerNorm(d_model)
-        self.mlp = MLP(d_model, d_ff, dropout)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x, text_mask, rope, memory, memory_mask):
-        x = x + self.dropout(self.attention(self.norm_attention(x), key_mask=text_mask, rope=rope))
-        x = x + self.dropout(self.cross_attention(self.norm_cross(x), context=memory, key_mask=memory_mask))
-        return x + self.mlp(self.norm_mlp(x))
-
-
 class DiffusionLM(nn.Module):
     kind = "diffusion"
 
@@ -222,10 +200,16 @@ class DiffusionLM(nn.Module):
         )
         # the mean of the encoded prompt, projected and added to every position (zero-initialised)
         self.prompt_pool = nn.Linear(c.d_model, c.d_model, bias=False) if c.prompt_pooling else None
-        self.rope = RotaryEmbedding(c.d_model // c.n_head)
+        # with the prefix, self-attention reads the encoded prompt (null slot + prompt) before the text
+        rope_positions = c.max_seq_len + (1 + c.max_prompt_tokens if c.prompt_prefix else 0)
+        self.rope = RotaryEmbedding(c.d_model // c.n_head, rope_positions)
         self.input_dropout = nn.Dropout(c.dropout)
+        # pre-norm: self-attention (RoPE, text mask) -> cross-attention to the prompt -> MLP
         self.blocks = nn.ModuleList(
-            DenoiserBlock(c.d_model, c.n_head, c.d_ff, c.dropout) for _ in range(c.n_layer)
+            TransformerBlock(
+                c.d_model, c.n_head, c.d_ff, dropout=c.dropout, cross_attention=True, **BLOCK_OPTIONS
+            )
+            for _ in range(c.n_layer)
         )
         self.final_norm = nn.LayerNorm(c.d_model)
         self.x0_head = None if masked else nn.Linear(c.d_model, c.d_model, bias=False)
@@ -309,9 +293,11 @@ class DiffusionLM(nn.Module):
             if text_mask is None:
                 text_mask = torch.ones(x.shape[0], length, dtype=torch.bool, device=x.device)
             text_mask = torch.cat([memory_mask.bool(), text_mask.bool()], dim=1)
-        rope = self.rope(prefix + length, x.device)
+        rope = self.rope(prefix + length)
         for block in self.blocks:
-            x = block(x, text_mask, rope, memory, memory_mask)
+            x = block(
+                x, rope=rope, key_padding_mask=text_mask, context=memory, context_padding_mask=memory_mask
+            )
         return self.final_norm(x[:, prefix:])
 
     def _mix_neighbours(self, x: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
