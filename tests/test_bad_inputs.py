@@ -315,7 +315,9 @@ def test_sampling_any_prompt_is_deterministic_under_a_seed(loaded, prompt, seed,
 
     first, second = once(), once()
     assert [r["text"] for r in first] == [r["text"] for r in second]
-    assert isinstance(first[0]["text"], str) and first[0]["text"].encode("utf-8")
+    assert isinstance(first[0]["text"], str)
+    first[0]["text"].encode("utf-8")  # valid UTF-8 (raises on a lone surrogate); may be empty: an
+    # untrained model's draw of dangling bytes decodes to nothing
 
 
 @pytest.mark.parametrize("kind,limit,end", [("staged", 31, "last"), ("diffusion", 8, "first")])
