@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from sunfish.errors import CheckpointError, CorpusError, NonFiniteLoss, TrainingInterrupted, UsageProblem
+
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -23,20 +25,7 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 def _known_errors() -> tuple[type[BaseException], ...]:
     from sunfish.config import ParamsError
 
-    errors: list[type[BaseException]] = [ParamsError]
-    try:
-        from sunfish.training.checkpoint import CheckpointError
-
-        errors.append(CheckpointError)
-    except ImportError:  # pragma: no cover - torch missing
-        pass
-    try:
-        from sunfish.data.corpora import CorpusError
-
-        errors.append(CorpusError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+    return (ParamsError, CheckpointError, CorpusError, UsageProblem, FileNotFoundError)
 
 
 def friendly_errors(fn):
@@ -62,7 +51,7 @@ def friendly_errors(fn):
             if stopped is not None:
                 click.echo(f"{'stopped' if stopped else 'error'}: {exc}", err=True)
                 sys.exit(exc.exit_code if stopped else 1)
-            if isinstance(exc, _known_errors()) or isinstance(exc, (FileNotFoundError, UsageProblem)):
+            if isinstance(exc, _known_errors()):
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_BAD_INPUT)
             if isinstance(exc, OSError) and exc.errno in DISK_FULL:
@@ -83,12 +72,9 @@ def _disk_full_message(exc: OSError) -> str:
 
 def _training_stop(exc: BaseException) -> bool | None:
     """True for a requested stop (SIGINT/SIGTERM), False for a diagnosed failure, None otherwise."""
-    module = sys.modules.get("sunfish.training.loop")
-    if module is None:
-        return None
-    if isinstance(exc, module.TrainingInterrupted):
+    if isinstance(exc, TrainingInterrupted):
         return True
-    if isinstance(exc, module.NonFiniteLoss):
+    if isinstance(exc, NonFiniteLoss):
         return False
     return None
 
@@ -113,10 +99,6 @@ def _relaunch_distributed() -> None:
            "-m", "sunfish", *sys.argv[1:]]
     logging.getLogger("sunfish").info("relaunching under torchrun: %s", " ".join(cmd))
     sys.exit(subprocess.call(cmd))
-
-
-class UsageProblem(ValueError):
-    """A request that cannot be served as asked (conflicting flags, wrong model kind)."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from sunfish.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -33,10 +35,6 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 DIGEST_KEY = "weights_sha256"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says which file and why."""
 
 
 def _fsync_dir(path: Path) -> None:
