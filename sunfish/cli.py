@@ -531,8 +531,7 @@ def tracking_sync(files: tuple[Path, ...], uri: str | None) -> None:
     Each file sent completely is renamed to <name>.synced-<time>; records that could not be sent stay
     in the file, so the command can simply be run again.
     """
-    from sunfish.tracking import repo_root
-    from sunfish.tracking_sync import SyncError, fallback_files, sync_file
+    from sunfish.tracking import SyncError, fallback_files, repo_root, sync_file
 
     if not files:
         root = repo_root()

@@ -68,7 +68,7 @@ def fetch_checkpoint(reference: str, *, uri: str, mlflow_experiment: str = "sunf
     """
     if reference.startswith("models:/"):
         from sunfish.model_registry import resolve
-        from sunfish.tracking_sync import bound_http_retries, open_client
+        from sunfish.tracking import bound_http_retries, open_client
 
         bound_http_retries()
         try:
@@ -104,7 +104,7 @@ def _download(run_id: str, artifact_path: str, uri: str, dest: Path, reference: 
     for a complete checkpoint."""
     import mlflow.artifacts
 
-    from sunfish.tracking_sync import bound_http_retries, open_client
+    from sunfish.tracking import bound_http_retries, open_client
 
     bound_http_retries()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout may be --format json
@@ -136,8 +136,7 @@ def _download(run_id: str, artifact_path: str, uri: str, dest: Path, reference: 
 
 def _evaluate_run_for(target: str, model: str, uri: str, mlflow_experiment: str) -> str:
     """The run id whose checkpoints/<model> is the best checkpoint of experiment ``target``."""
-    from sunfish.tracking import EXPERIMENT_TAG, PARENT_ID_TAG, PARENT_TAG, find_parents
-    from sunfish.tracking_sync import open_client
+    from sunfish.tracking import EXPERIMENT_TAG, PARENT_ID_TAG, PARENT_TAG, find_parents, open_client
 
     client = open_client(uri)
     exp = client.get_experiment_by_name(mlflow_experiment)
