@@ -66,7 +66,7 @@ def test_each_control_stage_mirrors_its_training_stage():
         n = int(control.rsplit("_", 1)[1])
         stage = stages[f"control_stage_{n}"]
         trained = stages[f"train_stage_{n}"]
-        assert stage["cmd"] == f"sunfish stage train-control --stage {n}"
+        assert stage["cmd"] == f"python -m pipeline train-control --stage {n}"
         assert order.index(f"control_stage_{n}") > order.index("train_stage_3")
         # the same starting weights, data and code as stage N ...
         assert set(stage["deps"]) == set(trained["deps"]) and f"models/stage_{n - 1}" in stage["deps"]
