@@ -1,5 +1,5 @@
-"""Bad inputs, table-driven, through the real commands (`sunfish`, `python -m pipeline`): one clear message, the right exit code,
-no traceback, and nothing from earlier runs touched.
+"""Bad inputs, table-driven, through the real commands (`sunfish`, `python -m pipeline`): one clear
+message, the right exit code, no traceback, and nothing from earlier runs touched.
 
 Tables: PARAMS_CASES (params.yaml through `python -m pipeline validate`, a few also through
 `python -m pipeline train-staged --stage 0`), CLI_CASES (checkpoints and flags of `sunfish sample`,
