@@ -6,14 +6,25 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup pipeline test test-fast ui team-server compare clean-outputs
+.PHONY: setup check-python pipeline test test-fast ui team-server compare clean-outputs
 
 setup: $(VENV)/.installed
 
-# torch is installed first and pinned: the CPU wheel on this machine, never the registry's CUDA build.
-$(VENV)/.installed: pyproject.toml
+# The torch build. Empty: whatever this machine's pip resolves for torch==2.13.0 (here the local CPU
+# wheel; on an ordinary Linux machine with PyPI, the CUDA build). To choose, name PyTorch's index:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu     CPU only (no CUDA libraries)
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cu126   CUDA 12.6
+TORCH_INDEX ?=
+TORCH_PIP_ARGS = $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+
+check-python:
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else "SunFish needs Python 3.11 or newer, and $(PYTHON) is %d.%d: install one and run make with PYTHON=python3.11 (or newer)" % (v[0], v[1]))'
+
+# torch is installed first and pinned, from TORCH_INDEX when given, so that the project's own
+# install finds it satisfied and never pulls another build.
+$(VENV)/.installed: pyproject.toml | check-python
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q $(TORCH_PIP_ARGS) "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 

@@ -5,7 +5,7 @@ Prints figures; it checks nothing (no thresholds). See benchmarks/README.md for 
     python benchmarks/bench_sampling.py                       # cfg.preset of params.yaml, default num_steps
     python benchmarks/bench_sampling.py --quick               # nano, few steps (seconds)
     python benchmarks/bench_sampling.py --cfg-checkpoint models/cfg/final \\
-        --ar-checkpoint models/stage_0/final --judge models/stage_3/final   # trained models, judged
+        --ar-checkpoint models/stage_0/final     # trained models, judged by the n-gram judge
 
 Sections of one run:
 
@@ -13,13 +13,15 @@ Sections of one run:
    scheduler (ddim, ddpm) at ``cfg.num_steps`` and ``cfg.guidance_scale`` (w > 1 runs the
    conditional and unconditional branches as one batch of 2N), for one sample at a time (what
    ``sunfish sample`` does) and for ``--num-samples`` at once (what evaluate does); against
-   ``sunfish.generation.generate`` (KV cache, one sequence at a time, the eval's temperature /
-   top-k / top-p / repetition penalty) of a stage-0 StagedLM of the same width and depth, for the
-   same number of tokens. Without checkpoints the models are freshly initialised: the timing is
-   the same, the text is noise.
-2. judge perplexity (``--judge``, an AR checkpoint): the samples of each row scored under it
-   (sunfish.evaluation.judge), so speed can be read at matched quality. Rows from untrained models
-   are not judged.
+   KV-cached AR generation (``sunfish.generation.generate_batch``, the same float64 nucleus
+   ``cfg.top_p`` and draw) of a stage-0 StagedLM of the same width and depth, batched the same way
+   (an AR row per batch size: "vs AR" divides by the AR row of the same batch), for the same number
+   of tokens. Without checkpoints the models are freshly initialised: the timing is the same, the
+   text is noise.
+2. judge: the samples of each trained row judged by the n-gram judge that evaluate uses
+   (sunfish.evaluation.judge: fitted on the prepared train pairs, calibrated on the validation
+   texts, independent of every model timed here), so speed can be read at matched fluency. Rows
+   from untrained models are not judged; ``--no-judge`` skips it.
 3. training: tokens/s of one training step (bench_train.time_training) of the denoiser and of the
    AR stage 0 at the same preset, train.batch_size and train.seq_len.
 """
@@ -141,28 +143,46 @@ def guidance_for(model, configured: str) -> str:
     return default_guidance(model, configured)
 
 
-def time_ar(model, ev, *, count: int, seq_len: int, eos_id: int, repeats: int) -> tuple[float, list[list[int]]]:
-    """KV-cached generation of ``count`` sequences of ``seq_len`` new tokens, one at a time (no early stop)."""
-    from sunfish.generation import generate
+def time_ar(model, ev, *, batch: int, count: int, seq_len: int, eos_id: int, top_p: float,
+            repeats: int) -> tuple[float, list[list[int]]]:
+    """KV-cached generation of ``count`` sequences of ``seq_len`` new tokens, ``batch`` at a time (no early stop)."""
+    from sunfish.generation import generate_batch
 
     times, ids = [], []
     for _ in range(repeats):
         ids = []
         start = time.perf_counter()
-        for i in range(count):
-            gen = torch.Generator().manual_seed(i)
-            ids.append(generate(model, [eos_id], max_new_tokens=seq_len, temperature=ev.temperature, top_k=ev.top_k,
-                                top_p=ev.top_p, repetition_penalty=ev.repetition_penalty, generator=gen, eos_id=None))
+        for first in range(0, count, batch):
+            gen = torch.Generator().manual_seed(first)
+            out = generate_batch(model, [eos_id], num_samples=min(batch, count - first), max_new_tokens=seq_len,
+                                 top_p=top_p, generator=gen)
+            ids += out.tolist()
         times.append(time.perf_counter() - start)
     return statistics.median(times), ids
 
 
-def judge_ppl(judge, tok, texts: list[str]) -> float | None:
-    if judge is None:
-        return None
-    from sunfish.evaluation.score_text import model_perplexity
+def fit_ngram_judge(data_dir: Path, fluency, seed: int):
+    """evaluate's judge over the prepared pairs: (judge, calibration), or None without them."""
+    from sunfish.data.dataset import load_pairs
+    from sunfish.evaluation.judge import fit_judge
 
-    return model_perplexity(judge[0], judge[1], [("", t) for t in texts])["ppl"]
+    train, val = data_dir / "pairs_train.jsonl", data_dir / "pairs_val.jsonl"
+    if not (train.exists() and val.exists()):
+        return None
+    texts = lambda path: list(dict.fromkeys(r["text"] for r in load_pairs(path)))  # noqa: E731
+    judge, cal, _ = fit_judge(texts(train), texts(val), order=fluency.judge_order, max_words=fluency.max_words,
+                              seed=seed)
+    return judge, cal
+
+
+def judged(judge, texts: list[str]) -> dict:
+    """{"judge_ppl", "fluent_share"} of ``texts``, None figures without a judge."""
+    if judge is None:
+        return {"judge_ppl": None, "fluent_share": None}
+    from sunfish.evaluation.judge import judge_samples
+
+    got = judge_samples(texts, *judge)
+    return {"judge_ppl": got["judge_ppl"], "fluent_share": got["fluent_share"]}
 
 
 def run_sampling(ctx, args, report: dict) -> None:
@@ -170,31 +190,37 @@ def run_sampling(ctx, args, report: dict) -> None:
     bt = bench_train_module()
     trained_cfg = _load(args.cfg_checkpoint, "diffusion")
     trained_ar = _load(args.ar_checkpoint, "staged")
-    judge = _load(args.judge, "staged")
-    tok = (trained_cfg or trained_ar or judge or (None, None))[1]
+    tok = (trained_cfg or trained_ar or (None, None))[1]
     if tok is None and (ctx.data_dir / "tokenizer.json").exists():
         from sunfish.data.tokenizer import TextTokenizer
 
         tok = TextTokenizer.load(ctx.data_dir / "tokenizer.json")
+    judge = None
+    if not args.no_judge and (trained_cfg or trained_ar) and tok is not None:
+        judge = fit_ngram_judge(ctx.data_dir, p.eval.fluency, p.eval.seed)
     preset = args.preset
     seq_len, steps, count = args.seq_len, args.num_steps, args.num_samples
+    batches = list(dict.fromkeys([1, count]))
     w = args.guidance_scale
     rows: list[dict] = []
-    with bt.OtherLoad() as other:
-        ar, ar_trained = ar_model(ctx, preset, trained_ar)
-        seconds, ids = time_ar(ar, p.eval, count=count, seq_len=seq_len, eos_id=ctx.eos_id, repeats=args.repeats)
+    ar_tps: dict[int, float] = {}
+    ar, ar_trained = ar_model(ctx, preset, trained_ar)
+    for batch in batches:
+        with bt.OtherLoad() as other:
+            seconds, ids = time_ar(ar, p.eval, batch=batch, count=count, seq_len=seq_len, eos_id=ctx.eos_id,
+                                   top_p=p.cfg.top_p, repeats=args.repeats)
         texts = [_decode(tok, r) for r in ids]
-        rows.append({"name": "ar/kv-cache", "objective": "autoregressive", "scheduler": "-", "batch": 1,
-                     "trained": ar_trained, "seconds": seconds, "tokens_per_s": count * seq_len / seconds,
-                     "judge_ppl": judge_ppl(judge, tok, texts) if ar_trained else None, "example": texts[0][:120]})
-    rows[-1]["other_cores"] = other.cores
-    ar_tps = rows[0]["tokens_per_s"]
+        ar_tps[batch] = count * seq_len / seconds
+        rows.append({"name": f"ar/kv-cache/b{batch}", "objective": "autoregressive", "scheduler": "-", "batch": batch,
+                     "trained": ar_trained, "seconds": seconds, "tokens_per_s": ar_tps[batch], "vs_ar": 1.0,
+                     **judged(judge if ar_trained else None, texts), "example": texts[0][:120],
+                     "other_cores": other.cores})
     for objective in OBJECTIVES:
         model, trained = diffusion_model(ctx, preset, objective, trained_cfg)
         prompts = _prompts(tok if trained or tok is not None else None, count, ctx.data_dir,
                            model.config.max_prompt_tokens)
         for scheduler in SCHEDULERS:
-            for batch in dict.fromkeys([1, count]):
+            for batch in batches:
                 with bt.OtherLoad() as other:
                     seconds, ids = time_diffusion(model, prompts, batch=batch, count=count, seq_len=seq_len,
                                                   num_steps=steps, w=w, scheduler=scheduler, eta=p.cfg.eta,
@@ -205,20 +231,21 @@ def run_sampling(ctx, args, report: dict) -> None:
                 tps = count * seq_len / seconds
                 rows.append({"name": f"{objective}/{scheduler}/b{batch}", "objective": objective,
                              "scheduler": scheduler, "batch": batch, "trained": trained, "seconds": seconds,
-                             "tokens_per_s": tps, "vs_ar": tps / ar_tps,
-                             "judge_ppl": judge_ppl(judge, tok, texts) if trained else None,
+                             "tokens_per_s": tps, "vs_ar": tps / ar_tps[batch],
+                             **judged(judge if trained else None, texts),
                              "example": texts[0][:120], "other_cores": other.cores})
     report["sampling"] = {"preset": preset, "seq_len": seq_len, "num_steps": steps, "guidance_scale": w,
                           "guidance": args.guidance, "candidates": p.cfg.guidance_candidates,
-                          "num_samples": count, "judge": args.judge, "rows": rows}
+                          "num_samples": count, "judge": "ngram" if judge else None, "rows": rows}
     print(f"\nsampling: preset {preset}, {count} samples x {seq_len} tokens, num_steps {steps}, guidance {w:g} "
           f"({args.guidance}, {p.cfg.guidance_candidates} candidates where sequence), "
-          f"{torch.get_num_threads()} thread(s)")
+          f"{torch.get_num_threads()} thread(s); vs AR: against the AR row of the same batch size")
+    pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
     table_rows = [[r["name"], "yes" if r["trained"] else "no", f"{r['seconds']:.2f}", f"{r['tokens_per_s']:,.0f}",
-                   f"{r.get('vs_ar', 1.0):.2f}x", "-" if r["judge_ppl"] is None else f"{r['judge_ppl']:.1f}",
-                   bt._cores(r["other_cores"])] for r in rows]
-    print(bt.table(["row", "trained", "seconds", "tokens/s", "vs AR", "judge ppl", "other load"], table_rows,
-                   right={2, 3, 4, 5}))
+                   f"{r['vs_ar']:.2f}x", "-" if r["judge_ppl"] is None else f"{r['judge_ppl']:.1f}",
+                   pct(r["fluent_share"]), bt._cores(r["other_cores"])] for r in rows]
+    print(bt.table(["row", "trained", "seconds", "tokens/s", "vs AR", "judge ppl", "fluent", "other load"],
+                   table_rows, right={2, 3, 4, 5, 6}))
 
 
 def run_training(ctx, args, report: dict) -> None:
@@ -247,7 +274,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--preset", default=None, help="shape of the untrained models (default: cfg.preset)")
     ap.add_argument("--cfg-checkpoint", default=None, help="a trained diffusion checkpoint (replaces its objective's rows)")
     ap.add_argument("--ar-checkpoint", default=None, help="a trained AR checkpoint for the KV-cache row")
-    ap.add_argument("--judge", default=None, help="an AR checkpoint that scores every trained row's samples")
+    ap.add_argument("--no-judge", action="store_true",
+                    help="skip the n-gram judge of the trained rows (it is fitted on --data's prepared pairs)")
     ap.add_argument("--num-samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: eval.cfg_seq_len)")
     ap.add_argument("--num-steps", type=int, default=None, help="default: cfg.num_steps")

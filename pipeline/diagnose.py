@@ -1,6 +1,6 @@
 """DVC stage `diagnose`: catch a configuration that cannot train before hours are spent on it.
 
-Runs :func:`sunfish.diagnostics.run_diagnostics` for the default models (stage_0 in full, stage_3's
+Runs :func:`sunfish.diagnose.run_diagnostics` for the default models (stage_0 in full, stage_3's
 initialisation, gradient-flow and residual checks, cfg in full) on ``data/prepared``, writes
 ``reports/diagnose.json`` (the report and its MLflow run id), prints the table to the log and logs
 every numeric check value as the metric ``diagnose/<check name>``, the status counts, and the JSON
@@ -61,7 +61,7 @@ def write_table(root: Path, table: str) -> Path:
 
 
 def run() -> None:
-    from sunfish.diagnostics import format_table, run_diagnostics
+    from sunfish.diagnose import format_table, run_diagnostics
     from sunfish.training.checkpoint import atomic_write_text
 
     ctx = open_stage("diagnose")

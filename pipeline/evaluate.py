@@ -1,7 +1,9 @@
 """DVC stage `evaluate`: every milestone checkpoint of every model, scored and sampled.
 
-Validation loss, token-weighted perplexity and bits per byte over the whole validation split (the
-diffusion model's figure is its ELBO bound), seeded samples for fixed prompts, text-quality
+Validation loss, token-weighted perplexity and bits per byte (the diffusion model's figure is its
+ELBO bound) over the validation split cut in two: the first half of its batches chooses the best
+milestone (with samples drawn apart from the reported ones), the second half is the reported
+figure, so no reported number was chosen on. Seeded samples for fixed prompts, text-quality
 measures, for the diffusion model prompt adherence at each guidance scale on held-out prompts,
 and every sample judged by an n-gram model independent of the evaluated models (sunfish.evaluation.judge).
 
@@ -28,7 +30,7 @@ import torch
 
 from pipeline.common import log, open_stage, write_json
 from pipeline.training import read_meta
-from sunfish.config import CONTROL_NAMES, EVALUATED_MODELS, STAGED_MODELS
+from sunfish.config import CONTROL_NAMES, EVALUATED_MODELS, GENERATION_CONFIG, STAGED_MODELS
 from sunfish.models import is_diffusion
 
 # Code whose change changes evaluation figures: part of every cache key.
@@ -136,14 +138,19 @@ def judge_entries(evaluated: Mapping[str, list[dict]], judge_texts: Callable[[li
 # the figures of one checkpoint
 
 
-def _ar_samples(model, tok, ev) -> list[dict]:
+# Seeds of the samples that choose an autoregressive milestone: draws apart from the reported ones.
+SELECTION_SEED_OFFSET = 10_000
+
+
+def _ar_samples(model, tok, ev, seed_offset: int = 0) -> list[dict]:
     from sunfish.sampling import sample_from_checkpoint
 
     out = []
     for i, prompt in enumerate(ev.prompts):
         r = sample_from_checkpoint(
             None, prompt=prompt, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_k=ev.top_k,
-            top_p=ev.top_p, repetition_penalty=ev.repetition_penalty, seed=ev.seed + i, model_and_meta=model,
+            top_p=ev.top_p, repetition_penalty=ev.repetition_penalty, seed=ev.seed + seed_offset + i,
+            model_and_meta=model,
         )[0]
         out.append({"prompt": prompt, "text": r["text"], "continuation": r["continuation"]})
     return out
@@ -318,9 +325,15 @@ class _Resources:
         return self._judge
 
 
+def halving_batch_size(rows: int, batch_size: int) -> int:
+    """The scoring batch size: train.batch_size, smaller when needed so that ``rows`` make at least two
+    batches (the dev and test halves of split_halves; the pooled figures do not depend on it)."""
+    return max(1, min(batch_size, -(-rows // 2)))
+
+
 def _compute_checkpoint(ctx, res: _Resources, name: str, step: int, directory: Path, meta: dict) -> dict:
     from sunfish.data.dataset import PairDataset
-    from sunfish.evaluation.likelihood import score_batches
+    from sunfish.evaluation.likelihood import pool, score_batches, split_halves
     from sunfish.evaluation.text_quality import quality
     from sunfish.training.checkpoint import load_checkpoint
 
@@ -330,19 +343,29 @@ def _compute_checkpoint(ctx, res: _Resources, name: str, step: int, directory: P
     model = loaded[0]
     seq_len = min(model.config.max_seq_len, p.train.seq_len or model.config.max_seq_len)
     if model.kind == "staged":
-        batches = res.val_stream.eval_batches(seq_len, p.train.batch_size, ev.max_eval_tokens)
+        targets = min(res.val_stream.num_tokens - 1, ev.max_eval_tokens or res.val_stream.num_tokens)
+        rows = -(-targets // seq_len)
+        batches = res.val_stream.eval_batches(seq_len, halving_batch_size(rows, p.train.batch_size),
+                                              ev.max_eval_tokens)
     else:
         pairs = PairDataset(res.val_records, tok, seq_len, model.config.max_prompt_tokens)
-        batches = pairs.eval_batches(p.train.batch_size)
+        batches = pairs.eval_batches(halving_batch_size(len(pairs), p.train.batch_size))
     with scoring_autocast(p.train.precision)[0]:
         scores = score_batches(model, batches, bytes_per_token=res.bpt,
                                generator=torch.Generator().manual_seed(ev.seed))
-    entry: dict[str, Any] = {"val_loss": scores["loss"], "val_ppl": scores["ppl"], "val_bpb": scores["bpb"],
-                             "tokens": scores["tokens"]}
+    # choose on the dev half, report the test half (sunfish.evaluation.likelihood.split_halves)
+    dev_parts, test_parts = split_halves(scores["parts"])
+    dev, test = pool(dev_parts, res.bpt), pool(test_parts, res.bpt)
+    entry: dict[str, Any] = {"val_loss": test["loss"], "val_ppl": test["ppl"], "val_bpb": test["bpb"],
+                             "tokens": test["tokens"], "split_tokens": scores["tokens"],
+                             "selection": {"loss": dev["loss"], "tokens": dev["tokens"],
+                                           "disjoint": len(scores["parts"]) >= 2}}
     vocabulary, bigrams = res.corpus
     if model.kind == "staged":
         entry["samples"] = _ar_samples(loaded, tok, ev)
         entry["quality"] = quality([s["continuation"] for s in entry["samples"]], vocabulary, bigrams)
+        chooser = _ar_samples(loaded, tok, ev, SELECTION_SEED_OFFSET)
+        entry["selection"]["quality"] = quality([s["continuation"] for s in chooser], vocabulary, bigrams)
     else:
         entry["guidance"] = _guidance_sweep(loaded, tok, ev, p.cfg, res.prompts("dev"), vocabulary, bigrams,
                                             progress_scales(p.cfg.guidance_scale), res.drawn,
@@ -361,6 +384,7 @@ def show_chosen_scale(entries: list[dict], scale: float) -> None:
         if at_w:
             e["samples"] = [{"prompt": s["prompt"], "text": s["text"]} for s in at_w["samples"]]
             e["quality"] = dict(at_w["quality"])
+            e.setdefault("selection", {})["quality"] = dict(at_w["quality"])  # dev prompts choose
             e["adherence"] = at_w["adherence"]
             e["adherence_scale"] = at_w["scale"]
 
@@ -551,6 +575,8 @@ def run() -> None:
             if ev.log_checkpoints:
                 for f in BEST_FILES:
                     run.log_artifact(ctx.root / best["checkpoint"] / f, f"checkpoints/{name}")
+                if (ctx.root / best["checkpoint"] / GENERATION_CONFIG).exists():  # a diffusion model's own defaults
+                    run.log_artifact(ctx.root / best["checkpoint"] / GENERATION_CONFIG, f"checkpoints/{name}")
             if model["kind"] == "diffusion":
                 best_m = next(e for e in model["milestones"] if e["step"] == best["step"])
                 guidance_rows = [{"guidance_scale": g["scale"], "adherence": g["adherence"],

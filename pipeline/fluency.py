@@ -9,7 +9,10 @@ The headline of the report (sunfish.evaluation.fluency says why the measure look
    (test and implied), and at eval.fluency.dev_scales on dev: settings are chosen there;
 4. reference rows on the test prompts: the held-out text itself, the prompt echoed, its words
    shuffled, random words, stage 0's AR samples drawn the same way (batched, same nucleus), and
-   with a copy head the diffusion model with the head off (what the prompt does through attention).
+   with a copy head the diffusion model with the head off (what the prompt does through attention);
+5. where sequence guidance keeps one of k samples (cfg.guidance: sequence), best-of-k baselines with
+   the same k: the diffusion model at w = 1 and stage 0, each keeping its own most likely sample
+   (sunfish.evaluation.best_of_k), so that the gain of selection alone is a row of its own.
 """
 
 from __future__ import annotations
@@ -85,6 +88,50 @@ def ar_texts(model, tok, n: int, *, seq_len: int, top_p: float, seed: int) -> tu
             out.numel())
 
 
+def selection_k(model, cfg) -> int:
+    """Samples drawn per kept sample at w > 1: cfg.guidance_candidates under sequence guidance (the
+    masked cross-attention model), else 1."""
+    sequence = (cfg.guidance == "sequence" and model.kind == "diffusion"
+                and getattr(model.config, "objective", None) == "masked")
+    return int(cfg.guidance_candidates) if sequence else 1
+
+
+def best_of_k_rows(model, ar, tok, records: list[dict], *, k: int, cfg, seq_len: int, seed: int, judge, cal
+                   ) -> list[dict]:
+    """The best-of-k baselines beside sequence guidance's rows (same k, same prompts): the diffusion
+    model at w = 1 and stage 0, each keeping the sample it finds most likely."""
+    from sunfish.evaluation.best_of_k import ar_best_of_k, diffusion_best_of_k
+    from sunfish.evaluation.fluency import score_row
+
+    prompts = [r["prompt"] for r in records]
+    targets = [r["target"] for r in records]
+    ids = [tok.encode_prompt(q)[: model.config.max_prompt_tokens] for q in prompts]
+    counter = RowCounter(_network(model))
+    start = time.perf_counter()
+    try:
+        out = diffusion_best_of_k(model, ids, k=k, seq_len=seq_len, num_steps=cfg.num_steps,
+                                  exact_counts=cfg.scheduler == "ddim", top_p=cfg.top_p,
+                                  generator=torch.Generator().manual_seed(seed))
+    finally:
+        counter.close()
+    seconds = time.perf_counter() - start
+    rows = [score_row(f"diffusion, best of {k} by its own likelihood", [_decode(tok, r) for r in out.tolist()],
+                      targets, judge, cal, role="reference", prompt_set="test", guidance_scale=1.0, seconds=seconds,
+                      forward_rows=counter.rows, tokens=out.numel(), prompts=prompts, samples_per_prompt=k)]
+    ar_counter: dict = {}
+    start = time.perf_counter()
+    out = ar_best_of_k(ar, [tok.eos_id], n=len(records), k=k, seq_len=seq_len, top_p=cfg.top_p, eos_id=tok.eos_id,
+                       generator=torch.Generator().manual_seed(seed), counter=ar_counter)
+    rows.append(score_row(f"AR stage 0, best of {k} by its own likelihood", [_decode(tok, r) for r in out.tolist()],
+                          targets, judge, cal, role="reference", prompt_set="test",
+                          seconds=time.perf_counter() - start, forward_rows=ar_counter["forward_rows"],
+                          tokens=out.numel(), prompts=prompts, samples_per_prompt=k))
+    for r in rows:
+        log.info("test %s: fluent and on topic %.0f%% (fluent %.0f%%), %.2f s/sample", r["name"],
+                 100 * r["fluent_on_topic"], 100 * r["fluent"], r["seconds_per_sample"])
+    return rows
+
+
 def _unique(texts) -> list[str]:
     return list(dict.fromkeys(t for t in texts if t))
 
@@ -117,13 +164,15 @@ def run() -> None:
     w_default = float(p.cfg.guidance_scale)
     rows: list[dict] = []
 
+    k = selection_k(model, p.cfg)
+
     def model_row(name: str, records: list[dict], w: float, set_name: str) -> None:
         prompts = [r["prompt"] for r in records]
         texts, seconds, fwd, n_tok = diffusion_texts(model, tok, prompts, w=w, cfg=p.cfg, seq_len=ev.cfg_seq_len,
                                                      seed=ev.seed)
         rows.append(score_row(name, texts, [r["target"] for r in records], judge, cal, role="model",
                               prompt_set=set_name, guidance_scale=w, seconds=seconds, forward_rows=fwd,
-                              tokens=n_tok, prompts=prompts))
+                              tokens=n_tok, prompts=prompts, samples_per_prompt=k if w not in (0.0, 1.0) else 1))
         r = rows[-1]
         log.info("%s %s w=%g: fluent and on topic %.0f%% (on topic %.0f%%, fluent %.0f%%), %.2f s/sample",
                  set_name, name, w, 100 * r["fluent_on_topic"], 100 * r["on_topic"], 100 * r["fluent"],
@@ -155,6 +204,9 @@ def run() -> None:
     texts, seconds, fwd, n_tok = ar_texts(ar, tok, len(test), seq_len=ev.cfg_seq_len, top_p=p.cfg.top_p, seed=ev.seed)
     rows.append(score_row("AR stage 0", texts, targets, judge, cal, role="reference", prompt_set="test",
                           seconds=seconds, forward_rows=fwd, tokens=n_tok, prompts=prompts))
+    if k > 1:
+        rows += best_of_k_rows(model, ar, tok, test, k=k, cfg=p.cfg, seq_len=ev.cfg_seq_len, seed=ev.seed,
+                               judge=judge, cal=cal)
 
     likelihood = None
     if model.kind == "block_diffusion":

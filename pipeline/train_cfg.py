@@ -20,6 +20,7 @@ HEALTH_SEED = 0
 
 
 def run() -> None:
+    from sunfish.config import GenerationConfig
     from sunfish.data.dataset import PairDataset, load_pairs
     from sunfish.data.tokenizer import TextTokenizer
     from sunfish.models.denoiser import DiffusionConfig, DiffusionLM
@@ -60,6 +61,8 @@ def run() -> None:
         bytes_per_token=meta["splits"]["val"]["bytes_per_token"],
         flat_params=flat,
         identities=identities,
+        # sampling defaults the checkpoints carry (`sunfish sample` reads them, never ./params.yaml)
+        generation_config=GenerationConfig.from_params(p),
         description=(f"block diffusion (B={p.cfg.block_size}, from {p.cfg.init_from}), CFG dropout "
                      f"{p.cfg.conditioning_dropout}" if p.cfg.architecture == "block" else
                      f"prompt-conditioned {p.cfg.objective} diffusion, CFG dropout {p.cfg.conditioning_dropout}"),

@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import torch
 
 from pipeline.common import StageContext, log, write_csv, write_json
-from sunfish.config import ResolvedTraining
+from sunfish.config import GenerationConfig, ResolvedTraining
 from sunfish.training.checkpoint import link_tree, list_milestones, save_checkpoint
 from sunfish.training.distributed import barrier, init_from_env
 from sunfish.training.loop import TrainingInterrupted, TrainResult, train
@@ -66,6 +66,7 @@ def run_training(
     optimizer_state: dict | None = None,
     stage_params: dict | None = None,
     after_train: Callable[[TrainResult, object], dict] | None = None,
+    generation_config: GenerationConfig | None = None,
 ) -> TrainResult:
     """Train one model for a DVC stage, resuming its interrupted or extended run when that is sound.
 
@@ -76,6 +77,7 @@ def run_training(
     previous stage starts a fresh run instead of continuing a stale one.
     ``after_train(result, run)`` runs on every process once training is done (the staged seeds use it:
     more runs that save nothing); what it returns joins reports/metrics/<model>.json.
+    ``generation_config``: the sampling defaults every checkpoint of a diffusion model carries.
     """
     dist = init_from_env("cuda" if torch.cuda.is_available() and tcfg.device in ("auto", "cuda") else "cpu")
     out_dir = ctx.models / model_name
@@ -118,7 +120,8 @@ def run_training(
 
         def save(m: torch.nn.Module, step: int) -> None:
             target = save_checkpoint(out_dir / f"step_{step}", m, model_name=model_name, step=step,
-                                     tokenizer_file=tokenizer_file, extra=run_meta)
+                                     tokenizer_file=tokenizer_file, extra=run_meta,
+                                     generation_config=generation_config)
             link_tree(target, mirror / target.name)
 
         try:
@@ -138,7 +141,7 @@ def run_training(
         if not dist.is_main:
             return result
         save_checkpoint(out_dir / "final", model, model_name=model_name, step=result.steps,
-                        tokenizer_file=tokenizer_file, extra=run_meta)
+                        tokenizer_file=tokenizer_file, extra=run_meta, generation_config=generation_config)
         # the next stage continues with these AdamW moments (loads with torch.load(weights_only=True))
         torch.save(result.optimizer_state, out_dir / "final" / OPTIMIZER_STATE)
         last_val = result.val[-1] if result.val else {}

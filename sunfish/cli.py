@@ -131,25 +131,27 @@ def config_show(params_path: Path, model: str | None, fmt: str) -> None:
               help="AR sampling temperature; 0 = greedy")
 @click.option("--top-k", type=click.IntRange(0), default=40, show_default=True, help="AR only; 0 = off")
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
-              help="nucleus sampling mass; default 0.95 (AR), cfg.top_p of ./params.yaml else 0.9 (diffusion, "
+              help="nucleus sampling mass; default: eval.top_p's default (AR), the checkpoint's (diffusion, "
                    "masked objective; 1 = exact)")
 @click.option("--repetition-penalty", type=click.FloatRange(1.0, 10.0), default=1.1, show_default=True,
               help="AR only")
 @click.option("--guidance-scale", type=click.FloatRange(0.0, 100.0), default=None,
-              help="diffusion only; default: cfg.guidance_scale of ./params.yaml, else 5")
+              help="diffusion only; default: the checkpoint's")
 @click.option("--guidance", type=click.Choice(["sequence", "token"]), default=None,
               help="diffusion only: sequence = resample whole conditional samples by their prompt information "
-                   "(cross-attention masked checkpoints), token = CFG on every position; default: cfg.guidance "
-                   "of ./params.yaml, else token for block diffusion and sequence for masked cross-attention")
+                   "(cross-attention masked checkpoints), token = CFG on every position; default: the "
+                   "checkpoint's (block diffusion: token)")
 @click.option("--candidates", type=click.IntRange(1, 64), default=None,
-              help="diffusion only: conditional samples per prompt for --guidance sequence; default: "
-                   "cfg.guidance_candidates of ./params.yaml, else 4")
+              help="diffusion only: conditional samples per prompt for --guidance sequence; default: the "
+                   "checkpoint's")
 @click.option("--num-samples", type=click.IntRange(1, 256), default=1, show_default=True)
-@click.option("--seq-len", type=click.IntRange(1, 65536), default=None, help="diffusion only: sample length in tokens")
+@click.option("--seq-len", type=click.IntRange(1, 65536), default=None,
+              help="diffusion only: sample length in tokens; default: the checkpoint's")
 @click.option("--num-steps", type=click.IntRange(1, 100000), default=None,
               help="diffusion only: denoising steps in all (block diffusion: spread over the blocks, at most "
-                   "block_size each)")
-@click.option("--scheduler", type=click.Choice(["ddim", "ddpm"]), default=None, help="diffusion only")
+                   "block_size each); default: the checkpoint's")
+@click.option("--scheduler", type=click.Choice(["ddim", "ddpm"]), default=None,
+              help="diffusion only; default: the checkpoint's")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--uri", "tracking", default=None,
@@ -169,6 +171,11 @@ def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, 
     compare`); it is downloaded once into
     ~/.cache/sunfish/mlflow ($SUNFISH_CACHE/mlflow). Options marked "AR only" or "diffusion only"
     are refused (exit 2) for the other kind of checkpoint rather than silently ignored.
+
+    A diffusion option left out takes "the checkpoint's" value: the checkpoint's
+    generation_config.json (written from params.yaml's cfg section when it was trained), or for a
+    checkpoint saved before that file existed, the default of the same cfg key in the schema. A
+    params.yaml in the current directory is never read for them.
     """
     from sunfish.sampling import fetch_checkpoint, is_mlflow_reference, sample_from_checkpoint
     from sunfish.training.checkpoint import read_checkpoint_meta
@@ -183,18 +190,11 @@ def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, 
     if infill is not None and MASK_MARKER not in infill:
         raise UsageProblem(f"--infill needs at least one {MASK_MARKER} span to fill, e.g. "
                            f"'The dog {MASK_MARKER} the ball'; to condition on text use --prompt")
-    defaults = _project_sampling_defaults()
-    guidance_scale = guidance_scale if guidance_scale is not None else defaults.get("guidance_scale")
-    num_steps = num_steps or defaults.get("num_steps")
-    scheduler = scheduler or defaults.get("scheduler")
-    if kind != "staged" and top_p is None:
-        top_p = defaults.get("top_p")
     results = sample_from_checkpoint(
         checkpoint, prompt=prompt, infill=infill, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, guidance_scale=guidance_scale,
         num_samples=num_samples, seq_len=seq_len, num_steps=num_steps, scheduler=scheduler, seed=seed,
-        guidance=guidance, candidates=candidates or defaults.get("guidance_candidates"),
-        configured_guidance=defaults.get("guidance"),
+        guidance=guidance, candidates=candidates,
     )
     for r in results:
         if fmt == "json":
@@ -241,21 +241,6 @@ def _project_tracking(uri: str | None) -> tuple[str, str]:
     return uri or tracking_uri(repo_root(), configured), experiment
 
 
-def _project_sampling_defaults() -> dict:
-    """cfg.guidance_scale / num_steps / scheduler / top_p / guidance from ./params.yaml inside the project."""
-    path = Path("params.yaml")
-    if not path.exists():
-        return {}
-    try:
-        from sunfish.config import load_params
-
-        cfg = load_params(path).cfg
-    except Exception:  # a broken params.yaml must not stop sampling from a checkpoint
-        return {}
-    return {"guidance_scale": cfg.guidance_scale, "num_steps": cfg.num_steps, "scheduler": cfg.scheduler,
-            "top_p": cfg.top_p, "guidance": cfg.guidance, "guidance_candidates": cfg.guidance_candidates}
-
-
 @main.command()
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml", show_default=True)
 @click.option("--model", type=click.Choice(["stage_0", "stage_1", "stage_2", "stage_3", "cfg", "all"]),
@@ -269,7 +254,7 @@ def diagnose(params_path: Path, model: str, preset: str | None, as_json: bool) -
     Exits 1 on a failed check, or on a warning when diagnose.fail_on_warn is true (as the stage).
     """
     from sunfish.config import load_params
-    from sunfish.diagnostics import format_table, run_diagnostics
+    from sunfish.diagnose import format_table, run_diagnostics
     from sunfish.logs import setup_logging
 
     setup_logging()

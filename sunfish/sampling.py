@@ -2,7 +2,9 @@
 
 The checkpoint says which kind of model it holds; autoregressive stages continue the prompt with a
 KV cache, the diffusion model samples a sequence conditioned on the prompt with classifier-free
-guidance (unconditional without a prompt).
+guidance (unconditional without a prompt). Settings the caller leaves open come from the checkpoint
+itself: a diffusion checkpoint's generation_config.json, else the schema defaults of the same keys
+(:mod:`sunfish.config.generation`), never from a params.yaml in the current directory.
 
 A checkpoint may also live in MLflow: the evaluate stage logs each model's best checkpoint as the
 artifact directory ``checkpoints/<model>`` of its run, so an experiment's winner can be sampled
@@ -20,19 +22,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sunfish.config import EvalConfig
 from sunfish.errors import CheckpointError, UsageProblem
 
 log = logging.getLogger(__name__)
 
 MASK_MARKER = "[MASK]"
-AR_TOP_P = 0.95  # nucleus mass when none is given: the AR stages
-DIFFUSION_TOP_P = 0.9  # and the masked diffusion sampler (params cfg.top_p's default)
-DIFFUSION_GUIDANCE = 5.0  # params cfg.guidance_scale's default
-DIFFUSION_CANDIDATES = 4  # params cfg.guidance_candidates' default
+AR_TOP_P = EvalConfig.model_fields["top_p"].default  # nucleus mass of the AR stages when none is given
 
 
 def default_guidance(model, configured: str | None = None) -> str:
-    """The guidance mode when none is asked for: ``configured`` (params cfg.guidance) where it applies.
+    """The guidance mode when none is asked for: ``configured`` (cfg.guidance: the checkpoint's, or
+    params.yaml's in evaluate) where it applies.
 
     Sequence guidance scores samples with the masked ELBO, so a continuous model gets token guidance.
     """
@@ -42,6 +43,8 @@ def default_guidance(model, configured: str | None = None) -> str:
     if configured == "sequence" and not masked:
         return "token"
     return configured or ("sequence" if masked else "token")
+
+
 MLFLOW_PREFIXES = ("runs:/", "mlflow:", "models:/")
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
@@ -210,11 +213,12 @@ def sample_from_checkpoint(
     model_and_meta: tuple | None = None,
     guidance: str | None = None,
     candidates: int | None = None,
-    configured_guidance: str | None = None,
 ) -> list[dict[str, Any]]:
+    """Samples from a checkpoint; a diffusion setting left None is the checkpoint's own
+    (generation_config.json, else the schema default: :func:`read_generation_config`)."""
     import torch
 
-    from sunfish.training.checkpoint import load_checkpoint, load_tokenizer_for
+    from sunfish.training.checkpoint import load_checkpoint, load_tokenizer_for, read_generation_config
 
     if model_and_meta is None:
         model, meta, directory = load_checkpoint(checkpoint)
@@ -249,15 +253,16 @@ def sample_from_checkpoint(
 
     from sunfish.diffusion.sample import sample as diffusion_sample
 
-    w = guidance_scale if guidance_scale is not None else DIFFUSION_GUIDANCE
-    steps = num_steps or 50
-    sched = scheduler or "ddim"
-    eta = 1.0 if sched == "ddpm" else 0.0
-    mode = guidance or default_guidance(model, configured_guidance)
+    own = read_generation_config(directory)  # the checkpoint's sampling defaults
+    w = guidance_scale if guidance_scale is not None else own.guidance_scale
+    steps = num_steps or own.num_steps
+    sched = scheduler or own.scheduler
+    eta = 1.0 if sched == "ddpm" else own.eta
+    mode = guidance or default_guidance(model, own.guidance)
     if mode == "sequence" and model.config.objective != "masked":
         raise UsageProblem("--guidance sequence needs a masked-objective checkpoint (it scores samples with the "
                            f"masked ELBO); {checkpoint} holds a {model.config.objective!r} model: use --guidance token")
-    length = seq_len or min(64, model.config.max_seq_len)
+    length = seq_len or min(own.seq_len, model.config.max_seq_len)
     if length > model.config.max_seq_len:
         raise UsageProblem(f"--seq-len {length} exceeds the model's max_seq_len {model.config.max_seq_len}")
     prompt_ids, text = clean_prompt(prompt, tok, model.config.max_prompt_tokens, keep="first", diffusion=True)
@@ -270,8 +275,8 @@ def sample_from_checkpoint(
         out = diffusion_sample(
             model, [prompt_ids] if prompt_ids is not None else None, num_samples=1, seq_len=length,
             num_steps=min(steps, getattr(model.config, "timesteps", steps)), guidance_scale=w, scheduler=sched,
-            eta=eta, generator=gen, infill=infill_arg, top_p=DIFFUSION_TOP_P if top_p is None else top_p,
-            guidance=mode, candidates=candidates or DIFFUSION_CANDIDATES,
+            eta=eta, generator=gen, infill=infill_arg, top_p=own.top_p if top_p is None else top_p,
+            guidance=mode, candidates=candidates or own.guidance_candidates,
         )
         ids = out[0].tolist()
         if tok.eos_id in ids and infill is None:

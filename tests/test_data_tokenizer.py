@@ -175,3 +175,21 @@ def test_autotokenizer_loads_eos_and_pad_from_a_checkpoint(tok, texts, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert AutoTokenizer.from_pretrained(str(out)).eos_token is None
+
+
+def test_decode_drops_dangling_bytes_of_a_half_drawn_character_only():
+    from sunfish.data.tokenizer import train_bpe
+
+    tok = train_bpe(["plain ascii stories about a dog and a cat"] * 20, vocab_size=300, min_frequency=1)
+    text = "a \u201cdog\u201d \U0001F600 cat"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text  # valid text: exact round trip
+    quote = tok.encode("\u201c")
+    assert len(quote) > 1  # a rare character is several byte tokens here
+    half = tok.encode("a ") + quote[:1] + tok.encode("dog")
+    assert tok.tokenizer.decode(half) != "a dog" and "\ufffd" in tok.tokenizer.decode(half)
+    assert tok.decode(half) == "a dog"  # the dangling byte is dropped, no U+FFFD
+    real = tok.encode("a \ufffd b")
+    assert tok.decode(real) == "a \ufffd b"  # a real replacement character survives
+    assert tok.decode(half + [tok.eos_id]) == "a dog<|endoftext|>"
+    assert tok.decode(half + [tok.eos_id], skip_special_tokens=True) == "a dog"

@@ -87,7 +87,7 @@ def test_training_stages_depend_on_the_code_they_run():
     """Editing the training settings, the runner or the data code must rerun training, or DVC's cache
     serves results of code that no longer exists."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    runner = {"sunfish/config.py", "sunfish/data", "sunfish/models", "sunfish/training", "pipeline/common.py",
+    runner = {"sunfish/config", "sunfish/data", "sunfish/models", "sunfish/training", "pipeline/common.py",
               "pipeline/training.py"}
     for name, stage in stages.items():
         if name.startswith(("train_", "control_")):

@@ -190,6 +190,41 @@ def test_best_checkpoint_uses_samples_within_two_percent():
     assert "2%" in BEST_RULE and "real_word_share" in BEST_RULE
 
 
+def test_best_checkpoint_chooses_on_selection_figures_not_reported_ones():
+    # reported (test-half) figures favour step 300; the dev half and the selection samples favour 200
+    ms = [_m(200, 1.90, 0.5, 0.5), _m(300, 1.50, 0.99, 0.99)]
+    ms[0]["selection"] = {"loss": 1.40, "quality": {"real_word_share": 0.9, "distinct_2": 0.9}}
+    ms[1]["selection"] = {"loss": 1.60, "quality": {"real_word_share": 0.9, "distinct_2": 0.9}}
+    assert best_checkpoint(ms) == 200
+    # the selection samples break a loss tie, whatever the reported samples say
+    ms[1]["selection"]["loss"] = 1.41
+    ms[1]["selection"]["quality"] = {"real_word_share": 0.95, "distinct_2": 0.95}
+    ms[0]["quality"] = {"real_word_share": 1.0, "distinct_2": 1.0}
+    assert best_checkpoint(ms) == 300
+    assert "dev" in BEST_RULE
+
+
+def test_split_halves_are_disjoint_and_pool_token_weighted():
+    from sunfish.evaluation.likelihood import pool, split_halves
+
+    parts = [(10.0, 10), (20.0, 10), (90.0, 30), (5.0, 5), (1.0, 1)]
+    dev, test = split_halves(parts)
+    assert dev == parts[:2] and test == parts[2:]  # first half chooses, second is reported
+    assert pool(test, 1.0)["loss"] == pytest.approx(96.0 / 36) and pool(test, 1.0)["tokens"] == 36
+    assert split_halves(parts[:1]) == (parts[:1], parts[:1])  # nothing to halve: said by the caller
+    model = FakeModel()
+    out = score_batches(model, [{"nats": n, "tokens": t} for n, t in parts], bytes_per_token=1.0)
+    assert out["parts"] == parts and out["loss"] == pytest.approx(126.0 / 56)
+
+
+def test_scoring_batch_size_leaves_two_halves():
+    from pipeline.evaluate import halving_batch_size
+
+    assert halving_batch_size(100, 16) == 16  # 7 batches
+    assert halving_batch_size(5, 16) == 3  # 3 + 2 rows: two batches
+    assert halving_batch_size(2, 16) == 1 and halving_batch_size(1, 16) == 1
+
+
 def test_checklist_staged():
     ms = [_m(100, 2.5, 0.8, 0.5, 0.4), _m(200, 1.8, 0.93, 0.7, 0.7, fluent=0.67, varied=1.0)]
     items = {i["name"]: i for i in checklist(ms, kind="staged", real_fluent_share=0.84)}

@@ -123,3 +123,32 @@ def test_the_likelihood_table_labels_the_diffusion_figures_as_bounds():
     summary = {"fluency": {"rows": rows, "likelihood": lk}}
     assert "≤ (ELBO, an upper bound)" in render_html(summary)
     assert "≤ (ELBO, an upper bound)" in render_markdown(summary)
+
+
+def test_best_of_k_rows_come_with_sequence_guidance_and_cost_k(setup, docs):
+    """pipeline.fluency adds the two best-of-k baselines only where sequence guidance draws k."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.fluency import best_of_k_rows, selection_k
+    from sunfish.data.tokenizer import train_bpe
+    from sunfish.models.denoiser import DiffusionConfig, DiffusionLM
+    from sunfish.models.staged import StagedLM, StagedLMConfig
+
+    judge, cal, pairs = setup
+    tok = train_bpe(docs[:200], vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    model = DiffusionLM(DiffusionConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, d_ff=64,
+                                        max_seq_len=16, objective="masked", timesteps=20, prompt_encoder_layers=1,
+                                        max_prompt_tokens=8, pad_id=tok.pad_id, eos_id=tok.eos_id)).eval()
+    ar = StagedLM(StagedLMConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, d_ff=64,
+                                 max_seq_len=32, eos_id=tok.eos_id)).eval()
+    cfg = SimpleNamespace(guidance="sequence", guidance_candidates=3, num_steps=4, scheduler="ddim", top_p=1.0)
+    assert selection_k(model, cfg) == 3
+    assert selection_k(model, SimpleNamespace(**{**vars(cfg), "guidance": "token"})) == 1
+    rows = best_of_k_rows(model, ar, tok, pairs[:4], k=3, cfg=cfg, seq_len=8, seed=0, judge=judge, cal=cal)
+    assert [r["name"] for r in rows] == ["diffusion, best of 3 by its own likelihood",
+                                         "AR stage 0, best of 3 by its own likelihood"]
+    for r in rows:
+        assert r["samples_per_prompt"] == 3 and r["n"] == 4 and r["forward_rows_per_sample"] >= 3

@@ -99,8 +99,8 @@ def test_masked_model_has_a_mask_row_and_never_predicts_it():
 
 
 def test_initial_masked_loss_is_about_log_vocab():
+    torch.manual_seed(0)  # the initialisation too: unseeded, about 1 start in 4 missed the 15% window
     model = DiffusionLM(small_config(vocab_size=40))
-    torch.manual_seed(0)
     losses = [float(model.nll(batch_for(B=8), torch.Generator().manual_seed(i))[0]) / 64 for i in range(4)]
     assert sum(losses) / 4 == pytest.approx(torch.log(torch.tensor(40.0)).item(), rel=0.15)
 

@@ -73,8 +73,34 @@ class TextTokenizer:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Ids -> text; keeps ``<|endoftext|>`` etc. unless ``skip_special_tokens`` (exact round trip)."""
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        """Ids -> text; keeps ``<|endoftext|>`` etc. unless ``skip_special_tokens`` (exact round trip).
+
+        A sampled sequence can hold half of a multi-byte character (a model that drew one byte token
+        of a curly quote but not the other); the byte-level decoder renders those bytes as U+FFFD.
+        Such dangling bytes are dropped instead: the text a reader sees has no replacement marks
+        that no training text contained, while the bytes of valid text (a real U+FFFD included)
+        decode exactly as before.
+        """
+        ids = [int(i) for i in ids]
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        if "\ufffd" not in text or not isinstance(self.tokenizer.decoder, decoders.ByteLevel):
+            return text
+        return self._decode_bytes(ids, skip_special_tokens)
+
+    def _decode_bytes(self, ids: list[int], skip_special_tokens: bool) -> str:
+        """Byte-level decoding by hand: the tokens' bytes joined, invalid UTF-8 sequences dropped."""
+        table = _unicode_to_byte()
+        added = self.tokenizer.get_added_tokens_decoder()
+        out = bytearray()
+        for i in ids:
+            if i in added:
+                if not (skip_special_tokens and added[i].special):
+                    out += added[i].content.encode("utf-8")
+                continue
+            token = self.tokenizer.id_to_token(i)
+            if token is not None:
+                out += bytes(table[c] for c in token if c in table)
+        return out.decode("utf-8", errors="ignore")
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -113,6 +139,21 @@ class TextTokenizer:
 
     def __repr__(self) -> str:
         return f"TextTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, pad_id={self.pad_id})"
+
+
+def _unicode_to_byte() -> dict[str, int]:
+    """The byte-level alphabet's character -> byte (GPT-2's table: printable bytes map to themselves,
+    the rest to the characters from U+0100 on, in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
 
 
 def _find_special(tokenizer: Tokenizer, names: Sequence[str], role: str | None) -> int | None:

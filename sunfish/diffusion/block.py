@@ -135,7 +135,7 @@ def text_logits(model, batch: dict, masked: torch.Tensor, keep: torch.Tensor | N
     """Logits ``[rows, L, vocab]`` of the batch's text tokens when the tokens ``masked`` [rows, L]
     are [MASK] in the noised copy (anchors stay clean: they are the previous block's context).
 
-    ``keep`` [rows] False: the null prompt. The diagnostics' view of the model (initial loss,
+    ``keep`` [rows] False: the null prompt. The diagnose checks' view of the model (initial loss,
     memorisation, conditioning effect), the same pass as training.
     """
     prompt_ids, prompt_mask, text, text_mask, length = _layout(model, batch, keep)

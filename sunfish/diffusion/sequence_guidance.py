@@ -61,6 +61,24 @@ def prompt_log_ratio(
     one batched pass, and weights both cross-entropies by L/l, the discrete ELBO of
     :func:`sunfish.diffusion.masked.elbo`. The difference of the two bounds is the estimate.
     """
+    cond, uncond, _ = elbo_pair(model, ids, prompt_ids, prompt_mask, draws=draws, generator=generator)
+    return uncond - cond
+
+
+@torch.no_grad()
+def elbo_pair(
+    model,
+    ids: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    draws: int = DEFAULT_DRAWS,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(conditional bound, unconditional bound, real tokens) per row: the ELBO estimates, in nats
+    (float64 [N]), of -log p(x | c) and -log p(x | null) with the same masks (see prompt_log_ratio),
+    and the tokens each covers. The conditional one alone ranks samples by the model's own
+    likelihood: the best-of-k baseline that sequence guidance is compared with."""
     if draws < 1:
         raise ValueError(f"draws={draws} must be >= 1")
     device = model.device
@@ -70,7 +88,8 @@ def prompt_log_ratio(
     lengths = text_mask.sum(dim=1).clamp(min=1)
     memory = model.encode_prompt_with_null(prompt_ids.to(device), prompt_mask.to(device))
     states, memory_mask = memory
-    total = torch.zeros(rows, dtype=torch.float64, device=device)
+    total_c = torch.zeros(rows, dtype=torch.float64, device=device)
+    total_u = torch.zeros(rows, dtype=torch.float64, device=device)
     for d in range(draws):
         u = (d + uniform((rows,), generator, device)) / draws
         n_masked = (u * lengths).ceil().clamp(min=1).minimum(lengths).long()
@@ -82,12 +101,11 @@ def prompt_log_ratio(
         lp_c = model.masked_log_probs(cond, states[:rows], memory_mask[:rows], prompt_ids, masked)
         lp_u = model.masked_log_probs(uncond, states[rows:], memory_mask[rows:], prompt_ids, masked)
         target = ids[masked]
-        gain = (F.nll_loss(lp_u.double(), target, reduction="none")
-                - F.nll_loss(lp_c.double(), target, reduction="none"))
         weight = (lengths.double() / n_masked.double())[:, None].expand(rows, length)[masked]
         owner = masked.nonzero(as_tuple=True)[0]
-        total.index_add_(0, owner, gain * weight)
-    return (total / draws).cpu()
+        total_c.index_add_(0, owner, F.nll_loss(lp_c.double(), target, reduction="none") * weight)
+        total_u.index_add_(0, owner, F.nll_loss(lp_u.double(), target, reduction="none") * weight)
+    return (total_c / draws).cpu(), (total_u / draws).cpu(), lengths.cpu()
 
 
 def resample(

@@ -44,9 +44,11 @@ PROMPT_EFFECT_GAIN = 0.15  # fluent-and-on-topic share above guidance 0's
 BEST_TOLERANCE = 0.02  # relative val-loss window for best_checkpoint
 
 BEST_RULE = (
-    "among milestones whose validation loss is within 2% of the lowest, the one with the highest "
-    "real_word_share x distinct_2 of its samples (ties: lower loss, then later step); "
-    "without sample measures, the lowest validation loss"
+    "chosen on dev data, reported on test data: among milestones whose validation loss on the dev "
+    "half of the split is within 2% of the lowest, the one with the highest real_word_share x "
+    "distinct_2 of its selection samples (drawn apart from the reported samples; the diffusion "
+    "model's on the dev prompts) (ties: lower loss, then later step); without sample measures, the "
+    "lowest dev-half loss"
 )
 
 
@@ -70,8 +72,18 @@ def _quality(m: dict, key: str) -> float | None:
     return _num(q.get(key)) if isinstance(q, dict) else None
 
 
+def _selection(m: dict) -> dict:
+    """What chooses a milestone: its "selection" record (dev-half loss, selection samples' quality),
+    falling back to the reported figures for milestones that carry none."""
+    sel = m.get("selection") if isinstance(m.get("selection"), dict) else {}
+    loss = _num(sel.get("loss")) if "loss" in sel else _num(m.get("val_loss"))
+    quality = sel.get("quality") if isinstance(sel.get("quality"), dict) else m.get("quality")
+    return {"val_loss": loss, "quality": quality}
+
+
 def best_checkpoint(milestones: Sequence[dict], tolerance: float = BEST_TOLERANCE) -> int | None:
-    """The milestone step to keep, judged on loss *and* samples (the rule is BEST_RULE).
+    """The milestone step to keep, judged on loss *and* samples (the rule is BEST_RULE), on the
+    milestones' "selection" figures when they have them (dev data: never the reported figures).
 
     1. Let L be the lowest validation loss; candidates are milestones with val_loss <= L + tolerance*|L|.
     2. Among candidates with both real_word_share and distinct_2, pick the highest product
@@ -80,7 +92,7 @@ def best_checkpoint(milestones: Sequence[dict], tolerance: float = BEST_TOLERANC
     Milestones without a finite val_loss are only considered when none has one (then by the
     sample score alone, else the last milestone). Returns None for an empty list.
     """
-    ms = _milestones(milestones)
+    ms = [{**_selection(m), "step": m["step"]} for m in _milestones(milestones)]
     if not ms:
         return None
     with_loss = [m for m in ms if _num(m.get("val_loss")) is not None]

@@ -207,7 +207,7 @@ def component_deltas(models: Mapping[str, Mapping] | None = None, runs: Mapping[
         common = sorted(set(stage_bpb) & set(control_bpb))
         for step in common:
             s, c = stage_bpb[step], control_bpb[step]
-            text = (f"{component} ({stage} vs {control} at step {step}, whole validation split, one seed): "
+            text = (f"{component} ({stage} vs {control} at step {step}, test half of the validation split, one seed): "
                     f"{s:.4f} vs {c:.4f} bpb, delta {s - c:+.4f}")
             if baseline is not None:
                 text += f"; from {previous}'s {baseline:.4f}, the extra steps alone gave {c - baseline:+.4f}"

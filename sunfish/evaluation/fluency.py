@@ -67,11 +67,14 @@ def score_row(
     tokens: int | None = None,
     examples: int = 3,
     prompts: Sequence[str] | None = None,
+    samples_per_prompt: int = 1,
 ) -> dict:
     """One table row. ``role`` is "model" or "reference"; ``targets[i]`` the words sample i must name.
 
     ``seconds``/``forward_rows``/``tokens`` are totals over the row's texts (None: not generated,
     e.g. real text). ``tokens``: model tokens produced (the sampling speed is tokens / seconds).
+    ``samples_per_prompt``: samples drawn for each text kept (k for a best-of-k row; its cost is in
+    ``seconds`` and ``forward_rows`` already).
     """
     if len(texts) != len(targets):
         raise ValueError(f"{name}: {len(texts)} texts but {len(targets)} targets")
@@ -87,6 +90,7 @@ def score_row(
     finite = [p for p in ppl if math.isfinite(p)]
     row = {
         "name": name, "role": role, "set": prompt_set, "guidance_scale": guidance_scale, "n": n,
+        "samples_per_prompt": samples_per_prompt,
         "fluent_on_topic": sum(both) / n if n else None, "ci": wilson(sum(both), n),
         "on_topic": sum(on_topic) / n if n else None, "fluent": sum(fluent) / n if n else None,
         "judge_ppl_median": statistics.median(finite) if finite else None,

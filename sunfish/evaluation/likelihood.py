@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["score_batches", "perplexity", "bits_per_byte"]
+__all__ = ["score_batches", "perplexity", "bits_per_byte", "pool", "split_halves"]
 
 LN2 = math.log(2.0)
 
@@ -55,7 +55,8 @@ def score_batches(
     is restored afterwards. ``max_tokens`` stops after the first batch that brings the scored
     total to at least that many tokens (``eval.max_eval_tokens``); None scores every batch.
 
-    Returns ``{"loss": nats/token, "ppl": exp(loss), "bpb": bits/byte, "tokens": n, "batches": k}``.
+    Returns ``{"loss": nats/token, "ppl": exp(loss), "bpb": bits/byte, "tokens": n, "batches": k,
+    "parts": [(nats, tokens) per scored batch]}``; ``pool`` turns any subset of parts into figures.
     A diverged model gives NaN/inf figures rather than an exception (the report shows them).
     Raises ValueError when no token was scored.
     """
@@ -67,6 +68,7 @@ def score_batches(
     total_nats = 0.0
     total_tokens = 0
     n_batches = 0
+    parts: list[tuple[float, int]] = []
     if hasattr(model, "eval"):
         model.eval()
     try:
@@ -78,6 +80,7 @@ def score_batches(
                     continue
                 total_nats += float(nats)
                 total_tokens += n
+                parts.append((float(nats), n))
                 n_batches += 1
                 if max_tokens is not None and total_tokens >= max_tokens:
                     break
@@ -86,11 +89,32 @@ def score_batches(
             model.train(True)
     if total_tokens == 0:
         raise ValueError("no tokens were scored: the batches were empty or fully padded")
+    return {**pool(parts, bytes_per_token), "parts": parts}
+
+
+def pool(parts: list[tuple[float, int]], bytes_per_token: float) -> dict[str, float | int]:
+    """Token-weighted figures of some scored batches: {"loss", "ppl", "bpb", "tokens", "batches"}."""
+    total_nats = sum(n for n, _ in parts)
+    total_tokens = sum(t for _, t in parts)
+    if total_tokens <= 0:
+        raise ValueError("no tokens were scored: the batches were empty or fully padded")
     loss = total_nats / total_tokens
     return {
         "loss": loss,
         "ppl": perplexity(total_nats, total_tokens),
         "bpb": loss / LN2 / float(bytes_per_token),
         "tokens": total_tokens,
-        "batches": n_batches,
+        "batches": len(parts),
     }
+
+
+def split_halves(parts: list[tuple[float, int]]) -> tuple[list, list]:
+    """(dev, test): the first half of the scored batches chooses, the second half is reported.
+
+    The batches walk the split in order, so the halves are disjoint stretches of held-out text.
+    With a single batch there is nothing to halve and both are that batch (the caller says so).
+    """
+    if len(parts) < 2:
+        return list(parts), list(parts)
+    half = len(parts) // 2
+    return list(parts[:half]), list(parts[half:])

@@ -1,41 +1,19 @@
-"""The prompt-conditioned diffusion denoiser (the ``cfg`` model).
+"""The prompt-conditioned cross-attention diffusion denoiser (``cfg.architecture: cross_attention``).
 
-A pre-norm transformer over the text positions. Each block: non-causal self-attention with RoPE
-(text key padding mask), cross-attention to the encoded prompt (prompt key padding mask; slot 0 of
-the memory is the learned null prompt and is always visible), then a GELU MLP. The network only
-predicts; the objectives in :mod:`sunfish.diffusion` score it and sample from it:
+A pre-norm transformer over the text positions: non-causal self-attention with RoPE, cross-attention
+to the encoded prompt (memory slot 0 is a learned null prompt, always visible, so the unconditional
+branch of classifier-free guidance is the same network), then a GELU MLP. It only predicts; the
+objectives in :mod:`sunfish.diffusion` score and sample it. ``objective="masked"`` reads token ids
+with [MASK] = ``vocab_size`` and predicts real tokens through a head tied to the input embedding (so
+[MASK] is never predicted); ``objective="continuous"`` reads a noisy point among the normalised
+token embeddings plus a timestep embedding and predicts x0, read back by the rounding head.
 
-- ``objective="masked"`` (default): the input is token ids where id ``vocab_size`` is [MASK] (one
-  extra embedding row); the output is logits over the ``vocab_size`` real tokens, from a head tied
-  to the input embedding, so [MASK] can never be predicted. No time input.
-- ``objective="continuous"``: the input is a noisy point z_t in the space of the normalised token
-  embeddings (each row scaled to norm sqrt(d_model)) plus a sinusoidal timestep embedding (and,
-  with self-conditioning, a projection of the previous x0 estimate); the output is x0_hat, read as
-  tokens by the rounding head (x0_hat against the unit-norm embedding matrix).
-
-Input: before the blocks, every position's input (token embedding, or z_t) gets a learned mix of
-its two neighbours' inputs (a width-3 convolution over the sequence, zero-initialised, padding
-excluded). Without it a masked position has no information of its own, and on TinyStories the
-model sat on the unigram solution for 500+ steps: the hidden state of a masked position did not
-depend on the visible tokens at all, so the CE at 5% masking equalled the CE at 95% masking
-(~6.0 nats), with RoPE, learned absolute positions or ALiBi alike. With a width-5 convolution the
-CE at 5% masking fell to 4.75 nats within 150 steps (same data and budget).
-
-Prompt paths: cross-attention in every block always; optionally (``prompt_prefix``) the encoded
-prompt also leads the sequence that self-attention reads, and (``prompt_pooling``) the mean of the
-encoded prompt, through a zero-initialised projection, is added to every position (the DiT way of
-feeding a class). Measured on TinyStories pairs (tiny, 300 steps of 16 x 128 tokens, one seed each,
-held-out pairs): the prompt lowered the ELBO by 0.80 nats per text with ``prompt_encoder_layers=0``
-(the prompt's token embeddings read directly), by 0.69 with two encoder layers plus the prefix,
-by 0.15 with two layers alone (-0.01 at batch 8 x 600 steps) and by 0.08 with two layers and
-pooling. Depth 0 is the default (cfg.prompt_encoder_layers): as good as the prefix and cheaper. The
-prefix and pooling are DiffusionConfig options only, not params.
-
-Initialisation: N(0, 1) token embeddings (unit-scale inputs; the tied masked head divides by
-sqrt(d_model), so the first loss is about ln(vocab)), N(0, 0.02) for the linears, and the output
-projection of every residual branch (self-attention, cross-attention, MLP) at zero, so every block
-starts as the identity. On a toy Markov-chain task the unit-scale embeddings reached a 40% lower
-ELBO after 200 steps than the usual N(0, 0.02) ones, and the zero-init branches beat N(0, 0.01).
+Why the less usual parts: a zero-initialised width-3 convolution mixes each position's input with
+its neighbours', because a masked position otherwise carries nothing of its own and training stalls
+at the unigram solution; the prompt encoder defaults to no layers (``cfg.prompt_encoder_layers: 0``),
+which carried the most prompt information and costs least; unit-scale embeddings and zero-initialised
+residual outputs make every block start as the identity. The measurements behind each choice:
+docs/findings/2026-12-04-cross-attention-denoiser-design.md.
 """
 
 from __future__ import annotations
@@ -49,17 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sunfish.models.layers import RotaryEmbedding, TransformerBlock, init_weights, zero_residual_outputs
 from sunfish.models.prompt_copy import PromptCopyHead
 from sunfish.models.prompt_encoder import (
-    MLP,
-    Attention,
+    BLOCK_OPTIONS,
     PromptEncoder,
-    RotaryEmbedding,
-    init_weights,
     is_own,
     pad_prompts,
     pretrained_embedding_shape,
-    zero_residual_outputs,
 )
 
 OBJECTIVES = ("masked", "continuous")
@@ -194,25 +169,6 @@ class TimestepEmbedding(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
-class DenoiserBlock(nn.Module):
-    """Pre-norm: self-attention (RoPE, text mask) -> cross-attention to the prompt -> MLP."""
-
-    def __init__(self, d_model: int, n_head: int, d_ff: int, dropout: float = 0.0):
-        super().__init__()
-        self.norm_attention = nn.LayerNorm(d_model)
-        self.attention = Attention(d_model, n_head, dropout)
-        self.norm_cross = nn.LayerNorm(d_model)
-        self.cross_attention = Attention(d_model, n_head, dropout)
-        self.norm_mlp = nn.LayerNorm(d_model)
-        self.mlp = MLP(d_model, d_ff, dropout)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x, text_mask, rope, memory, memory_mask):
-        x = x + self.dropout(self.attention(self.norm_attention(x), key_mask=text_mask, rope=rope))
-        x = x + self.dropout(self.cross_attention(self.norm_cross(x), context=memory, key_mask=memory_mask))
-        return x + self.mlp(self.norm_mlp(x))
-
-
 class DiffusionLM(nn.Module):
     kind = "diffusion"
 
@@ -244,10 +200,16 @@ class DiffusionLM(nn.Module):
         )
         # the mean of the encoded prompt, projected and added to every position (zero-initialised)
         self.prompt_pool = nn.Linear(c.d_model, c.d_model, bias=False) if c.prompt_pooling else None
-        self.rope = RotaryEmbedding(c.d_model // c.n_head)
+        # with the prefix, self-attention reads the encoded prompt (null slot + prompt) before the text
+        rope_positions = c.max_seq_len + (1 + c.max_prompt_tokens if c.prompt_prefix else 0)
+        self.rope = RotaryEmbedding(c.d_model // c.n_head, rope_positions)
         self.input_dropout = nn.Dropout(c.dropout)
+        # pre-norm: self-attention (RoPE, text mask) -> cross-attention to the prompt -> MLP
         self.blocks = nn.ModuleList(
-            DenoiserBlock(c.d_model, c.n_head, c.d_ff, c.dropout) for _ in range(c.n_layer)
+            TransformerBlock(
+                c.d_model, c.n_head, c.d_ff, dropout=c.dropout, cross_attention=True, **BLOCK_OPTIONS
+            )
+            for _ in range(c.n_layer)
         )
         self.final_norm = nn.LayerNorm(c.d_model)
         self.x0_head = None if masked else nn.Linear(c.d_model, c.d_model, bias=False)
@@ -331,9 +293,11 @@ class DiffusionLM(nn.Module):
             if text_mask is None:
                 text_mask = torch.ones(x.shape[0], length, dtype=torch.bool, device=x.device)
             text_mask = torch.cat([memory_mask.bool(), text_mask.bool()], dim=1)
-        rope = self.rope(prefix + length, x.device)
+        rope = self.rope(prefix + length)
         for block in self.blocks:
-            x = block(x, text_mask, rope, memory, memory_mask)
+            x = block(
+                x, rope=rope, key_padding_mask=text_mask, context=memory, context_padding_mask=memory_mask
+            )
         return self.final_norm(x[:, prefix:])
 
     def _mix_neighbours(self, x: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,23 +1,19 @@
-"""Transformer building blocks shared by the staged LM and the diffusion denoiser.
+"""The one transformer kit of both model families: the staged LM (and the block denoiser built
+on it) and the diffusion denoiser with its prompt encoder.
 
-Everything here is a plain ``nn.Module`` or function with no knowledge of a particular model:
-
-- :class:`RMSNorm` — root-mean-square normalisation (no bias).
-- :class:`RotaryEmbedding` + :func:`apply_rotary` — RoPE, half-split (GPT-NeoX) convention.
-- :func:`attend` — ``F.scaled_dot_product_attention`` with the masks composed for you: causal
-  (bottom-right aligned, so it stays right when queries are the last tokens of a cached sequence),
-  a boolean ``attn_mask`` and a boolean ``key_padding_mask``.
-- :class:`Attention` — multi-head self- or cross-attention (``cross=True``) with RoPE and an optional
-  :class:`LayerCache` (KV cache).
-- :class:`MLP` — two-layer GELU MLP.
-- :class:`TransformerBlock` — pre-norm block: self-attention, optional cross-attention, MLP.
-- :class:`KVCache` / :class:`LayerCache` — the decoding cache.
+One kit so that a fix to masking, RoPE or initialisation reaches every model. The families differ
+in a few places that their checkpoints and trained numerics depend on, and those are options
+here rather than second copies: the norm (RMSNorm vs LayerNorm with bias), the attention
+projections (one fused ``qkv`` vs ``query`` + ``key_value``, the latter also serving
+cross-attention) and the precision RoPE rotates in. The staged LM keeps the defaults; the diffusion
+family's choices are ``prompt_encoder.BLOCK_OPTIONS``.
 
 Mask conventions (the same everywhere, and the same as ``scaled_dot_product_attention``):
 boolean, **True = may attend**. ``attn_mask`` broadcasts to ``[B, H, Tq, Tk]`` (so ``[Tq, Tk]``,
 ``[B, 1, Tq, Tk]`` ...). ``key_padding_mask`` is ``[B, Tk]`` with True = a real key (the data
-contract's ``text_mask`` / ``prompt_mask``). A query whose keys are all padding (the null prompt
-in cross-attention) gets an all-zero output instead of NaN.
+contract's ``text_mask`` / ``prompt_mask``). A query whose keys are all padding (a batch row
+without any text) attends to every key instead of producing NaN; such a row is padding throughout
+and nothing reads its outputs.
 
 Tensor layout inside attention: ``[B, H, T, head_dim]``.
 """
@@ -34,6 +30,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "RMSNorm",
+    "make_norm",
     "RotaryEmbedding",
     "apply_rotary",
     "causal_mask",
@@ -44,6 +41,7 @@ __all__ = [
     "LayerCache",
     "KVCache",
     "init_weights",
+    "zero_residual_outputs",
     "scaled_residual_std",
 ]
 
@@ -64,6 +62,16 @@ class RMSNorm(nn.Module):
         if x.dtype != self.weight.dtype:  # e.g. bf16 activations under autocast: normalise in fp32
             return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """``"rms"``: :class:`RMSNorm`, the staged LM's. ``"layer"``: ``nn.LayerNorm``, the diffusion
+    family's, whose checkpoints carry its bias and whose numerics were trained with it."""
+    if kind == "rms":
+        return RMSNorm(dim)
+    if kind == "layer":
+        return nn.LayerNorm(dim)
+    raise ValueError(f"unknown norm {kind!r}; known: 'rms', 'layer'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,7 +99,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_table", angles.cos(), persistent=False)
         self.register_buffer("sin_table", angles.sin(), persistent=False)
 
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, positions: Tensor | int) -> tuple[Tensor, Tensor]:
+        """``positions`` may be an int n for positions ``0 .. n-1``: sliced from the tables without
+        reading a tensor on the host, so a GPU forward pass does not wait for it."""
+        if isinstance(positions, int):
+            if positions <= self.cos_table.size(0):
+                return self.cos_table[:positions], self.sin_table[:positions]
+            positions = torch.arange(positions, device=self.cos_table.device)
         positions = positions.to(self.cos_table.device)
         if positions.numel() and int(positions.max()) >= self.cos_table.size(0):
             angles = torch.outer(positions.float(), self.inv_freq)
@@ -99,12 +113,18 @@ class RotaryEmbedding(nn.Module):
         return self.cos_table[positions], self.sin_table[positions]
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x [..., T, D]`` by the angles of ``cos/sin [T, D/2]`` (half-split convention)."""
-    cos = cos.to(x.dtype)
-    sin = sin.to(x.dtype)
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, upcast: bool = False) -> Tensor:
+    """Rotate ``x [..., T, D]`` by the angles of ``cos/sin [T, D/2]`` (half-split convention).
+
+    By default the tables are cast to ``x``'s dtype, so under bf16 autocast the rotation stays in
+    bf16. ``upcast=True`` rotates in the tables' float32 and rounds once at the end: the diffusion
+    family has always done so, and its bf16 numerics stay what they were trained with.
+    """
+    if not upcast:
+        cos = cos.to(x.dtype)
+        sin = sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,9 +159,12 @@ def attend(
       the last positions (KV-cache decoding). Uses the fast ``is_causal`` path when it can.
     - ``attn_mask``: boolean, True = may attend, broadcastable to ``[B, H, Tq, Tk]``.
     - ``key_padding_mask``: boolean ``[B, Tk]``, True = real key. Queries with no real key at all
-      return zeros.
+      attend to every key (not NaN; their outputs are padding). All real keys means no mask, which
+      keeps the fast unmasked kernels; checking costs one host sync.
     Returns ``[B, H, Tq, D]``.
     """
+    if key_padding_mask is not None and bool(key_padding_mask.all()):
+        key_padding_mask = None
     n_query, n_key = q.size(-2), k.size(-2)
     mask = attn_mask
     is_causal = False
@@ -153,15 +176,11 @@ def attend(
         else:
             c = causal_mask(n_query, n_key, q.device)
             mask = c if mask is None else mask & c
-    empty = None
     if key_padding_mask is not None:
-        empty = ~key_padding_mask.any(dim=-1)  # [B]: rows with no real key at all
-        keep = (key_padding_mask | empty.unsqueeze(-1))[:, None, None, :]
+        keep = key_padding_mask | ~key_padding_mask.any(dim=-1, keepdim=True)  # rows without a real key: all
+        keep = keep[:, None, None, :]
         mask = keep if mask is None else mask & keep
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
-    if empty is not None:
-        out = out.masked_fill(empty[:, None, None, None], 0.0)
-    return out
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
 
 
 @dataclass
@@ -227,9 +246,12 @@ class KVCache:
 class Attention(nn.Module):
     """Multi-head attention with RoPE, composed masks and an optional KV cache.
 
-    Self-attention (default): one fused ``qkv`` projection of ``x``.
-    Cross-attention (``cross=True``): ``q`` from ``x``, ``kv`` from ``context`` (width
-    ``context_dim``, default ``d_model``); RoPE is not applied and there is no cache.
+    Two projection layouts, one per model family, because each family's checkpoints hold its own:
+    ``fused_qkv=True`` (the staged LM) projects ``x`` once to q, k and v (``qkv``), so it is
+    self-attention only; ``fused_qkv=False`` (the diffusion family) has a ``query`` projection of
+    ``x`` and a ``key_value`` projection of ``context`` (width ``context_dim``), or of ``x`` when
+    no context is given, so the same class does cross-attention. ``rope_fp32``: see
+    :func:`apply_rotary`.
 
     ``forward(x, context=None, *, rope=None, causal=False, attn_mask=None,
     key_padding_mask=None, cache=None) -> [B, T, d_model]``.
@@ -243,27 +265,28 @@ class Attention(nn.Module):
         n_head: int,
         *,
         dropout: float = 0.0,
-        cross: bool = False,
+        fused_qkv: bool = True,
         context_dim: int | None = None,
         bias: bool = False,
+        rope_fp32: bool = False,
     ):
         super().__init__()
         if d_model % n_head:
             raise ValueError(f"n_head={n_head} does not divide d_model={d_model}")
+        if fused_qkv and context_dim is not None:
+            raise ValueError("a fused qkv projection reads x only: cross-attention needs fused_qkv=False")
         self.d_model = d_model
         self.n_head = n_head
         self.head_dim = d_model // n_head
         self.dropout = dropout
-        self.cross = cross
-        if cross:
-            self.q = nn.Linear(d_model, d_model, bias=bias)
-            self.kv = nn.Linear(context_dim or d_model, 2 * d_model, bias=bias)
-        else:
+        self.fused_qkv = fused_qkv
+        self.rope_fp32 = rope_fp32
+        if fused_qkv:
             self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        else:
+            self.query = nn.Linear(d_model, d_model, bias=bias)
+            self.key_value = nn.Linear(context_dim or d_model, 2 * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
-
-    def _heads(self, x: Tensor) -> Tensor:  # [B, T, d] -> [B, H, T, hd]
-        return x.unflatten(-1, (self.n_head, self.head_dim)).transpose(1, 2)
 
     def project(
         self,
@@ -273,19 +296,25 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         cache: LayerCache | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """q ``[B, H, Tq, hd]`` and k, v ``[B, H, Tk, hd]`` (RoPE applied, cache extended)."""
-        if self.cross:
-            if context is None:
-                raise ValueError("cross-attention needs a context")
-            q = self._heads(self.q(x))
-            k, v = (self._heads(t) for t in self.kv(context).chunk(2, dim=-1))
-            return q, k, v
+        """q ``[B, H, Tq, hd]`` and k, v ``[B, H, Tk, hd]`` (RoPE applied, cache extended).
+
+        ``rope`` rotates q and k by the same positions, so it is for self-attention: a prompt's
+        positions and a text's are unrelated.
+        """
         b, t, _ = x.shape
-        qkv = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        if self.fused_qkv:
+            if context is not None:
+                raise ValueError("a fused qkv projection reads x only: cross-attention needs fused_qkv=False")
+            qkv = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            source = x if context is None else context
+            q = self.query(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+            kv = self.key_value(source).view(b, source.size(1), 2, self.n_head, self.head_dim)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         if rope is not None:
-            q = apply_rotary(q, *rope)
-            k = apply_rotary(k, *rope)
+            q = apply_rotary(q, *rope, upcast=self.rope_fp32)
+            k = apply_rotary(k, *rope, upcast=self.rope_fp32)
         if cache is not None:
             k, v = cache.append(k, v)
         return q, k, v
@@ -345,6 +374,11 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``x += attn(norm(x))``; [``x += cross(norm(x), context)``]; ``x += mlp(norm(x))``.
 
+    The diffusion denoiser's blocks (with ``cross_attention``) and its prompt encoder's layers
+    (without). The attribute names are the state_dict keys of their checkpoints; ``norm``,
+    ``fused_qkv`` and ``rope_fp32`` are passed to :func:`make_norm` and :class:`Attention`. The
+    staged LM has its own block because its attention is the graph-gated blend.
+
     ``forward(x, *, rope=None, causal=False, attn_mask=None, key_padding_mask=None, context=None,
     context_padding_mask=None, cache=None)``. ``key_padding_mask`` masks the block's own keys
     (self-attention), ``context_padding_mask`` the context's (cross-attention).
@@ -359,19 +393,23 @@ class TransformerBlock(nn.Module):
         dropout: float = 0.0,
         cross_attention: bool = False,
         context_dim: int | None = None,
+        norm: str = "rms",
+        fused_qkv: bool = True,
+        rope_fp32: bool = False,
     ):
         super().__init__()
-        self.norm_attn = RMSNorm(d_model)
-        self.attn = Attention(d_model, n_head, dropout=dropout)
-        self.norm_cross = RMSNorm(d_model) if cross_attention else None
-        self.cross = (
-            Attention(d_model, n_head, dropout=dropout, cross=True, context_dim=context_dim)
+        options = {"dropout": dropout, "rope_fp32": rope_fp32}
+        self.norm_attention = make_norm(norm, d_model)
+        self.attention = Attention(d_model, n_head, fused_qkv=fused_qkv, **options)
+        self.norm_cross = make_norm(norm, d_model) if cross_attention else None
+        self.cross_attention = (
+            Attention(d_model, n_head, fused_qkv=False, context_dim=context_dim, **options)
             if cross_attention
             else None
         )
-        self.norm_mlp = RMSNorm(d_model)
+        self.norm_mlp = make_norm(norm, d_model)
         self.mlp = MLP(d_model, d_ff, dropout=dropout)
-        self.drop = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(
         self,
@@ -385,9 +423,9 @@ class TransformerBlock(nn.Module):
         context_padding_mask: Tensor | None = None,
         cache: LayerCache | None = None,
     ) -> Tensor:
-        x = x + self.drop(
-            self.attn(
-                self.norm_attn(x),
+        x = x + self.dropout(
+            self.attention(
+                self.norm_attention(x),
                 rope=rope,
                 causal=causal,
                 attn_mask=attn_mask,
@@ -395,20 +433,45 @@ class TransformerBlock(nn.Module):
                 cache=cache,
             )
         )
-        if self.cross is not None:
-            x = x + self.drop(self.cross(self.norm_cross(x), context, key_padding_mask=context_padding_mask))
+        if self.cross_attention is not None:
+            if context is None:
+                raise ValueError("a block with cross-attention needs a context")
+            cross = self.cross_attention(self.norm_cross(x), context, key_padding_mask=context_padding_mask)
+            x = x + self.dropout(cross)
         return x + self.mlp(self.norm_mlp(x))
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """GPT-style init: normal(0, std) for Linear/Embedding weights, zero biases, unit norms."""
+    """GPT-style init: normal(0, std) for Linear/Embedding weights, zero biases, unit norms.
+
+    Modules on the meta device are skipped: a parameter count builds the model there and has
+    nothing to initialise.
+    """
     for m in module.modules():
+        if any(p.is_meta for p in m.parameters(recurse=False)):
+            continue
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, std)
+        elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def zero_residual_outputs(module: nn.Module) -> None:
+    """Zero the output projection of every residual branch (each :class:`Attention`'s ``out``, each
+    :class:`MLP`'s ``down``), so every block starts as the identity: the diffusion family's init,
+    measured in the denoiser's module docstring."""
+    for m in module.modules():
+        if isinstance(m, Attention) and not m.out.weight.is_meta:
+            nn.init.zeros_(m.out.weight)
+        elif isinstance(m, MLP) and not m.down.weight.is_meta:
+            nn.init.zeros_(m.down.weight)
 
 
 def scaled_residual_std(n_layer: int, std: float = 0.02) -> float:

@@ -1,4 +1,4 @@
-"""Prompt encoders for the diffusion model, and the small transformer pieces it is built from.
+"""Prompt encoders for the diffusion model.
 
 The encoder turns prompt tokens into the vectors the denoiser's cross-attention reads (its
 "memory"). Two sources of token vectors:
@@ -13,15 +13,12 @@ The encoder turns prompt tokens into the vectors the denoiser's cross-attention 
   buffer: checkpoints do not carry it, the config names where to load it from again.
 
 Either way the token vectors then go through ``n_layers`` pre-norm non-causal transformer layers
-(RoPE, key padding mask) and a final LayerNorm.
+(RoPE, key padding mask; :class:`sunfish.models.layers.TransformerBlock`) and a final LayerNorm.
 
 The null prompt: a learned vector is always prepended as slot 0 of the memory, and slot 0 is never
 masked. An empty prompt (all of ``prompt_mask`` False) therefore encodes to that slot alone; this
 is what conditioning dropout and the unconditional branch of classifier-free guidance use, and it
 keeps every attention row well defined (no row without a key).
-
-The building blocks (:class:`Attention`, :class:`MLP`, :class:`RotaryEmbedding`,
-:class:`EncoderLayer`) are shared with :mod:`sunfish.models.denoiser`.
 """
 
 from __future__ import annotations
@@ -33,141 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# ----------------------------------------------------------------------------------------------
-# transformer pieces
+from sunfish.models.layers import RotaryEmbedding, TransformerBlock, init_weights, zero_residual_outputs
 
-
-class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (rotate-half form) for heads of width ``head_dim``."""
-
-    def __init__(self, head_dim: int, base: float = 10000.0):
-        super().__init__()
-        if head_dim % 2:
-            raise ValueError(f"RoPE needs an even head width, got {head_dim}")
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each [length, head_dim], in float32."""
-        positions = torch.arange(length, device=device, dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq.to(device))
-        angles = torch.cat([freqs, freqs], dim=-1)
-        return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, L, Dh] by the angles of positions 0..L-1."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
-
-
-def key_padding_mask(key_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """[B, S] (True = a real key) -> an SDPA boolean mask [B, 1, 1, S], or None when all are real.
-
-    A row without any real key (which the null slot normally prevents) attends to every key
-    instead of producing NaN; such rows are padding and their outputs are ignored.
-    """
-    if key_mask is None or bool(key_mask.all()):
-        return None
-    key_mask = key_mask | ~key_mask.any(dim=-1, keepdim=True)
-    return key_mask[:, None, None, :]
-
-
-class Attention(nn.Module):
-    """Multi-head attention; self-attention when ``context`` is None, else cross-attention.
-
-    Non-causal. ``key_mask`` [B, S] marks the real keys. ``rope`` = (cos, sin) rotates queries and
-    keys by their positions (self-attention only: prompt and text positions are unrelated).
-    """
-
-    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0):
-        super().__init__()
-        if d_model % n_head:
-            raise ValueError(f"n_head={n_head} does not divide d_model={d_model}")
-        self.n_head = n_head
-        self.head_dim = d_model // n_head
-        self.dropout = dropout
-        self.query = nn.Linear(d_model, d_model, bias=False)
-        self.key_value = nn.Linear(d_model, 2 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model, bias=False)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        context: torch.Tensor | None = None,
-        key_mask: torch.Tensor | None = None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        context = x if context is None else context
-        batch, length, width = x.shape
-        keys = context.shape[1]
-        q = self.query(x).view(batch, length, self.n_head, self.head_dim).transpose(1, 2)
-        k, v = self.key_value(context).view(batch, keys, 2, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        if rope is not None:
-            cos, sin = rope
-            q = apply_rope(q, cos[:length], sin[:length])
-            k = apply_rope(k, cos[:keys], sin[:keys])
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_padding_mask(key_mask), dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out(y.transpose(1, 2).reshape(batch, length, width))
-
-
-class MLP(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
-        super().__init__()
-        self.up = nn.Linear(d_model, d_ff, bias=False)
-        self.down = nn.Linear(d_ff, d_model, bias=False)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x))))
-
-
-class EncoderLayer(nn.Module):
-    """Pre-norm non-causal transformer layer: self-attention + MLP."""
-
-    def __init__(self, d_model: int, n_head: int, d_ff: int, dropout: float = 0.0):
-        super().__init__()
-        self.norm_attention = nn.LayerNorm(d_model)
-        self.attention = Attention(d_model, n_head, dropout)
-        self.norm_mlp = nn.LayerNorm(d_model)
-        self.mlp = MLP(d_model, d_ff, dropout)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x, key_mask, rope):
-        x = x + self.dropout(self.attention(self.norm_attention(x), key_mask=key_mask, rope=rope))
-        return x + self.mlp(self.norm_mlp(x))
-
-
-def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """Small normal init for linears and embeddings, zero biases, unit norms (skipped on meta)."""
-    for m in module.modules():
-        if any(p.is_meta for p in m.parameters(recurse=False)):
-            continue  # counting parameters: nothing to initialise
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=std)
-        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-            nn.init.ones_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
-def zero_residual_outputs(module: nn.Module) -> None:
-    """Zero the output projection of every residual branch: each layer starts as the identity."""
-    for m in module.modules():
-        if any(p.is_meta for p in m.parameters()):
-            continue
-        if isinstance(m, Attention):
-            nn.init.zeros_(m.out.weight)
-        elif isinstance(m, MLP):
-            nn.init.zeros_(m.down.weight)
-
+# How the diffusion family (this encoder and the denoiser) builds the shared blocks: its checkpoints
+# hold LayerNorm biases and separate query / key_value projections, and it was trained with RoPE
+# rotated in float32.
+BLOCK_OPTIONS = {"norm": "layer", "fused_qkv": False, "rope_fp32": True}
 
 # ----------------------------------------------------------------------------------------------
 # loading pretrained (GPT-2) token embeddings
@@ -283,8 +151,10 @@ class PromptEncoder(nn.Module):
             self.tokenizer = pretrained_tokenizer
             self.projection = nn.Linear(pretrained_embeddings.shape[1], d_model, bias=False)
         self.null = nn.Parameter(torch.zeros(d_model))
-        self.rope = RotaryEmbedding(d_model // n_head)
-        self.layers = nn.ModuleList(EncoderLayer(d_model, n_head, d_ff, dropout) for _ in range(n_layers))
+        self.rope = RotaryEmbedding(d_model // n_head, 1 + max_prompt_tokens)
+        self.layers = nn.ModuleList(
+            TransformerBlock(d_model, n_head, d_ff, dropout=dropout, **BLOCK_OPTIONS) for _ in range(n_layers)
+        )
         self.norm = nn.LayerNorm(d_model)
         init_weights(self)
         if not self.null.is_meta:
@@ -322,9 +192,9 @@ class PromptEncoder(nn.Module):
         x = torch.cat([null, tokens], dim=1)
         null_mask = torch.ones(batch, 1, dtype=torch.bool, device=prompt_mask.device)
         mask = torch.cat([null_mask, prompt_mask], dim=1)
-        rope = self.rope(x.shape[1], x.device)
+        rope = self.rope(x.shape[1])
         for layer in self.layers:
-            x = layer(x, mask, rope)
+            x = layer(x, rope=rope, key_padding_mask=mask)
         return self.norm(x), mask
 
     def tokenize(self, texts: list[str], tokenizer=None, device: torch.device | str = "cpu"):

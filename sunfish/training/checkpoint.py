@@ -1,7 +1,9 @@
 """Checkpoints people can share: safetensors weights, JSON metadata, atomic writes, clear refusals.
 
 A checkpoint is a directory ``<dir>/`` with ``model.safetensors``, ``config.json`` and
-``tokenizer.json``, so ``sunfish sample <dir>`` needs nothing else. Weights are only ever read with
+``tokenizer.json``, so ``sunfish sample <dir>`` needs nothing else; a diffusion checkpoint also
+carries ``generation_config.json``, the sampling settings it is used with unless told otherwise
+(:mod:`sunfish.config.generation`, :func:`read_generation_config`). Weights are only ever read with
 safetensors (which cannot execute code); a file that is a pickle, truncated or damaged is refused
 with a message naming it. safetensors has no checksum, so ``config.json`` records the sha256 of
 ``model.safetensors`` (``weights_sha256``) and loading verifies it: a flipped bit inside the tensor
@@ -26,6 +28,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from sunfish.config.generation import GENERATION_CONFIG, GenerationConfig
 from sunfish.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -89,14 +92,18 @@ def save_checkpoint(
     tokenizer_file: Path | None,
     extra: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, Callable[[Path], None]] | None = None,
+    generation_config: GenerationConfig | None = None,
 ) -> Path:
-    """Write model weights + config (+ tokenizer, + ``extra_files`` writers) to ``directory`` atomically."""
+    """Write model weights + config (+ tokenizer, + ``extra_files`` writers) to ``directory`` atomically.
+
+    ``generation_config``: the sampling defaults written as generation_config.json (diffusion models).
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = _fresh_temp_dir(directory, "tmp")
     try:
         _write_into(tmp, model, model_name=model_name, step=step, tokenizer_file=tokenizer_file,
-                    extra=extra, extra_files=extra_files)
+                    extra=extra, extra_files=extra_files, generation_config=generation_config)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full) leaves the old checkpoint alone
         if isinstance(exc, OSError) and exc.errno is not None:
@@ -149,7 +156,8 @@ def link_tree(src: Path, dst: Path) -> None:
 
 
 def _write_into(tmp: Path, model: Any, *, model_name: str, step: int, tokenizer_file: Path | None,
-                extra: Mapping[str, Any] | None, extra_files: Mapping[str, Callable[[Path], None]] | None) -> None:
+                extra: Mapping[str, Any] | None, extra_files: Mapping[str, Callable[[Path], None]] | None,
+                generation_config: GenerationConfig | None = None) -> None:
     from safetensors.torch import save_file
 
     tensors, aliases = _dedup_shared(model.state_dict())
@@ -179,6 +187,8 @@ def _write_into(tmp: Path, model: Any, *, model_name: str, step: int, tokenizer_
             log.warning("no tokenizer_config.json in %s: %s", tmp.name, exc)
         else:
             tok.save_hf_config(tmp, getattr(config, "max_seq_len", None))
+    if generation_config is not None:
+        (tmp / GENERATION_CONFIG).write_text(generation_config.to_json(), encoding="utf-8")
     for name, write in (extra_files or {}).items():
         write(tmp / name)
     for f in tmp.iterdir():
@@ -351,6 +361,30 @@ def load_tokenizer_for(directory: Path, meta: dict):
         return TextTokenizer.load(file)
     except Exception as exc:
         raise CheckpointError(f"{file}: not a readable tokenizer ({exc})") from None
+
+
+def read_generation_config(directory: Path | None) -> GenerationConfig:
+    """The sampling defaults of the checkpoint in ``directory``: its generation_config.json.
+
+    A checkpoint without one (saved before the file existed, or an autoregressive stage) gets the
+    schema defaults of the same settings; never the settings of a params.yaml nearby. A file that is
+    there but unreadable, or holds a value that is not allowed, is refused naming the file and key.
+    """
+    file = Path(directory) / GENERATION_CONFIG if directory is not None else None
+    if file is None or not file.exists():
+        return GenerationConfig()
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: not a readable JSON generation config ({exc}); delete it to sample "
+                              "with the default settings") from None
+    try:
+        config, unknown = GenerationConfig.from_mapping(data, str(file))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if unknown:
+        log.warning("%s: ignoring settings this SunFish does not know: %s", file, ", ".join(unknown))
+    return config
 
 
 def migrate_checkpoint(path: str | Path, output: str | Path | None = None) -> tuple[str, Path, Path | None]:

@@ -157,6 +157,12 @@ def test_repro_writes_reports_metrics_and_checkpoints(repo):
             assert (repo / "models" / model / f"step_{step}" / "model.safetensors").exists()
             assert (repo / "models" / model / f"step_{step}" / "config.json").exists()
     assert not (repo / "mlruns").exists()
+    # every milestone was chosen on the dev half and reports the other half (choose on dev, report on test)
+    summary = json.loads((repo / "reports" / "milestones.json").read_text())
+    for name, model in summary["models"].items():
+        for m in model["milestones"]:
+            assert m["selection"]["tokens"] > 0 and m["tokens"] < m["split_tokens"], (name, m["step"])
+            assert "quality" in m["selection"], (name, m["step"])
 
 
 def test_controls_train_the_previous_model_for_the_stage_budget(repo):
