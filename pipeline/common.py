@@ -9,12 +9,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sunfish.config import Params, flatten, load_params
+from sunfish.logs import setup_logging
 from sunfish.tracking import repo_root
 
 log = logging.getLogger("sunfish.pipeline")
@@ -64,13 +64,6 @@ class StageContext:
             tags=tags,
             run_id=run_id,
         )
-
-
-def setup_logging() -> None:
-    level = os.environ.get("SUNFISH_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("alembic", "mlflow", "urllib3", "filelock", "httpx", "git"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def open_stage(name: str, params_path: str | Path | None = None) -> StageContext:

@@ -480,7 +480,7 @@ def register_models(run, models: Mapping[str, dict], root: Path) -> None:
     if not getattr(run, "enabled", False) or getattr(run, "client", None) is None or not run.run_id:
         return
     from sunfish.model_registry import ALIAS, register_best, registered_name
-    from sunfish.tracking_sync import open_client
+    from sunfish.tracking import open_client
 
     try:
         client = open_client(run.uri)

@@ -1,4 +1,4 @@
-"""`python -m sunfish ...`: the same as the `sunfish` command (torchrun launches it this way)."""
+"""`python -m sunfish ...`: the same as the `sunfish` command."""
 
 from sunfish.cli import main
 

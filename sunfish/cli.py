@@ -1,4 +1,7 @@
-"""The `sunfish` command: pipeline stage commands (run by DVC) and user commands.
+"""The `sunfish` command: the user commands (sample, status, compare, ...).
+
+The DVC stages have their own entry point, `python -m pipeline <stage>` (pipeline/cli.py), which
+reuses :func:`friendly_errors`; the library never imports the pipeline.
 
 Importing this module must stay cheap (no torch, no mlflow): heavy imports happen inside commands,
 so `sunfish --help` and params validation answer at once.
@@ -15,6 +18,8 @@ from pathlib import Path
 
 import click
 
+from sunfish.errors import CheckpointError, CorpusError, NonFiniteLoss, TrainingInterrupted, UsageProblem
+
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -23,20 +28,7 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 def _known_errors() -> tuple[type[BaseException], ...]:
     from sunfish.config import ParamsError
 
-    errors: list[type[BaseException]] = [ParamsError]
-    try:
-        from sunfish.training.checkpoint import CheckpointError
-
-        errors.append(CheckpointError)
-    except ImportError:  # pragma: no cover - torch missing
-        pass
-    try:
-        from sunfish.data.corpora import CorpusError
-
-        errors.append(CorpusError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+    return (ParamsError, CheckpointError, CorpusError, UsageProblem, FileNotFoundError)
 
 
 def friendly_errors(fn):
@@ -62,7 +54,7 @@ def friendly_errors(fn):
             if stopped is not None:
                 click.echo(f"{'stopped' if stopped else 'error'}: {exc}", err=True)
                 sys.exit(exc.exit_code if stopped else 1)
-            if isinstance(exc, _known_errors()) or isinstance(exc, (FileNotFoundError, UsageProblem)):
+            if isinstance(exc, _known_errors()):
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_BAD_INPUT)
             if isinstance(exc, OSError) and exc.errno in DISK_FULL:
@@ -83,40 +75,11 @@ def _disk_full_message(exc: OSError) -> str:
 
 def _training_stop(exc: BaseException) -> bool | None:
     """True for a requested stop (SIGINT/SIGTERM), False for a diagnosed failure, None otherwise."""
-    module = sys.modules.get("sunfish.training.loop")
-    if module is None:
-        return None
-    if isinstance(exc, module.TrainingInterrupted):
+    if isinstance(exc, TrainingInterrupted):
         return True
-    if isinstance(exc, module.NonFiniteLoss):
+    if isinstance(exc, NonFiniteLoss):
         return False
     return None
-
-
-def _relaunch_distributed() -> None:
-    """With train.nproc_per_node > 1, rerun this very command under torchrun (one process per device).
-
-    DVC runs the same stage command either way, so switching to DistributedDataParallel is a
-    params.yaml change; launched by torchrun already (WORLD_SIZE set), nothing happens.
-    """
-    import os
-    import subprocess
-
-    from sunfish.config import load_params
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return
-    n = load_params(Path.cwd() / "params.yaml").train.nproc_per_node
-    if n <= 1:
-        return
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "sunfish", *sys.argv[1:]]
-    logging.getLogger("sunfish").info("relaunching under torchrun: %s", " ".join(cmd))
-    sys.exit(subprocess.call(cmd))
-
-
-class UsageProblem(ValueError):
-    """A request that cannot be served as asked (conflicting flags, wrong model kind)."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -124,117 +87,8 @@ class UsageProblem(ValueError):
 def main() -> None:
     """SunFish: train, diagnose, sample and evaluate small language models.
 
-    The pipeline runs through DVC (`dvc repro`); every stage is a `sunfish stage ...` command.
+    The pipeline runs through DVC (`dvc repro`); every stage is a `python -m pipeline ...` command.
     """
-
-
-# ------------------------------------------------------------------------------------------------
-# pipeline stages (called by dvc.yaml; they take identifiers only, all settings come from params.yaml)
-
-
-@main.group()
-def stage() -> None:
-    """Pipeline stages, as dvc.yaml runs them. Settings come from params.yaml only."""
-
-
-@stage.command("validate")
-@friendly_errors
-def stage_validate() -> None:
-    """Validate all of params.yaml (fails naming the bad key)."""
-    from pipeline.validate import run
-
-    run()
-
-
-@stage.command("prepare")
-@friendly_errors
-def stage_prepare() -> None:
-    """Load the corpus, train the tokenizer, write token files and prompt/text pairs."""
-    from pipeline.prepare import run
-
-    run()
-
-
-@stage.command("diagnose")
-@friendly_errors
-def stage_diagnose() -> None:
-    """Check configuration, data, initialisation, gradient flow and memorisation before training."""
-    from pipeline.diagnose import run
-
-    run()
-
-
-@stage.command("train-staged")
-@click.option("--stage", "stage_index", type=click.IntRange(0, 3), required=True, help="which stage, 0..3")
-@friendly_errors
-def stage_train_staged(stage_index: int) -> None:
-    """Train one stage of the staged autoregressive model.
-
-    Resumes an interrupted run (or one whose max_steps grew) from state/stage_N/ when the other
-    settings are unchanged; Ctrl-C or SIGTERM stops after the current step with a resume checkpoint.
-    """
-    _relaunch_distributed()
-    from pipeline.train_staged import run
-
-    run(stage_index)
-
-
-@stage.command("train-control")
-@click.option("--stage", "stage_index", type=click.IntRange(1, 3), required=True,
-              help="which stage's control, 1..3")
-@friendly_errors
-def stage_train_control(stage_index: int) -> None:
-    """Train control_N: stage N-1's model, from its final weights, for stage N's budget.
-
-    The same batches and steps as stage N without its new component, so the report can tell what
-    the component adds beyond the extra training. Resumes and stops like `train-staged` (state/control_N/).
-    With staged.k1.mode: log, control_2 would equal stage_2 bit for bit: it is written as not trained.
-    """
-    _relaunch_distributed()
-    from pipeline.train_staged import run_control
-
-    run_control(stage_index)
-
-
-@stage.command("train-cfg")
-@friendly_errors
-def stage_train_cfg() -> None:
-    """Train the prompt-conditioned diffusion model (classifier-free guidance).
-
-    Resumes and stops like `train-staged` (state/cfg/).
-    """
-    _relaunch_distributed()
-    from pipeline.train_cfg import run
-
-    run()
-
-
-@stage.command("evaluate")
-@friendly_errors
-def stage_evaluate() -> None:
-    """Score every milestone checkpoint and sample from it."""
-    from pipeline.evaluate import run
-
-    run()
-
-
-@stage.command("evaluate-fluency")
-@friendly_errors
-def stage_fluency() -> None:
-    """Fluent and on topic: the diffusion model's samples on held-out dev/test prompts, judged by an
-    independent n-gram model, beside real text, the prompt echoed and AR samples."""
-    from pipeline.fluency import run
-
-    run()
-
-
-@stage.command("report")
-@friendly_errors
-def stage_report() -> None:
-    """Render reports/report.html and reports/report.md."""
-    from pipeline.report import run
-
-    run()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,9 +253,9 @@ def diagnose(params_path: Path, model: str, preset: str | None, as_json: bool) -
 
     Exits 1 on a failed check, or on a warning when diagnose.fail_on_warn is true (as the stage).
     """
-    from pipeline.common import setup_logging
     from sunfish.config import load_params
     from sunfish.diagnose import format_table, run_diagnostics
+    from sunfish.logs import setup_logging
 
     setup_logging()
     overrides = {}
@@ -534,8 +388,7 @@ def tracking_sync(files: tuple[Path, ...], uri: str | None) -> None:
     Each file sent completely is renamed to <name>.synced-<time>; records that could not be sent stay
     in the file, so the command can simply be run again.
     """
-    from sunfish.tracking import repo_root
-    from sunfish.tracking_sync import SyncError, fallback_files, sync_file
+    from sunfish.tracking import SyncError, fallback_files, repo_root, sync_file
 
     if not files:
         root = repo_root()

@@ -72,8 +72,7 @@ def load_experiments(
     ``names``: keep experiments whose name matches one of these shell patterns (``sweep-*``);
     ``last``: keep the newest N after that filter.
     """
-    from sunfish.tracking import PARENT_ID_TAG, find_parents
-    from sunfish.tracking_sync import open_client
+    from sunfish.tracking import PARENT_ID_TAG, find_parents, open_client
 
     client = open_client(uri)
     exp = client.get_experiment_by_name(mlflow_experiment)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sunfish.config import EvalConfig
+from sunfish.errors import CheckpointError, UsageProblem
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,9 @@ def fetch_checkpoint(reference: str, *, uri: str, mlflow_experiment: str = "sunf
     evaluate run of that experiment (a DVC experiment name, a ``workspace@<commit>`` label, or the
     id of the parent or evaluate run).
     """
-    from sunfish.training.checkpoint import CheckpointError
-
     if reference.startswith("models:/"):
         from sunfish.model_registry import resolve
-        from sunfish.tracking_sync import bound_http_retries, open_client
+        from sunfish.tracking import bound_http_retries, open_client
 
         bound_http_retries()
         try:
@@ -108,8 +107,7 @@ def _download(run_id: str, artifact_path: str, uri: str, dest: Path, reference: 
     for a complete checkpoint."""
     import mlflow.artifacts
 
-    from sunfish.tracking_sync import bound_http_retries, open_client
-    from sunfish.training.checkpoint import CheckpointError
+    from sunfish.tracking import bound_http_retries, open_client
 
     bound_http_retries()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout may be --format json
@@ -141,9 +139,7 @@ def _download(run_id: str, artifact_path: str, uri: str, dest: Path, reference: 
 
 def _evaluate_run_for(target: str, model: str, uri: str, mlflow_experiment: str) -> str:
     """The run id whose checkpoints/<model> is the best checkpoint of experiment ``target``."""
-    from sunfish.tracking import EXPERIMENT_TAG, PARENT_ID_TAG, PARENT_TAG, find_parents
-    from sunfish.tracking_sync import open_client
-    from sunfish.training.checkpoint import CheckpointError
+    from sunfish.tracking import EXPERIMENT_TAG, PARENT_ID_TAG, PARENT_TAG, find_parents, open_client
 
     client = open_client(uri)
     exp = client.get_experiment_by_name(mlflow_experiment)
@@ -231,7 +227,6 @@ def sample_from_checkpoint(
     tok = load_tokenizer_for(directory, meta)
     results = []
     if meta["kind"] == "staged":
-        from sunfish.cli import UsageProblem
         from sunfish.generation import generate
 
         if infill is not None:
@@ -265,14 +260,10 @@ def sample_from_checkpoint(
     eta = 1.0 if sched == "ddpm" else own.eta
     mode = guidance or default_guidance(model, own.guidance)
     if mode == "sequence" and model.config.objective != "masked":
-        from sunfish.cli import UsageProblem
-
         raise UsageProblem("--guidance sequence needs a masked-objective checkpoint (it scores samples with the "
                            f"masked ELBO); {checkpoint} holds a {model.config.objective!r} model: use --guidance token")
     length = seq_len or min(own.seq_len, model.config.max_seq_len)
     if length > model.config.max_seq_len:
-        from sunfish.cli import UsageProblem
-
         raise UsageProblem(f"--seq-len {length} exceeds the model's max_seq_len {model.config.max_seq_len}")
     prompt_ids, text = clean_prompt(prompt, tok, model.config.max_prompt_tokens, keep="first", diffusion=True)
     infill_arg = None

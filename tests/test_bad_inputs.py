@@ -1,9 +1,9 @@
-"""Bad inputs, table-driven, through the real `sunfish` command: one clear message, the right exit code,
-no traceback, and nothing from earlier runs touched.
+"""Bad inputs, table-driven, through the real commands (`sunfish`, `python -m pipeline`): one clear
+message, the right exit code, no traceback, and nothing from earlier runs touched.
 
-Tables: PARAMS_CASES (params.yaml through `sunfish stage validate`, a few also through
-`sunfish stage train-staged --stage 0`), CLI_CASES (checkpoints and flags of `sunfish sample`,
-`eval-text`, `migrate`), CORPUS_CASES (`sunfish stage prepare`), and hypothesis fuzzing of prompts.
+Tables: PARAMS_CASES (params.yaml through `python -m pipeline validate`, a few also through
+`python -m pipeline train-staged --stage 0`), CLI_CASES (checkpoints and flags of `sunfish sample`,
+`eval-text`, `migrate`), CORPUS_CASES (`python -m pipeline prepare`), and hypothesis fuzzing of prompts.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.cli import main as stage_main
 from sunfish.cli import main
 from tests.ckpt_fixtures import build_checkpoints, make_format_0, tree_digest
 
@@ -146,7 +147,7 @@ def test_every_mutation_is_a_single_problem():
 def test_bad_params_stop_validate_before_any_work(project, case, contents, named):
     _write_params(project, contents)
     before = _outputs(project)
-    result = CliRunner().invoke(main, ["stage", "validate"])
+    result = CliRunner().invoke(stage_main, ["validate"])
     out = _assert_clean_failure(result)
     assert out.count("error:") == 1 and named in out, out
     problems = [ln for ln in out.splitlines() if ln.startswith("  - ")]
@@ -163,7 +164,7 @@ def test_bad_params_stop_a_training_stage_before_any_work(project, case):
     contents, named = next((c, n) for k, c, n in PARAMS_CASES if k == case)
     _write_params(project, contents)
     before = _outputs(project)
-    proc = subprocess.run([sys.executable, "-m", "sunfish", "stage", "train-staged", "--stage", "0"],
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train-staged", "--stage", "0"],
                           cwd=project, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert named in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr
@@ -356,7 +357,7 @@ def test_a_prompt_of_undecodable_bytes_through_the_real_command(ckpts, loaded):
 
 
 # ----------------------------------------------------------------------------------------------
-# corpora: `sunfish stage prepare` names the file and leaves data/prepared alone
+# corpora: `python -m pipeline prepare` names the file and leaves data/prepared alone
 
 PREPARE_PARAMS = {
     "data": {"source": "SOURCE", "val_fraction": 0.3, "split": "tail"},
@@ -398,7 +399,7 @@ def test_bad_corpora_stop_prepare_naming_the_file(tmp_path, monkeypatch, case, f
     (prepared / "meta.json").write_text('{"from": "an earlier prepare"}')
     before = tree_digest(prepared)
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(main, ["stage", "prepare"])
+    result = CliRunner().invoke(stage_main, ["prepare"])
     out = _assert_clean_failure(result)
     assert expected in out and named.split("/")[-1] in out, out
     assert out.count("error:") == 1
@@ -413,7 +414,7 @@ def test_a_good_corpus_prepares(tmp_path, monkeypatch):
     params["data"]["source"] = str(tmp_path / "c.txt")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(main, ["stage", "prepare"])
+    result = CliRunner().invoke(stage_main, ["prepare"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "data" / "prepared" / "meta.json").read_text())["splits"]["train"]["tokens"] >= 65
 

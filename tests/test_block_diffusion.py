@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sunfish.diffusion import block as bd
-from sunfish.models.block_denoiser import BlockDiffusionConfig, BlockDiffusionLM, group_mask
+from sunfish.models.block_denoiser import BlockDiffusionConfig, BlockDiffusionLM
 from sunfish.models.staged import StagedLM, StagedLMConfig
 
 VOCAB = 40
@@ -62,7 +62,7 @@ def test_block_of_one_is_the_ar_model():
 
 def test_group_mask_is_block_causal():
     p, n, b = 2, 9, 4
-    m = group_mask(p, n, b)
+    m = bd.group_mask(p, n, b)
     clean = lambda i: p + i  # noqa: E731
     noised = lambda i: p + n + i  # noqa: E731
     # the clean copy is causal and never sees the noised copy

@@ -66,7 +66,7 @@ def test_each_control_stage_mirrors_its_training_stage():
         n = int(control.rsplit("_", 1)[1])
         stage = stages[f"control_stage_{n}"]
         trained = stages[f"train_stage_{n}"]
-        assert stage["cmd"] == f"sunfish stage train-control --stage {n}"
+        assert stage["cmd"] == f"python -m pipeline train-control --stage {n}"
         assert order.index(f"control_stage_{n}") > order.index("train_stage_3")
         # the same starting weights, data and code as stage N ...
         assert set(stage["deps"]) == set(trained["deps"]) and f"models/stage_{n - 1}" in stage["deps"]
@@ -95,6 +95,54 @@ def test_training_stages_depend_on_the_code_they_run():
             assert runner | {own} <= set(stage["deps"]), (name, sorted(runner | {own} - set(stage["deps"])))
     for path in runner:
         assert (ROOT / path).exists(), path
+
+
+def _stage_modules() -> dict[str, set[str]]:
+    """{`python -m pipeline` command: the pipeline modules it runs}, read from pipeline/cli.py's AST
+    (the modules each command imports) and closed over the imports among pipeline modules."""
+    import ast
+
+    from tests.test_house_rules import import_graph, project_modules
+
+    modules = project_modules(ROOT, ["pipeline"])
+    graph = import_graph(modules)
+    runs = {}
+    for node in ast.parse((ROOT / "pipeline" / "cli.py").read_text()).body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        names = [d.args[0].value for d in node.decorator_list
+                 if isinstance(d, ast.Call) and getattr(d.func, "attr", None) == "command" and d.args]
+        if names:
+            runs[names[0]] = {n.module for n in ast.walk(node) if isinstance(n, ast.ImportFrom)
+                              and (n.module or "").startswith("pipeline.")}
+    closed = {}
+    for command, todo in runs.items():
+        seen: set[str] = set()
+        todo = list(todo)
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo.extend(t for t in graph[m] if t in graph and t != "pipeline")
+        closed[command] = seen
+    return closed
+
+
+def test_every_stage_runs_a_pipeline_command_and_depends_on_its_modules():
+    """dvc.yaml calls `python -m pipeline <command>`; a stage's deps list every pipeline module that
+    command runs (pipeline/cli.py, the dispatcher, aside: editing a help text must not retrain)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    modules = _stage_modules()
+    assert set(modules) == {"validate", "prepare", "diagnose", "train-staged", "train-control", "train-cfg",
+                            "evaluate", "evaluate-fluency", "report"}
+    used = set()
+    for name, stage in stages.items():
+        words = stage["cmd"].split()
+        assert words[:3] == ["python", "-m", "pipeline"] and words[3] in modules, (name, stage["cmd"])
+        used.add(words[3])
+        wanted = {m.replace(".", "/") + ".py" for m in modules[words[3]]}
+        assert wanted <= set(stage["deps"]), (name, sorted(wanted - set(stage["deps"])))
+    assert used == set(modules)  # every command is a stage
 
 
 def test_dvc_parses_yaml_with_the_c_parser():

@@ -21,7 +21,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from sunfish.cli import main
+from pipeline.cli import main
 
 SCRIPT = Path(__file__).parent / "scripts" / "kill_train.py"
 
@@ -201,14 +201,14 @@ def project(tmp_path, monkeypatch):
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(copy.deepcopy(params)))
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(main, ["stage", "prepare"])
+    result = CliRunner().invoke(main, ["prepare"])
     assert result.exit_code == 0, result.output
     return tmp_path
 
 
 def test_a_full_disk_stops_the_training_stage_with_one_line(project, monkeypatch):
     attempts = _failing_trainer_save(monkeypatch, step=4)
-    result = CliRunner().invoke(main, ["stage", "train-staged", "--stage", "0"])
+    result = CliRunner().invoke(main, ["train-staged", "--stage", "0"])
     assert attempts, result.output
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
@@ -219,7 +219,7 @@ def test_a_full_disk_stops_the_training_stage_with_one_line(project, monkeypatch
     assert sorted(p.name for p in resume_dir.iterdir()) == ["step_2"]
     monkeypatch.undo()
     monkeypatch.chdir(project)
-    again = CliRunner().invoke(main, ["stage", "train-staged", "--stage", "0"])
+    again = CliRunner().invoke(main, ["train-staged", "--stage", "0"])
     assert again.exit_code == 0, again.output
     metrics = json.loads((project / "reports" / "metrics" / "stage_0.json").read_text())
     assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 6

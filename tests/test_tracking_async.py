@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from sunfish.tracking import StageRun, stage_run
-from sunfish.tracking_sync import HTTP_DEFAULTS, SyncError, bound_http_retries, sync_fallback
+from sunfish.tracking import HTTP_DEFAULTS, StageRun, SyncError, bound_http_retries, stage_run, sync_fallback
 
 SUMMARY = "metric records could not reach MLflow at"
 
@@ -271,7 +270,7 @@ def test_failed_sync_puts_records_back(tmp_path):
 def test_interrupted_replay_resumes_into_the_same_new_run(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    import sunfish.tracking_sync as ts
+    import sunfish.tracking.offline as ts
 
     path = tmp_path / "state" / "mlflow_fallback" / "prepare.jsonl"
     run = StageRun(None, None, path, flush_every=1, uri="http://127.0.0.1:9", experiment="sunfish")
@@ -460,10 +459,10 @@ def test_two_processes_write_one_sqlite_store(tmp_path):
 def _open_stage(root: str, barrier, out: str, stage: str, count: int) -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ["DVC_EXP_NAME"] = "sweep-1"
-    import sunfish.tracking
+    import sunfish.tracking.stage  # stage_run looks find_parents up there
     from sunfish.tracking import stage_run
 
-    search = sunfish.tracking.find_parents
+    search = sunfish.tracking.stage.find_parents
 
     def slow_search(*args, **kwargs):
         # all three search at the same instant when nothing serialises them (here the barrier times
@@ -477,7 +476,7 @@ def _open_stage(root: str, barrier, out: str, stage: str, count: int) -> None:
         time.sleep(0.3)
         return found
 
-    sunfish.tracking.find_parents = slow_search
+    sunfish.tracking.stage.find_parents = slow_search
     barrier.wait(120)
     with stage_run(stage, root=Path(root), flat_params={"cfg.guidance_scale": 3.0}) as run:
         for step in range(count):

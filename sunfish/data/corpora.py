@@ -36,6 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+from sunfish.errors import CorpusError
+
 log = logging.getLogger(__name__)
 
 EOS_LINE = "<|endoftext|>"
@@ -56,10 +58,6 @@ _WIKI_TITLE = re.compile(r"^ = [^=].* = $")
 _WIKI_MARKERS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 _EOS_SPLIT = re.compile(r"^[ \t]*<\|endoftext\|>[ \t]*$", re.MULTILINE)
-
-
-class CorpusError(ValueError):
-    """A corpus that cannot be loaded; the message names the file or source and the remedy."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,42 @@ import torch.nn.functional as F
 
 from sunfish.diffusion.guidance import combine, guided_log_probs
 from sunfish.diffusion.masked import MIN_TIME, _sample_from, nucleus, uniform
-from sunfish.models.block_denoiser import decode_mask, group_mask
+
+
+# The attention masks of the block layout (described in sunfish.models.block_denoiser's docstring) live
+# here, with the code that builds the layout: the model calls this module for its loss, so importing
+# them from the model made an import circle.
+def group_mask(prompt_len: int, text_len: int, block_size: int, device=None) -> torch.Tensor:
+    """Boolean ``[T, T]`` attention of the training layout (True = may attend), T = P + 2L.
+
+    Rows and columns: prompt (P), clean text (L), noised text (L). See the docstring of
+    :mod:`sunfish.models.block_denoiser`.
+    """
+    p, n, b = prompt_len, text_len, block_size
+    total = p + 2 * n
+    idx = torch.arange(total, device=device)
+    is_noised = idx >= p + n
+    text_pos = torch.where(idx >= p, (idx - p) % max(n, 1), idx - p)  # text index for text rows
+    causal = idx[None, :] <= idx[:, None]
+    q_noised, k_noised = is_noised[:, None], is_noised[None, :]
+    k_clean_text = (idx[None, :] >= p) & ~k_noised
+    k_prompt = idx[None, :] < p
+    group_q = (text_pos // b)[:, None]
+    group_k = (text_pos // b)[None, :]
+    # clean rows and the prompt: causal over prompt + clean text, never the noised copy
+    clean_rows = causal & ~k_noised
+    # noised rows: the prompt, the clean text before the group's anchor, and the whole group
+    noised_rows = k_prompt | (k_clean_text & (text_pos[None, :] < group_q * b)) | (k_noised & (group_k == group_q))
+    return torch.where(q_noised, noised_rows, clean_rows)
+
+
+def decode_mask(context_len: int, group_len: int, device=None) -> torch.Tensor:
+    """Boolean ``[T, T]`` of the sampling layout: a causal context, then one bidirectional group."""
+    total = context_len + group_len
+    idx = torch.arange(total, device=device)
+    causal = idx[None, :] <= idx[:, None]
+    in_group = (idx[:, None] >= context_len) & (idx[None, :] >= context_len)
+    return causal | in_group
 
 
 def _layout(model, batch: dict, keep: torch.Tensor | None):

@@ -109,38 +109,6 @@ class BlockDiffusionConfig:
         return cls(**d)
 
 
-def group_mask(prompt_len: int, text_len: int, block_size: int, device=None) -> Tensor:
-    """Boolean ``[T, T]`` attention of the training layout (True = may attend), T = P + 2L.
-
-    Rows and columns: prompt (P), clean text (L), noised text (L). See the module docstring.
-    """
-    p, n, b = prompt_len, text_len, block_size
-    total = p + 2 * n
-    idx = torch.arange(total, device=device)
-    is_noised = idx >= p + n
-    text_pos = torch.where(idx >= p, (idx - p) % max(n, 1), idx - p)  # text index for text rows
-    causal = idx[None, :] <= idx[:, None]
-    q_noised, k_noised = is_noised[:, None], is_noised[None, :]
-    k_clean_text = (idx[None, :] >= p) & ~k_noised
-    k_prompt = idx[None, :] < p
-    group_q = (text_pos // b)[:, None]
-    group_k = (text_pos // b)[None, :]
-    # clean rows and the prompt: causal over prompt + clean text, never the noised copy
-    clean_rows = causal & ~k_noised
-    # noised rows: the prompt, the clean text before the group's anchor, and the whole group
-    noised_rows = k_prompt | (k_clean_text & (text_pos[None, :] < group_q * b)) | (k_noised & (group_k == group_q))
-    return torch.where(q_noised, noised_rows, clean_rows)
-
-
-def decode_mask(context_len: int, group_len: int, device=None) -> Tensor:
-    """Boolean ``[T, T]`` of the sampling layout: a causal context, then one bidirectional group."""
-    total = context_len + group_len
-    idx = torch.arange(total, device=device)
-    causal = idx[None, :] <= idx[:, None]
-    in_group = (idx[:, None] >= context_len) & (idx[None, :] >= context_len)
-    return causal | in_group
-
-
 class BlockDiffusionLM(nn.Module):
     """Prompt-prefixed block diffusion over a stage-0 network; see the module docstring."""
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sunfish.config.generation import GENERATION_CONFIG, GenerationConfig
+from sunfish.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,6 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 DIGEST_KEY = "weights_sha256"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says which file and why."""
 
 
 def _fsync_dir(path: Path) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from sunfish.config import ResolvedTraining
+from sunfish.errors import NonFiniteLoss, TrainingInterrupted
 from sunfish.training.checkpoint import atomic_write_text
 from sunfish.training.distributed import (
     DistInfo,
@@ -196,28 +197,6 @@ class TrainResult:
         for k in self._SAVED:
             if k in state:
                 setattr(self, k, state[k])
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGINT/SIGTERM arrived: the step in flight finished and a resume checkpoint was written."""
-
-    mlflow_status = "KILLED"
-
-    def __init__(self, step: int, signum: int, checkpoint: Path | None):
-        self.step, self.signum, self.checkpoint = step, signum, checkpoint
-        where = f"resume state saved in {checkpoint}" if checkpoint else "no resume state (checkpoints disabled)"
-        super().__init__(
-            f"training stopped by {signal.Signals(signum).name} after step {step}; {where}. "
-            "Run the same command again (or `dvc repro`) to continue from there."
-        )
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(self.signum)
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """The local fallback of MLflow logging: its JSONL format, safe appends, and replay (`sunfish tracking sync`).
 
-When the tracking store cannot be reached, :class:`sunfish.tracking.StageRun` appends every record
+When the tracking store cannot be reached, :class:`sunfish.tracking.runs.StageRun` appends every record
 to ``<repo>/state/mlflow_fallback/<stage>.jsonl``, one JSON object per line::
 
     {"run_id": "...", "time": 1700000000.0, "uri": "http://...", "stage": "train_stage_0",
@@ -20,82 +20,28 @@ first, so nothing appended during a sync is lost.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:  # POSIX; elsewhere appends are unlocked (one writer per file in practice)
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from sunfish.tracking.store import (
+    artifact_location,
+    bound_http_retries,
+    fcntl,
+    open_client,
+    repo_root,
+    tracking_uri,
+    with_retry,
+)
 
 log = logging.getLogger(__name__)
 
 FALLBACK_DIR = Path("state") / "mlflow_fallback"
-
-# Bounded MLflow HTTP retries: a dead server costs seconds, not MLflow's default minutes
-# (7 retries, backoff factor 2, 120 s timeout). MLflow reads these at every request
-# (mlflow.utils.rest_utils.http_request), so setting them before the first call is enough.
-HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
-
-
-def bound_http_retries() -> None:
-    """Apply :data:`HTTP_DEFAULTS` unless the user set these variables."""
-    for key, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-
-
-@contextmanager
-def store_init_lock(uri: str) -> Iterator[None]:
-    """Serialise opening a SQLite store across processes.
-
-    MLflow creates a new store's tables when the first client opens it; two experiments starting at
-    once would both try ("table experiments already exists"). The lock is a side file in the temp
-    directory, never the database itself (closing any descriptor of the database would drop
-    SQLite's own POSIX locks in this process).
-    """
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    db = os.path.abspath(uri[len("sqlite:///") :].split("?", 1)[0])
-    with side_file_lock("sunfish-mlflow", db):
-        yield
-
-
-@contextmanager
-def side_file_lock(prefix: str, key: str) -> Iterator[None]:
-    """An exclusive flock on ``<tmp>/<prefix>-<sha1(key)>.lock``, held for the block (no-op off POSIX)."""
-    if fcntl is None:  # pragma: no cover - not POSIX
-        yield
-        return
-    name = f"{prefix}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.lock"
-    fd = os.open(os.path.join(tempfile.gettempdir(), name), os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def open_client(uri: str):
-    """An MlflowClient for ``uri`` (creating a new SQLite store safely)."""
-    bound_http_retries()
-    from mlflow.tracking import MlflowClient
-
-    with store_init_lock(uri):
-        return MlflowClient(tracking_uri=uri)
 
 
 class SyncError(RuntimeError):
@@ -142,8 +88,6 @@ def project_root(fallback_file: Path) -> Path:
     folder = fallback_file.resolve().parent
     if folder.parts[-2:] == FALLBACK_DIR.parts:
         return folder.parent.parent
-    from sunfish.tracking import repo_root
-
     return repo_root(folder)
 
 
@@ -259,15 +203,11 @@ class _Replayer:
             return self.uri
         if record.get("uri"):
             return record["uri"]
-        from sunfish.tracking import tracking_uri
-
         return tracking_uri(project_root(self.path))
 
     def replay(self, record: dict[str, Any]) -> bool:
         """Send one record; False when it is not to be sent (rejected before, artifact gone)."""
         from mlflow.entities import Metric, Param, RunTag
-
-        from sunfish.tracking import _with_retry
 
         if record.get("rejected"):
             return False
@@ -282,22 +222,22 @@ class _Replayer:
                 for m in record["metrics"]
             ]
             for i in range(0, len(metrics), 1000):
-                _with_retry(client.log_batch, run_id, metrics=metrics[i : i + 1000], synchronous=True)
+                with_retry(client.log_batch, run_id, metrics=metrics[i : i + 1000], synchronous=True)
         if record.get("params"):
             params = [Param(k, str(v)) for k, v in record["params"].items()]
-            _with_retry(client.log_batch, run_id, params=params, synchronous=True)
+            with_retry(client.log_batch, run_id, params=params, synchronous=True)
         if record.get("tags"):
             tags = [RunTag(k, str(v)) for k, v in record["tags"].items()]
-            _with_retry(client.log_batch, run_id, tags=tags, synchronous=True)
+            with_retry(client.log_batch, run_id, tags=tags, synchronous=True)
         if record.get("artifact"):
             local = Path(record["artifact"])
             if not local.exists():
                 log.warning("%s: artifact %s no longer exists; skipped", self.path, local)
                 return False
             method = client.log_artifacts if local.is_dir() else client.log_artifact
-            _with_retry(method, run_id, str(local), record.get("artifact_path"))
+            with_retry(method, run_id, str(local), record.get("artifact_path"))
         if record.get("status"):
-            _with_retry(client.set_terminated, run_id, record["status"], record.get("end_time"))
+            with_retry(client.set_terminated, run_id, record["status"], record.get("end_time"))
         return True
 
     def name_created_runs(self, records: list[dict[str, Any]]) -> None:
@@ -308,25 +248,21 @@ class _Replayer:
 
     def _created_run(self, client, uri: str, record: dict[str, Any]) -> str:
         """The run for records whose stage could not create one (store down from the start)."""
-        from sunfish.tracking import _with_retry
-
         local_id = record.get("local_id") or f"{self.path.name}:unknown"
         key = (uri, local_id)
         if key not in self.created:
             name = record.get("experiment") or "sunfish"
-            exp = _with_retry(client.get_experiment_by_name, name)
+            exp = with_retry(client.get_experiment_by_name, name)
             if exp is not None:
                 exp_id = exp.experiment_id
             else:
-                from sunfish.tracking import artifact_location
-
                 location = artifact_location(project_root(self.path))
-                exp_id = _with_retry(client.create_experiment, name, artifact_location=location)
+                exp_id = with_retry(client.create_experiment, name, artifact_location=location)
             stage = record.get("stage") or self.path.stem
             tags = {"sunfish.stage": stage, "dvc.stage": stage, "sunfish.replayed_from": self.path.name,
                     "sunfish.local_id": local_id}
             start = int(float(record.get("time") or time.time()) * 1000)
-            run = _with_retry(client.create_run, exp_id, start_time=start, run_name=stage, tags=tags)
+            run = with_retry(client.create_run, exp_id, start_time=start, run_name=stage, tags=tags)
             self.created[key] = run.info.run_id
             log.info("created MLflow run %s for %s (its stage could not reach the store)",
                      run.info.run_id, local_id)

@@ -1,9 +1,4 @@
-"""MLflow tracking: where the store lives, one run per executed stage, asynchronous fault-tolerant logging.
-
-The store location has one definition, :func:`tracking_uri`. The default is a SQLite file at the
-repository root, found from ``DVC_ROOT`` or git, never from the current directory: ``dvc exp run
---queue`` executes stages inside temporary copies under ``.dvc/tmp/exps/``, and a relative
-``sqlite:///mlflow.db`` there would be deleted with the copy. ``MLFLOW_TRACKING_URI`` wins when set.
+"""One MLflow run per executed stage, logged from a background thread: :class:`StageRun`.
 
 Logging must never slow or stop training, so it is asynchronous: :meth:`StageRun.log_metrics` only
 puts the values on a queue and returns. One daemon thread per run sends them with ``log_batch``
@@ -11,142 +6,40 @@ puts the values on a queue and returns. One daemon thread per run sends them wit
 run's end go through the same thread, in order. A SQLite store locked by another experiment is
 retried with backoff. Any other failure (server down, timeout, HTTP 5xx after MLflow's own, here
 bounded, retries) logs one warning naming the URI and the fallback file, and from then on every
-record of the run is appended to ``<repo>/state/mlflow_fallback/<stage>.jsonl``; training goes on.
-At the end of the stage a summary says how many metric records are only there; ``sunfish tracking
-sync`` (:func:`sunfish.tracking_sync.sync_fallback`) replays them. Closing a run waits at most
-``close_timeout`` (60 s) for the queue to drain, then writes what is left to the fallback file.
-
-Stage runs of one pipeline execution are grouped under a parent run, so the MLflow UI compares
-experiments side by side rather than dozens of stage runs. The parent is named after the DVC
-experiment (``DVC_EXP_NAME``), or ``workspace@<commit>`` for a plain ``dvc repro`` (with ``+<hash>``
-of params.yaml when it differs from the commit's). Every stage run carries ``mlflow.parentRunId``
-and the tag ``sunfish.experiment``; the parent collects the params of its stages (same names as in
-params.yaml) and the headline metrics (same names as in DVC's metrics files). A later execution
-under the same name whose params disagree with the parent's gets a new parent. Finding or creating
-the parent holds a lock file per store, so two queue workers never make two parents of one
-experiment.
+record of the run is appended to ``<repo>/state/mlflow_fallback/<stage>.jsonl``
+(:mod:`sunfish.tracking.offline`); training goes on. Closing a run waits at most ``close_timeout``
+(60 s) for the queue to drain, then writes what is left to the fallback file.
 """
 
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import logging
 import math
 import numbers
-import os
 import queue
-import random
 import shutil
-import subprocess
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sunfish.tracking_sync import append_records, open_client, side_file_lock, sync_fallback
-
-__all__ = ["StageRun", "experiment_label", "repo_root", "stage_run", "sync_fallback", "tracking_uri"]
+from sunfish.tracking.offline import append_records
+from sunfish.tracking.store import with_retry
 
 log = logging.getLogger(__name__)
 
-QUEUE_WORKSPACE_MARKER = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 # MLflow error codes meaning "this request is invalid" (e.g. a param changed on resume): the record
 # is refused, the store is fine, so the run keeps logging to MLflow.
 _REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST"}
-PARENT_TAG = "sunfish.parent"  # "true" on the run that groups the stage runs of one execution
-EXPERIMENT_TAG = "sunfish.experiment"  # the execution's label, on the parent and on every stage run
-PARENT_ID_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 _CONTROL = ("flush", "stop")
 # Runs not closed by stage_run (direct StageRun use): drained at interpreter exit.
 _OPEN: weakref.WeakSet[StageRun] = weakref.WeakSet()
-
-
-def repo_root(start: str | Path | None = None) -> Path:
-    """The project root: DVC_ROOT, else the enclosing git/DVC checkout, else the start directory.
-
-    Inside a DVC queue workspace (``<repo>/.dvc/tmp/exps/<tmp>/``) the main repository is returned,
-    so every queued experiment writes to the one store the user browses.
-    """
-    candidate = os.environ.get("DVC_ROOT")
-    path = Path(candidate) if candidate else None
-    if path is None:
-        here = Path(start or Path.cwd()).resolve()
-        for parent in (here, *here.parents):
-            if (parent / ".dvc").is_dir() or (parent / ".git").exists():
-                path = parent
-                break
-        else:
-            path = here
-    return main_repo_of(path.resolve())
-
-
-def main_repo_of(path: Path) -> Path:
-    text = str(path) + os.sep
-    if QUEUE_WORKSPACE_MARKER in text:
-        return Path(text.split(QUEUE_WORKSPACE_MARKER, 1)[0])
-    return path
-
-
-def tracking_uri(root: Path, configured: str | None = None) -> str:
-    """MLFLOW_TRACKING_URI, else tracking.uri from params, else sqlite:///<root>/mlflow.db."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    if configured:
-        return configured
-    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
-
-
-def artifact_location(root: Path) -> str:
-    return (root / "mlartifacts").resolve().as_uri()
-
-
-def params_hash(flat_params: Mapping[str, Any]) -> str:
-    blob = json.dumps(dict(sorted(flat_params.items())), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def git_commit(root: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
-
-
-def _is_lock_contention(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text
-
-
-# Lock contention met by this process: {"retries": n, "seconds": waited}; reported when a stage ends.
-LOCK_WAITS = {"retries": 0, "seconds": 0.0}
-
-
-def _with_retry(fn, *args, attempts: int = 8, **kwargs):
-    """Retry on SQLite lock contention (two experiments writing one store at once)."""
-    delay = 0.1
-    for attempt in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # mlflow wraps sqlite errors in MlflowException
-            if attempt == attempts - 1 or not _is_lock_contention(exc):
-                raise
-            pause = delay + random.random() * delay
-            LOCK_WAITS["retries"] += 1
-            LOCK_WAITS["seconds"] += pause
-            time.sleep(pause)
-            delay = min(delay * 2, 2.0)
-    return None
 
 
 def _is_rejection(exc: BaseException) -> bool:
@@ -208,7 +101,7 @@ class StageRun:
     # -- public API (never waits on the store) ----------------------------------------------------
     def log_params(self, flat: Mapping[str, Any]) -> None:
         if flat:
-            self._submit(("params", {str(k): _param_value(v) for k, v in flat.items()}))
+            self._submit(("params", {str(k): param_value(v) for k, v in flat.items()}))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         if not self.enabled:
@@ -405,32 +298,32 @@ class StageRun:
             metrics = [Metric(k, v, ts, step) for op in unit for (k, v, ts, step) in op[1]]
             for i in range(0, len(metrics), MAX_METRICS_PER_CALL):
                 chunk = metrics[i : i + MAX_METRICS_PER_CALL]
-                _with_retry(client.log_batch, run_id, metrics=chunk, synchronous=True)
+                with_retry(client.log_batch, run_id, metrics=chunk, synchronous=True)
             return
         payload = unit[0][1]
         if kind == "params":
             from mlflow.entities import Param
 
             params = [Param(k, v) for k, v in payload.items()]
-            _with_retry(client.log_batch, run_id, params=params, synchronous=True)
+            with_retry(client.log_batch, run_id, params=params, synchronous=True)
         elif kind == "tags":
             from mlflow.entities import RunTag
 
             tags = [RunTag(k, v) for k, v in payload.items()]
-            _with_retry(client.log_batch, run_id, tags=tags, synchronous=True)
+            with_retry(client.log_batch, run_id, tags=tags, synchronous=True)
         elif kind == "artifact":
             path, artifact_path = payload
             method = client.log_artifacts if Path(path).is_dir() else client.log_artifact
-            _with_retry(method, run_id, path, artifact_path)
+            with_retry(method, run_id, path, artifact_path)
         elif kind == "end":
             status, end_time = payload
-            _with_retry(client.set_terminated, run_id, status, end_time)
+            with_retry(client.set_terminated, run_id, status, end_time)
         elif kind == "parent_metrics":
             from mlflow.entities import Metric
 
             parent, items = payload
             metrics = [Metric(k, v, ts, step) for (k, v, ts, step) in items]
-            _with_retry(client.log_batch, parent, metrics=metrics, synchronous=True)
+            with_retry(client.log_batch, parent, metrics=metrics, synchronous=True)
 
     # -- fallback file ----------------------------------------------------------------------------
     def _write_fallback(self, ops: list[tuple[str, Any]], rejected: str | None = None) -> None:
@@ -540,7 +433,7 @@ def _close_open_runs() -> None:
         handle.close(status=None, timeout=10.0)
 
 
-def _param_value(value: Any) -> str:
+def param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text[:6000]
 
@@ -548,230 +441,3 @@ def _param_value(value: Any) -> str:
 def _metric_key(key: str) -> str:
     # MLflow keys allow letters, digits, _ - . space / ; keep ours (train/loss, val/bpb) as they are
     return "".join(c if (c.isalnum() or c in "_-. /") else "_" for c in key)
-
-
-@contextmanager
-def stage_run(
-    stage: str,
-    *,
-    root: Path,
-    experiment: str = "sunfish",
-    configured_uri: str | None = None,
-    enabled: bool = True,
-    flat_params: Mapping[str, Any] | None = None,
-    stage_params: Mapping[str, Any] | None = None,
-    tags: Mapping[str, Any] | None = None,
-    fallback_dir: Path | None = None,
-    run_id: str | None = None,
-    close_timeout: float = 60.0,
-) -> Iterator[StageRun]:
-    """Open an MLflow run named after the stage, tagged for DVC; mark it FAILED if the stage raises.
-
-    ``flat_params`` are params.yaml values: logged on the stage run and on the execution's parent run,
-    where a value that disagrees with the parent's starts a new parent. ``stage_params`` describe this
-    stage only (which model stage it trains) and go on the stage run alone: stages of one execution
-    differ in them, so they must not split the execution over several parents.
-    ``run_id`` resumes that run (a resumed training stage continues its run) when the store has it;
-    otherwise a new run is created. The store being unreachable never raises: records are kept in
-    ``<fallback_dir>/<stage>.jsonl`` (default ``<root>/state/mlflow_fallback``).
-    """
-    fallback = (fallback_dir or root / "state" / "mlflow_fallback") / f"{stage}.jsonl"
-    shared_params = dict(flat_params or {})
-    flat_params = {**shared_params, **(stage_params or {})}
-    if not enabled:
-        yield StageRun(None, None, fallback, stage=stage, enabled=False)
-        return
-    uri = tracking_uri(root, configured_uri)
-    commit = git_commit(root)
-    label = experiment_label(commit)
-    shared = {
-        "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
-        "dvc.exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV"),
-        "git.commit": commit,
-        EXPERIMENT_TAG: label,
-    }
-    all_tags = {
-        "sunfish.stage": stage,
-        "dvc.stage": stage,
-        **shared,
-        "params.hash": params_hash(flat_params or {}),
-        "mlflow.source.name": f"dvc stage {stage}",
-        **(tags or {}),
-    }
-    all_tags = {k: str(v) for k, v in all_tags.items() if v is not None}
-    client = active_id = parent_id = None
-    resumed = None
-    known_params: dict[str, str] = {}
-    try:
-        client = open_client(uri)
-        exp_id = _experiment_id(client, experiment, root, uri)
-        parent_id = _parent_run(client, exp_id, uri, label, shared, shared_params)
-        if parent_id:
-            all_tags[PARENT_ID_TAG] = parent_id
-        resumed = _reopen(client, run_id, uri) if run_id else None
-        if resumed is not None:
-            active_id, known_params = resumed.info.run_id, dict(resumed.data.params)
-        else:
-            run = _with_retry(client.create_run, exp_id, run_name=stage, tags=all_tags)
-            active_id = run.info.run_id
-        log.info("MLflow run %s (stage %s, experiment %s) in %s", active_id, stage, label, uri)
-    except Exception as exc:
-        log.warning("MLflow store %s unavailable (%s); training goes on, records go to %s",
-                    uri, exc, fallback)
-        client, active_id, parent_id = None, run_id, None  # a resumed run keeps its id for the replay
-    handle = StageRun(client, active_id, fallback, uri=uri, stage=stage, experiment=experiment,
-                      parent_id=parent_id)
-    if client is None or resumed is not None:
-        handle.set_tags(all_tags)  # what create_run would have set (refreshed on resume: commit, exp name)
-    if flat_params:
-        # params are immutable in MLflow: on resume send the new ones; a changed one (max_steps of an
-        # extended run) is recorded as a tag params.changed.<key> = <new value>
-        handle.log_params({k: v for k, v in flat_params.items() if k not in known_params})
-        changed = {f"params.changed.{k}": _param_value(v) for k, v in flat_params.items()
-                   if k in known_params and known_params[k] != _param_value(v)}
-        if changed:
-            handle.set_tags(changed)
-    status, timeout = "FINISHED", close_timeout
-    try:
-        yield handle
-    except KeyboardInterrupt:
-        status, timeout = "KILLED", min(close_timeout, 10.0)
-        raise
-    except BaseException as exc:
-        # a requested stop (TrainingInterrupted: SIGINT/SIGTERM with a resume checkpoint) is not a failure
-        status = getattr(exc, "mlflow_status", "FAILED")
-        raise
-    finally:
-        handle.close(status, timeout=timeout)
-        if parent_id is not None and not handle._failed:
-            _end_parent(client, parent_id, status)
-        if LOCK_WAITS["retries"]:
-            log.info("stage %s waited %.1f s for the SQLite store in %d retries (another writer held it)",
-                     stage, LOCK_WAITS["seconds"], LOCK_WAITS["retries"])
-
-
-def experiment_label(commit: str | None) -> str:
-    """What groups the stage runs of one execution: the DVC experiment's name, else the commit.
-
-    A plain ``dvc repro`` with a params.yaml that differs from the commit's gets ``+<hash>`` of
-    the file, so two different workspace configurations never share a parent.
-    """
-    name = os.environ.get("DVC_EXP_NAME")
-    if name:
-        return name
-    label = f"workspace@{commit[:7]}" if commit else "workspace"
-    params = Path.cwd() / "params.yaml"
-    if commit and params.is_file() and _differs_from_head(params):
-        label += "+" + hashlib.sha256(params.read_bytes()).hexdigest()[:7]
-    return label
-
-
-def _differs_from_head(path: Path) -> bool:
-    try:
-        out = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", path.name], cwd=path.parent,
-                             capture_output=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 1
-
-
-@contextmanager
-def _parent_lock(uri: str) -> Iterator[None]:
-    """One process at a time finds-or-creates parent runs in a store (queue workers start together)."""
-    with side_file_lock("sunfish-parent", uri):
-        yield
-
-
-def _parent_run(client: Any, exp_id: str, uri: str, label: str, tags: Mapping[str, Any],
-                flat_params: Mapping[str, Any]) -> str | None:
-    """The parent run of this execution (found or created), with this stage's params added.
-
-    The newest parent of ``label`` is reused unless one of its params disagrees with this stage's
-    (the same experiment name run again with other settings): then a new parent is started.
-    A failure here leaves the stage run without a parent rather than stopping the stage.
-    """
-    from mlflow.entities import Param, RunTag
-
-    wanted = {str(k): _param_value(v) for k, v in flat_params.items()}
-    # not dvc.exp_name: filtering on it keeps meaning "the stage runs of experiment X"
-    tags = {k: str(v) for k, v in tags.items() if v is not None and k != "dvc.exp_name"}
-    try:
-        with _parent_lock(uri):
-            newest = find_parents(client, [exp_id], label=label, max_results=1)
-            parent = newest[0] if newest else None
-            if parent is not None and any(parent.data.params.get(k, v) != v for k, v in wanted.items()):
-                log.info("experiment %s ran again with other params: a new parent run", label)
-                parent = None
-            if parent is None:
-                parent_tags = {**tags, PARENT_TAG: "true",
-                               "mlflow.source.name": "dvc pipeline"}
-                parent = _with_retry(client.create_run, exp_id, run_name=label, tags=parent_tags)
-                known: dict[str, str] = {}
-            else:
-                known = dict(parent.data.params)
-                _with_retry(client.update_run, parent.info.run_id, "RUNNING")
-            parent_id = parent.info.run_id
-            new = [Param(k, v) for k, v in wanted.items() if k not in known]
-            for i in range(0, len(new), 100):  # log_batch takes at most 100 params
-                _with_retry(client.log_batch, parent_id, params=new[i : i + 100], synchronous=True)
-            latest = {k: v for k, v in tags.items() if k != EXPERIMENT_TAG}
-            if latest:  # the commit an experiment name was last run at
-                _with_retry(client.log_batch, parent_id, tags=[RunTag(k, v) for k, v in latest.items()],
-                            synchronous=True)
-            return parent_id
-    except Exception as exc:
-        log.warning("could not find or create the parent MLflow run of %s (%s); the stage run is not grouped",
-                    label, exc)
-        return None
-
-
-def find_parents(client: Any, experiment_ids: list[str], label: str | None = None,
-                 max_results: int = 1000) -> list[Any]:
-    """Parent runs, newest first; only those of ``label`` when given."""
-    query = f"tags.`{PARENT_TAG}` = 'true'"
-    if label is not None:
-        query += f" and tags.`{EXPERIMENT_TAG}` = '{_quote(label)}'"
-    return _with_retry(client.search_runs, experiment_ids, filter_string=query, max_results=max_results,
-                       order_by=["attributes.start_time DESC"])
-
-
-def _quote(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("'", "\\'")
-
-
-def _end_parent(client: Any, parent_id: str, status: str) -> None:
-    """The parent's status follows its latest stage: FINISHED, FAILED or KILLED, with that end time."""
-    try:
-        _with_retry(client.set_terminated, parent_id, status, int(time.time() * 1000))
-    except Exception as exc:
-        log.warning("could not update the parent MLflow run %s (%s)", parent_id, exc)
-
-
-def _reopen(client: Any, run_id: str, uri: str):
-    """The run to continue, set RUNNING again; None when the store does not have it."""
-    try:
-        run = _with_retry(client.get_run, run_id)
-    except Exception as exc:
-        if getattr(exc, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        run = None
-    if run is None or run.info.lifecycle_stage != "active":
-        log.info("MLflow run %s not found in %s; starting a new run", run_id, uri)
-        return None
-    _with_retry(client.update_run, run_id, "RUNNING")
-    log.info("MLflow run %s resumed", run_id)
-    return run
-
-
-def _experiment_id(client: Any, experiment: str, root: Path, uri: str) -> str:
-    """The experiment's id, created if new: with artifacts in <root>/mlartifacts for a local store;
-    a tracking server chooses itself (its --artifacts-destination, shared by the team)."""
-    exp = _with_retry(client.get_experiment_by_name, experiment)
-    if exp is not None:
-        return exp.experiment_id
-    local = uri.startswith(("sqlite:", "file:", "/"))
-    try:
-        return _with_retry(client.create_experiment, experiment,
-                           artifact_location=artifact_location(root) if local else None)
-    except Exception:  # created concurrently by another experiment
-        return _with_retry(client.get_experiment_by_name, experiment).experiment_id
