@@ -44,7 +44,7 @@ def load_prepared(prepared: Path, want_pairs: bool, checks: list[dict]) -> Prepa
     from sunfish.data.tokenizer import TextTokenizer
 
     data = PreparedData(prepared)
-    remedy = "run `dvc repro prepare` (or `sunfish stage prepare`)"
+    remedy = "run `dvc repro prepare` (or `python -m pipeline prepare`)"
     problems = []
     try:
         data.meta = json.loads((prepared / "meta.json").read_text(encoding="utf-8"))
