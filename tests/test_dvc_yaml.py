@@ -75,9 +75,8 @@ def test_each_control_stage_mirrors_its_training_stage():
         assert "staged.seeds" in stage["params"] and "staged.seeds" in trained["params"]
         own = {1: "staged.temporal", 3: "staged.graph"}.get(n)
         assert own is None or own not in stage["params"]
-        assert stage["outs"] == [f"models/{control}"]
+        assert stage["outs"] == [f"models/{control}", {f"reports/curves/{control}": {"cache": False}}]
         assert list(stage["metrics"][0]) == [f"reports/metrics/{control}.json"]
-        assert list(stage["plots"][0]) == [f"reports/curves/{control}"]
     assert "staged.k1" in stages["control_stage_3"]["params"]  # control_3 keeps stage 2's K-1
     # control_2 has no K-1, but k1.mode decides whether it is trained at all (log: it would equal stage_2)
     assert "staged.k1" in stages["control_stage_2"]["params"]
@@ -156,3 +155,15 @@ def test_dvc_parses_yaml_with_the_c_parser():
     assert YAML(typ="safe").Parser is CParser
     text = (ROOT / "params.yaml").read_text(encoding="utf-8")
     assert parse_yaml(text, "params.yaml") == yaml.safe_load(text)
+
+
+def test_every_plot_names_its_x_and_y():
+    """`dvc plots show` draws exactly the declared plots: none falls back to guessing its columns."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for name, stage in spec["stages"].items():
+        for entry in stage.get("plots", []):
+            (path, props), = entry.items() if isinstance(entry, dict) else ((entry, {}),)
+            assert props.get("x") and props.get("y"), f"{name}: plot {path} has no x/y"
+    for entry in spec.get("plots", []):
+        (title, props), = entry.items()
+        assert props.get("x") and props.get("y"), f"top-level plot {title} has no x/y"

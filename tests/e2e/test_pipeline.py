@@ -221,6 +221,29 @@ def test_second_repro_reruns_nothing(repo):
     print(f"no-op dvc repro: {seconds:.2f}s")
 
 
+def _changed_after_editing(repo: Path, relative: str) -> set[str]:
+    """The stages `dvc status` marks changed once ``relative`` is edited (the edit is undone after)."""
+    path = repo / relative
+    original = path.read_text()
+    path.write_text(original + "\n# edited by a test\n")
+    try:
+        out = run(["dvc", "status", "--json"], repo).stdout
+    finally:
+        path.write_text(original)
+    return set(json.loads(out or "{}"))
+
+
+def test_editing_code_marks_exactly_the_stages_that_run_it(repo):
+    """dvc.yaml's code deps: a model file reruns training, the report code reruns only the report."""
+    model_edit = _changed_after_editing(repo, "sunfish/models/layers.py")
+    training = {"train_stage_0", "train_stage_1", "train_stage_2", "train_stage_3", "control_stage_1",
+                "control_stage_2", "control_stage_3", "train_cfg_micro"}
+    assert training <= model_edit, model_edit
+    assert _changed_after_editing(repo, "sunfish/report/svg.py") == {"report"}
+    assert {"train_stage_0", "train_cfg_micro"} <= _changed_after_editing(repo, "sunfish/config/sections.py")
+    assert run(["dvc", "status", "--json"], repo).stdout.strip() in ("", "{}")  # every edit undone
+
+
 def test_params_typo_fails_naming_the_key_and_keeps_outputs(repo):
     before = tree_digest(repo / "models", repo / "reports")
     original = (repo / "params.yaml").read_text()
