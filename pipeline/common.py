@@ -49,7 +49,7 @@ class StageContext:
         return flatten(dumped)
 
     def tracking(self, flat_params: dict[str, Any] | None = None, run_id: str | None = None,
-                 stage_params: dict[str, Any] | None = None, **tags: Any):
+                 stage_params: dict[str, Any] | None = None, system_metrics: bool = False, **tags: Any):
         from sunfish.tracking import stage_run  # imports mlflow lazily, only for stages that log
 
         t = self.params.tracking
@@ -63,6 +63,7 @@ class StageContext:
             stage_params=stage_params,
             tags=tags,
             run_id=run_id,
+            system_metrics=system_metrics,
         )
 
 

@@ -111,7 +111,7 @@ def run_training(
         runs.prune(fp)
     barrier(dist)
 
-    tracking = ctx.tracking(flat_params, run_id=previous_run_id, stage_params=stage_params,
+    tracking = ctx.tracking(flat_params, run_id=previous_run_id, stage_params=stage_params, system_metrics=True,
                             **{"sunfish.model": model_name, "sunfish.kind": model.kind})
     with (tracking if dist.is_main else nullcontext(_NoRun())) as run:
         if point is None:

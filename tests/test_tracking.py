@@ -174,3 +174,32 @@ def test_stage_only_params_do_not_split_an_execution_over_parents(tmp_path, monk
         got = client.get_run(run.run_id).data
         assert got.params == {"train.lr": "0.002", "model.stage": str(n)}
         assert got.tags["mlflow.parentRunId"] == parents[0].info.run_id
+
+
+def test_params_are_logged_as_yaml_writes_them_not_as_python_reprs(tmp_path, monkeypatch):
+    from sunfish.tracking.runs import param_value
+
+    assert [param_value(v) for v in (None, True, 0.001, 240, [24, 48], "ddim")] == \
+        ["null", "true", "0.001", "240", "[24, 48]", "ddim"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with stage_run("prepare", root=tmp_path, flat_params={"data.max_documents": None, "train.compile": False}) as run:
+        pass
+    got = _client(tmp_path).get_run(run.run_id).data.params
+    assert got["data.max_documents"] == "null" and got["train.compile"] == "false"
+
+
+def test_training_runs_carry_mlflow_system_metrics(tmp_path, monkeypatch):
+    import time
+
+    import sunfish.tracking.stage as stage
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(stage, "SYSTEM_METRICS_INTERVAL", 0.2)
+    monkeypatch.setattr(stage.start_system_metrics, "__defaults__", (0.2,))
+    with stage_run("train_stage_0", root=tmp_path, system_metrics=True) as run:
+        time.sleep(1.5)
+    with stage_run("evaluate", root=tmp_path) as other:
+        time.sleep(0.5)
+    client = _client(tmp_path)
+    assert any(k.startswith("system/cpu_utilization") for k in client.get_run(run.run_id).data.metrics)
+    assert not any(k.startswith("system/") for k in client.get_run(other.run_id).data.metrics)

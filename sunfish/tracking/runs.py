@@ -434,7 +434,9 @@ def _close_open_runs() -> None:
 
 
 def param_value(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    """A params.yaml value as MLflow shows it: as YAML/JSON writes it (null, true, [24, 48]), not as
+    Python's repr (None, True); text stays unquoted."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text[:6000]
 
 

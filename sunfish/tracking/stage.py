@@ -56,6 +56,7 @@ def stage_run(
     fallback_dir: Path | None = None,
     run_id: str | None = None,
     close_timeout: float = 60.0,
+    system_metrics: bool = False,
 ) -> Iterator[StageRun]:
     """Open an MLflow run named after the stage, tagged for DVC; mark it FAILED if the stage raises.
 
@@ -66,6 +67,9 @@ def stage_run(
     ``run_id`` resumes that run (a resumed training stage continues its run) when the store has it;
     otherwise a new run is created. The store being unreachable never raises: records are kept in
     ``<fallback_dir>/<stage>.jsonl`` (default ``<root>/state/mlflow_fallback``).
+    ``system_metrics``: MLflow's own system-metrics monitor (CPU, memory, disk, network, GPU when
+    there is one, as ``system/*``) samples the machine while the run is open; a training stage
+    asks for it, so a slow run shows whether the machine was busy.
     """
     fallback = (fallback_dir or root / "state" / "mlflow_fallback") / f"{stage}.jsonl"
     shared_params = dict(flat_params or {})
@@ -123,6 +127,7 @@ def stage_run(
                    if k in known_params and known_params[k] != param_value(v)}
         if changed:
             handle.set_tags(changed)
+    monitor = start_system_metrics(active_id, uri) if system_metrics and client is not None else None
     status, timeout = "FINISHED", close_timeout
     try:
         yield handle
@@ -134,12 +139,41 @@ def stage_run(
         status = getattr(exc, "mlflow_status", "FAILED")
         raise
     finally:
+        if monitor is not None:
+            stop_system_metrics(monitor)
         handle.close(status, timeout=timeout)
         if parent_id is not None and not handle._failed:
             _end_parent(client, parent_id, status)
         if LOCK_WAITS["retries"]:
             log.info("stage %s waited %.1f s for the SQLite store in %d retries (another writer held it)",
                      stage, LOCK_WAITS["seconds"], LOCK_WAITS["retries"])
+
+
+SYSTEM_METRICS_INTERVAL = 10.0  # seconds between samples of the system-metrics monitor
+
+
+def start_system_metrics(run_id: str | None, uri: str, interval: float = SYSTEM_METRICS_INTERVAL):
+    """MLflow's SystemMetricsMonitor on ``run_id``, started; None when it cannot run (no psutil, a
+    store that refuses it): the figures are a convenience, never a reason to stop training."""
+    if not run_id:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1,
+                                       resume_logging=False, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as exc:
+        log.warning("no system metrics for run %s (%s)", run_id, str(exc).splitlines()[0][:200] if str(exc) else exc)
+        return None
+
+
+def stop_system_metrics(monitor) -> None:
+    try:
+        monitor.finish()
+    except Exception as exc:
+        log.warning("system metrics monitor did not stop cleanly (%s)", exc)
 
 
 def experiment_label(commit: str | None) -> str:
