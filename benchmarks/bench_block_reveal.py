@@ -30,7 +30,10 @@ def _confidence(text: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pipeline.fluency import RowCounter, _decode, _network, _unique, ar_texts
+    from sunfish.evaluation.fluency_sampling import RowCounter, ar_texts
+    from sunfish.evaluation.fluency_sampling import decode as _decode
+    from sunfish.evaluation.fluency_sampling import network as _network
+    from sunfish.evaluation.fluency_sampling import unique as _unique
     from sunfish.config import load_params
     from sunfish.data.dataset import load_pairs
     from sunfish.data.prompt_sets import prompt_sets

@@ -11,10 +11,16 @@ adding a copy.
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-__all__ = ["ALIAS", "PREFIX", "WEIGHTS_TAG", "parse_reference", "register_best", "registered_name", "resolve"]
+__all__ = ["ALIAS", "PREFIX", "WEIGHTS_TAG", "parse_reference", "register_best", "register_models", "registered_name",
+           "resolve"]
+
+log = logging.getLogger(__name__)
 
 PREFIX = "sunfish-"
 ALIAS = "champion"
@@ -81,3 +87,27 @@ def resolve(client: Any, reference: str) -> tuple[str, str]:
         raise ValueError(f"{reference}: version {v.version} of {name} does not point at a SunFish checkpoint "
                          f"(source {v.source})")
     return v.run_id, path
+
+
+def register_models(run, models: Mapping[str, dict], root: Path) -> None:
+    """Each model's best checkpoint (controls aside: they are yardsticks) as a version of the
+    registered model sunfish-<model>, aliased champion, for an evaluate ``run`` (a tracking StageRun). Needs the store:
+    when it is down the checkpoints still go to the fallback file, and this says what was skipped."""
+    if not getattr(run, "enabled", False) or getattr(run, "client", None) is None or not run.run_id:
+        return
+    from sunfish.evaluation.milestones import checkpoint_weights_id
+    from sunfish.tracking import open_client
+
+    try:
+        client = open_client(run.uri)
+        for name, model in models.items():
+            if model.get("is_control"):
+                continue
+            best = model["best"]
+            _, weights = checkpoint_weights_id(root / best["checkpoint"])
+            version = register_best(client, run_id=run.run_id, model=name, weights_sha256=weights, step=best["step"])
+            log.info("registered %s step %s as models:/%s@%s (version %s)", name, best["step"],
+                     registered_name(name), ALIAS, version)
+    except Exception as exc:  # the registry is a convenience: evaluation's figures stand without it
+        log.warning("could not register the best checkpoints in the MLflow model registry at %s (%s); "
+                    "they are logged as run artifacts checkpoints/<model>", run.uri, str(exc).splitlines()[0][:200])

@@ -40,7 +40,7 @@ def _evaluate(root: Path, name: str, guidance: float, bpb0: float, bpb_cfg: floa
                 run.set_tags({"sunfish.best.stage_0": 3})
                 for f in ("model.safetensors", "config.json", "tokenizer.json"):
                     run.log_artifact(checkpoint / f, "checkpoints/stage_0")
-                from pipeline.evaluate import register_models
+                from sunfish.model_registry import register_models
 
                 register_models(run, {"stage_0": {"best": {"step": 3, "checkpoint": str(checkpoint)}},
                                       "control_1": {"is_control": True}}, Path("/"))

@@ -218,7 +218,7 @@ def test_split_halves_are_disjoint_and_pool_token_weighted():
 
 
 def test_scoring_batch_size_leaves_two_halves():
-    from pipeline.evaluate import halving_batch_size
+    from sunfish.evaluation.milestones import halving_batch_size
 
     assert halving_batch_size(100, 16) == 16  # 7 batches
     assert halving_batch_size(5, 16) == 3  # 3 + 2 rows: two batches
@@ -334,7 +334,7 @@ class Counting:
 
 
 def test_cache_evaluates_only_new_or_changed_checkpoints(tmp_path):
-    from pipeline.evaluate import evaluate_milestones
+    from sunfish.evaluation.milestones import evaluate_milestones
     from sunfish.evaluation.cache import EvalCache
 
     models = tmp_path / "models"
@@ -388,7 +388,7 @@ def test_cache_evaluates_only_new_or_changed_checkpoints(tmp_path):
 
 
 def test_judge_entries_add_fluency_and_fluent_on_topic():
-    from pipeline.evaluate import judge_entries
+    from sunfish.evaluation.milestones import judge_entries
 
     evaluated = {
         "stage_0": [{"quality": {"distinct_2": 0.5},
@@ -480,7 +480,7 @@ def _params(**eval_overrides):
 
 
 def test_summarise_checklist_uses_judge_and_metrics_are_flat():
-    from pipeline.evaluate import summarise
+    from sunfish.evaluation.milestones import summarise
 
     ctx = _params()
     judge = {"kind": "word-level interpolated Kneser-Ney", "calibration": {"real": {"fluent_share": 0.8}}}
@@ -502,7 +502,7 @@ def test_summarise_checklist_uses_judge_and_metrics_are_flat():
                               {**test_row, "scale": 1.0, "adherence": 0.5, "fluent_on_topic": 0.1},
                               {**test_row, "scale": 7.0, "adherence": 0.75, "fluent_on_topic": 0.125}]}]
     ctx.params = ctx.params.model_copy(update={"cfg": ctx.params.cfg.model_copy(update={"guidance_scale": 7.0})})
-    models, metrics = summarise({"stage_0": ar, "cfg": cfg}, ctx, judge)
+    models, metrics = summarise({"stage_0": ar, "cfg": cfg}, ctx.params, judge)
     coherent = next(i for i in models["stage_0"]["checklist"] if i["name"] == "coherent sentences")
     assert coherent["value"] == 2 / 3 and coherent["passed"] is True and "80%" in coherent["criterion"]
     # the diffusion milestone's samples and quality are those of the dev rows at cfg.guidance_scale (7)
@@ -531,7 +531,7 @@ def _swept_entry(step: int, val_loss: float, scales) -> dict:
 
 
 def test_the_test_curve_is_sampled_at_the_best_milestone_only(tmp_path):
-    from pipeline.evaluate import complete_sweeps, progress_scales, show_chosen_scale
+    from sunfish.evaluation.milestones import complete_sweeps, progress_scales, show_chosen_scale
     from sunfish.evaluation.cache import EvalCache
 
     progress = progress_scales(7.0)
@@ -560,7 +560,7 @@ def test_the_test_curve_is_sampled_at_the_best_milestone_only(tmp_path):
 
 @pytest.mark.parametrize("mode", ["sequence", "token"])
 def test_sequence_guided_scales_share_one_set_of_candidates(mode, monkeypatch):
-    import pipeline.evaluate as evaluate
+    import sunfish.evaluation.checkpoint_figures as figures
     import sunfish.diffusion.sequence_guidance as sg
     from sunfish.config import CfgConfig, EvalConfig
     from sunfish.data.tokenizer import train_bpe
@@ -592,7 +592,7 @@ def test_sequence_guided_scales_share_one_set_of_candidates(mode, monkeypatch):
     monkeypatch.setattr(ds, "sample", sampled)
     cfg = CfgConfig(guidance=mode, guidance_candidates=3, num_steps=4)
     ev = EvalConfig(cfg_prompts=3, cfg_seq_len=8)
-    rows = evaluate._guidance_sweep((model, {}, None), tok, ev, cfg, records, set(), set(), [0.0, 1.0, 3.0, 7.0])
+    rows = figures.guidance_sweep((model, {}, None), tok, ev, cfg, records, set(), set(), [0.0, 1.0, 3.0, 7.0])
     assert [r["scale"] for r in rows] == [0.0, 1.0, 3.0, 7.0] and all(r["n"] == 3 for r in rows)
     assert [r["guidance"] for r in rows] == ["none", "none", mode, mode]
     # one draw of 3 candidates serves w = 1 and both guided scales; only w = 0 is sampled directly
@@ -601,10 +601,10 @@ def test_sequence_guided_scales_share_one_set_of_candidates(mode, monkeypatch):
 
     # the best milestone's whole curve (evaluate's second call) reuses the progress rows' candidates
     drawn: dict = {}
-    first = evaluate._guidance_sweep((model, {}, None), tok, ev, cfg, records, set(), set(), [0.0, 1.0, 7.0],
+    first = figures.guidance_sweep((model, {}, None), tok, ev, cfg, records, set(), set(), [0.0, 1.0, 7.0],
                                      drawn, "ckpt")
     calls.clear()
-    rest = evaluate._guidance_sweep((model, {}, None), tok, ev, cfg, records, set(), set(), [3.0], drawn, "ckpt")
+    rest = figures.guidance_sweep((model, {}, None), tok, ev, cfg, records, set(), set(), [3.0], drawn, "ckpt")
     assert calls == []
     by_scale = {r["scale"]: r for r in rows}
     for r in (*first, *rest):  # the same rows as the one-call sweep: the draw is seeded
@@ -612,7 +612,7 @@ def test_sequence_guided_scales_share_one_set_of_candidates(mode, monkeypatch):
 
 
 def test_scoring_follows_the_training_precision_and_keys_the_cache(monkeypatch):
-    import pipeline.evaluate as evaluate
+    import sunfish.evaluation.milestones as evaluate
     import sunfish.training.loop as loop
 
     context, name = evaluate.scoring_autocast("fp32")

@@ -126,12 +126,12 @@ def test_the_likelihood_table_labels_the_diffusion_figures_as_bounds():
 
 
 def test_best_of_k_rows_come_with_sequence_guidance_and_cost_k(setup, docs):
-    """pipeline.fluency adds the two best-of-k baselines only where sequence guidance draws k."""
+    """evaluate_fluency adds the two best-of-k baselines only where sequence guidance draws k."""
     from types import SimpleNamespace
 
     import torch
 
-    from pipeline.fluency import best_of_k_rows, selection_k
+    from sunfish.evaluation.fluency_sampling import best_of_k_rows, selection_k
     from sunfish.data.tokenizer import train_bpe
     from sunfish.models.denoiser import DiffusionConfig, DiffusionLM
     from sunfish.models.staged import StagedLM, StagedLMConfig
