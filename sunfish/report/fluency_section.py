@@ -1,9 +1,17 @@
-"""The report's first section: the "fluent and on topic" table (reports/fluency.json), as plain
-cells that the HTML and Markdown renderers escape their own way."""
+"""The report's first section: the "fluent and on topic" table (reports/fluency.json).
+
+``table`` and ``likelihood_table`` return plain cells (header, rows) so that tests can read the
+figures without parsing markup; the section wraps them in the report's table model, which the
+HTML and Markdown renderers escape their own way."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from sunfish.report import html as H
+from sunfish.report import markdown as M
+from sunfish.report.access import as_dict
+from sunfish.report.table import Table
 
 HEADER = ["row", "prompts", "w", "n", "fluent and on topic", "95% CI", "on topic", "fluent",
           "judge ppl (median)", "s / sample", "net rows / sample", "tokens / s"]
@@ -93,4 +101,48 @@ def examples(fluency: dict, per_row: int = 2) -> list[tuple[str, str, str]]:
             for e in (r.get("examples") or [])[:per_row]:
                 verdict = ("fluent" if e.get("fluent") else "not fluent") + (", on topic" if e.get("on_topic") else "")
                 out.append((f"{r['name']} ({r['set']}{w}; {verdict})", e.get("prompt") or "", e.get("text") or ""))
+    return out
+
+
+def _tables(fluency: dict) -> tuple[Table, str, Table | None, Table | None]:
+    """(main table, likelihood scope, likelihood table, examples). The last two are None when the
+    fluency stage did not measure them: the section leaves them out instead of showing bare headers."""
+    header, rows = table(fluency)
+    lk_header, lk_rows, scope = likelihood_table(fluency)
+    ex = examples(fluency)
+    return (Table(header, rows, num=range(2, len(header))), scope,
+            Table(lk_header, lk_rows, num=range(2, 5)) if lk_rows else None,
+            Table(["row", "prompt", "sample"], ex) if ex else None)
+
+
+_TITLE = "Fluent and on topic"
+_NOT_RUN = "No fluency measurement (stage fluency did not run)."
+
+
+def to_html(s: dict) -> str:
+    fl = as_dict(s.get("fluency"))
+    if not fl.get("rows"):
+        return H.section("fluency", _TITLE, [H.muted(_NOT_RUN)])
+    main, scope, lk, ex = _tables(fl)
+    out = [f"<p>{H.esc(t)}</p>" for t in sentences(fl)] + [H.table(main)]
+    if lk is not None:
+        out += [f"<p>{H.esc(scope)}</p>", H.table(lk)]
+    if ex is not None:
+        out.append(H.table(ex))
+    return H.section("fluency", _TITLE, out)
+
+
+def to_markdown(s: dict) -> list[str]:
+    fl = as_dict(s.get("fluency"))
+    out = [f"## {_TITLE}", ""]
+    if not fl.get("rows"):
+        return out + [_NOT_RUN, ""]
+    main, scope, lk, ex = _tables(fl)
+    for t in sentences(fl):
+        out += [M.esc(t), ""]
+    out += M.table(main)
+    if lk is not None:
+        out += [M.esc(scope), ""] + M.table(lk)
+    if ex is not None:
+        out += M.table(ex)
     return out
