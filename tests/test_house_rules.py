@@ -212,8 +212,6 @@ def test_importing_does_not_load_torch(module):
     assert out.stdout.strip() == "False", f"import {module} loaded torch"
 
 
-@pytest.mark.xfail(strict=False, reason="sunfish/report/render.py (1213 lines) is being split on another "
-                   "branch")
 def test_no_library_module_over_600_lines():
     library = project_modules(packages=("sunfish",))
     assert long_modules(library) == {}
