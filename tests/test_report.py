@@ -415,3 +415,41 @@ def test_next_steps_follow_the_measurements(summary):
         for g in m["guidance"]:
             g["fluent_on_topic"] = 0.0
     assert "No guidance scale made more samples fluent and on topic" in " ".join(next_steps(summary))
+
+
+def test_the_report_opens_with_the_answer(summary):
+    """The card: the best non-control AR model by held-out bpb, one of its samples, the diffusion
+    model in one sentence; each line says what is missing instead of inventing a figure."""
+    from sunfish.report import sections_headline
+
+    summary["models"]["control_1"]["milestones"][-1]["val_bpb"] = 0.01  # a control never wins
+    name, _, m = sections_headline.best_language_model(summary)
+    assert name == "stage_2" and m["step"] == summary["models"]["stage_2"]["best"]["step"]
+    summary["fluency"] = {"headline": {"guidance_scale": 1.0, "fluent_on_topic": 0.53, "fluent_on_topic_w0": 0.03,
+                                       "real_fluent_on_topic": 0.86, "implied_fluent_on_topic": 0.02,
+                                       "fluent": 0.75, "ar_fluent": 0.39},
+                          "rows": [{"set": "test", "name": "diffusion", "n": 64}]}
+    md = render_markdown(summary)
+    card = md[md.index("## At a glance"):md.index("## Fluent and on topic")]
+    assert "stage_2 at step" in card and "bits per byte on 40,960 held-out tokens" in card
+    assert "**It writes:**" in card
+    assert "53% of 64 held-out test prompts at guidance 1 (3% with the prompt dropped, 86% for the real stories)" in card
+    assert md.index("## At a glance") < md.index("## Summary")
+    html = render_html(summary)
+    assert html.index('id="glance"') < html.index('id="fluency"')
+    empty = sections_headline.lines({})
+    assert empty[0][1].startswith("No autoregressive model") and "not measured" in empty[-1][1]
+
+
+def test_diagnostics_show_warnings_and_failures_and_count_the_rest(summary):
+    md = render_markdown(summary)
+    diag = md[md.index("## Diagnostics"):]
+    assert "memorize one batch" in diag and "initial loss" not in diag
+    assert "1 more check passed" in diag
+    for c in summary["diagnose"]["checks"]:
+        c["status"] = "ok"
+    assert "Every check passed (2)." in render_markdown(summary)
+
+
+def test_the_best_checkpoint_table_says_it_reports_the_test_half(summary):
+    assert "every Val figure here is the second half's" in render_markdown(summary)

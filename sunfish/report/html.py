@@ -44,6 +44,8 @@ tr:nth-child(even) td { background:#fcfcfd; }
 code, pre { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:.88rem; }
 pre.cmd { background:var(--bg-alt); border:1px solid var(--line); padding:8px 12px; overflow-x:auto; }
 .rule { background:var(--bg-alt); border-left:4px solid #0b5cad; padding:6px 12px; margin:8px 0; }
+dl.card { display:grid; grid-template-columns:max-content 1fr; gap:6px 16px; background:var(--bg-alt); border:1px solid var(--line); border-radius:8px; padding:12px 16px; }
+dl.card dt { font-weight:600; } dl.card dd { margin:0; }
 details summary { cursor:pointer; color:#0b5cad; }
 footer { margin-top:48px; color:var(--muted); font-size:.85rem; }
 """

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from sunfish.report import fluency_section, sections_components, sections_diffusion, sections_models
+from sunfish.report import fluency_section, sections_components, sections_diffusion, sections_headline, sections_models
 from sunfish.report import html as H
 from sunfish.report import markdown as M
 from sunfish.report import sections_run, sections_samples, sections_summary
@@ -22,9 +22,11 @@ from sunfish.report.access import as_dict
 
 __all__ = ["render_html", "render_markdown", "write_report"]
 
-# (HTML, Markdown) of each section, in page order; the fluency table leads because it is the
-# measure the project is judged on.
+# (HTML, Markdown) of each section, in page order: the answer first (best model, its figure, a
+# sample, the diffusion model in a sentence), then the fluency table, the measure the project is
+# judged on.
 SECTIONS: tuple[tuple[Callable[[dict], str], Callable[[dict], list[str]]], ...] = (
+    (sections_headline.to_html, sections_headline.to_markdown),
     (fluency_section.to_html, fluency_section.to_markdown),
     (sections_summary.to_html, sections_summary.to_markdown),
     (sections_models.to_html, sections_models.to_markdown),
@@ -38,6 +40,7 @@ SECTIONS: tuple[tuple[Callable[[dict], str], Callable[[dict], list[str]]], ...] 
 )
 
 NAV = (
+    ("glance", "At a glance"),
     ("fluency", "Fluent and on topic"),
     ("summary", "Summary"),
     ("curves", "Curves"),

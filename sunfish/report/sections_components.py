@@ -21,7 +21,7 @@ COMPONENT_COLUMNS = ["Component", "Stage vs control", "Step", "Seeds", "Stage bp
 COMPONENT_NOTE = ("Δ = stage − control validation bits per byte (negative: the component helps). Seed rows: means over "
                   "staged.seeds runs from the same start (batch orders); a verdict needs |Δ| > 2 SE of the per-seed "
                   "differences and >= 0.001 bpb. "
-                  "Milestone rows: one seed, whole split, no verdict. Extra steps alone: control − the previous stage.")
+                  "Milestone rows: one seed, the test half of the validation split, no verdict. Extra steps alone: control − the previous stage.")
 _COMPARISON_NOTE = ("Lower bits per byte is better; a negative Δ means the model improved on the previous "
                     "stage. A control continues the previous stage for the same steps without the new component.")
 _VERDICT_CLASS = {"helps": "pass", "hurts": "fail"}

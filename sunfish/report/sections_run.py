@@ -14,12 +14,20 @@ from sunfish.report.table import Cell, Table
 
 
 def _checks_table(diag: dict) -> Table:
-    rows = []
+    """The checks that need a reader: warnings and failures. Passed checks are counted in the
+    note (reports/diagnose.json and `sunfish diagnose` list every one)."""
+    rows, passed = [], 0
     for c in (as_dict(c) for c in as_list(diag.get("checks"))):
         status = str(c.get("status") or "?")
+        if status == "ok":
+            passed += 1
+            continue
         rows.append([c.get("name", "?"), Cell(status, css=f"status-{status}"), value(c.get("value")),
                      value(c.get("threshold")), c.get("message") or ""])
-    return Table(["Check", "Status", "Value", "Threshold", "Message"], rows)
+    note = (f"{passed} more check{'s' if passed != 1 else ''} passed (every check: reports/diagnose.json, "
+            "`sunfish diagnose`).") if passed else ""
+    return Table(["Check", "Status", "Value", "Threshold", "Message"], rows, note=note,
+                 empty=f"Every check passed ({passed}).")
 
 
 def diagnose_html(s: dict) -> str:
@@ -29,7 +37,7 @@ def diagnose_html(s: dict) -> str:
     status = str(diag.get("status") or "unknown")
     out = [f'<p>Overall status: <span class="status-{H.esc(status)}">{H.esc(status.upper())}</span></p>']
     checks = _checks_table(diag)
-    if checks.rows:
+    if as_list(diag.get("checks")):
         out.append(H.table(checks))
     return H.section("diagnose", "Diagnostics", out)
 
@@ -40,7 +48,7 @@ def diagnose_markdown(s: dict) -> list[str]:
         return ["## Diagnostics", "", "The diagnose stage did not run.", ""]
     out = ["## Diagnostics", "", f"Overall status: **{M.esc(str(diag.get('status') or 'unknown').upper())}**", ""]
     checks = _checks_table(diag)
-    return out + (M.table(checks) if checks.rows else [])
+    return out + (M.table(checks) if as_list(diag.get("checks")) else [])
 
 
 def _splits_table(data: dict) -> Table:
