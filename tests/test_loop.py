@@ -113,3 +113,31 @@ def test_default_threads_use_only_the_cores_that_are_free(tmp_path, monkeypatch)
         assert loop.set_threads(3) == 3  # an explicit number wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_one_training_step_shared_by_the_loop_and_the_speed_probe(monkeypatch):
+    import torch
+
+    import sunfish.training.loop as loop
+    from sunfish.diagnose import speed
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    batch = {"x": torch.randn(8, 4)}
+    loss_fn = lambda b: ((model(b["x"]) ** 2).mean() * 100, {"m": 1.0})  # noqa: E731
+    loss, metrics = loop.backward_micro_batch(loss_fn, batch, amp=None, device=torch.device("cpu"), accumulate=4)
+    full = torch.autograd.grad((model(batch["x"]) ** 2).mean() * 100, model.weight)[0]
+    assert torch.allclose(model.weight.grad, full / 4) and metrics == {"m": 1.0}
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    seen = {}
+    norm, extra = loop.apply_update(model, opt, 0.5, lambda: seen.setdefault(
+        "norm", float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())) and {"hook": 1})
+    assert norm > 0.5 and abs(seen["norm"] - 0.5) < 1e-5 and extra == {"hook": 1}  # the hook sees clipped grads
+    assert all(p.grad is None for p in model.parameters())
+    calls = []
+    real = loop.apply_update
+    monkeypatch.setattr(loop, "apply_update", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model.training_loss = loss_fn
+    cfg = type("C", (), {"grad_clip": 1.0, "lr": 0.1, "warmup_steps": 0, "max_steps": 10, "min_lr_ratio": 0.1})()
+    speed._train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), batch, cfg, 0, None, torch.device("cpu"))
+    assert calls == [1]  # the probe steps through the loop's update

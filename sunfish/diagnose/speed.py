@@ -7,10 +7,9 @@ tokens/s, the ETA of max_steps and of every milestone, and the measured peak mem
 oversubscribed cores make several threads far slower than one, so on CPU one thread is timed too
 and a warning says to set train.threads: 1 when it is much faster.
 
-The step is timed here instead of calling the training loop's: the probe needs the micro-batch and
-the optimiser update timed apart, with device syncs between them, while sunfish.training.loop.train
-runs its step inline with distributed sync, loss scaling for accumulation, non-finite skipping and
-per-model hooks. The probe shares the loop's optimiser, lr schedule, autocast and thread settings.
+The probe runs the training loop's own step (sunfish.training.loop.backward_micro_batch, then
+apply_update), with device syncs between the two halves so that the micro-batch and the optimiser
+update are timed apart; it shares the loop's optimiser, lr schedule, autocast and thread settings.
 """
 
 from __future__ import annotations
@@ -80,7 +79,7 @@ def measure_speed(
 
 def _train_step(model, opt, batch, tcfg, step, amp, device) -> tuple[float, float]:
     """One micro-batch forward/backward and one optimiser step: (micro-batch seconds, optimiser seconds)."""
-    from sunfish.training.loop import lr_at
+    from sunfish.training.loop import apply_update, backward_micro_batch, lr_at
 
     def sync():
         if device.type == "cuda":
@@ -88,17 +87,12 @@ def _train_step(model, opt, batch, tcfg, step, amp, device) -> tuple[float, floa
 
     sync()
     start = time.perf_counter()
-    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        loss, _ = model.training_loss(batch)
-    loss.backward()
+    backward_micro_batch(model.training_loss, batch, amp=amp, device=device)
     sync()
     mid = time.perf_counter()
     for group in opt.param_groups:
         group["lr"] = lr_at(step, tcfg)
-    if tcfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    apply_update(model, opt, tcfg.grad_clip)
     sync()
     return mid - start, time.perf_counter() - mid
 

@@ -132,6 +132,33 @@ def lr_at(step: int, cfg: ResolvedTraining) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
+def backward_micro_batch(loss_fn: Callable[[dict], tuple[torch.Tensor, dict]], batch: dict, *,
+                         amp: torch.dtype | None, device: torch.device, accumulate: int = 1
+                         ) -> tuple[torch.Tensor, dict]:
+    """One micro-batch of a training step: the forward under the training autocast, then the
+    backward of loss / ``accumulate``. Returns the (unscaled) loss and the model's metrics. The
+    training loop and the diagnose speed probe both step through here, so the probe times the
+    step that trains."""
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        loss, metrics = loss_fn(batch)
+    (loss / accumulate).backward()
+    return loss, metrics
+
+
+def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                 after_clip: Callable[[], dict] | None = None) -> tuple[float, dict]:
+    """The optimiser half of a training step: clip (when ``grad_clip`` > 0), let ``after_clip``
+    read the clipped gradients, step and clear. Returns (gradient norm before clipping, or NaN when
+    not clipped; what ``after_clip`` returned)."""
+    grad_norm = float("nan")
+    if grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    extra = after_clip() if after_clip is not None else {}
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, extra
+
+
 def make_optimizer(model: torch.nn.Module, cfg: ResolvedTraining, device: torch.device) -> torch.optim.AdamW:
     """AdamW; matrices decay, vectors (norms, biases, gates) do not."""
     decay, no_decay = [], []
@@ -403,9 +430,8 @@ def train(
                 batch = _to(shard_rows(sample_batch(gen), dist), device)
                 sync = not dist.enabled or micro == cfg.grad_accum_steps - 1
                 with (nullcontext() if sync else loss_module.no_sync()):
-                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                        loss, metrics = loss_module(batch)
-                    (loss / cfg.grad_accum_steps).backward()
+                    loss, metrics = backward_micro_batch(loss_module, batch, amp=amp, device=device,
+                                                         accumulate=cfg.grad_accum_steps)
                 loss_sum += float(loss.detach()) / cfg.grad_accum_steps
                 extra = metrics
             stop_requested = stop["signum"] is not None
@@ -427,13 +453,9 @@ def train(
                     )
             else:
                 nonfinite_run = 0
-                grad_norm = float("nan")
-                if cfg.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-                if after_clip is not None:
-                    extra = {**extra, **after_clip(model, done)}
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm, hooked = apply_update(model, optimizer, cfg.grad_clip,
+                                                 (lambda: after_clip(model, done)) if after_clip is not None else None)
+                extra = {**extra, **hooked}
                 if result.first_loss is None:
                     result.first_loss = loss_sum
                 result.last_train_loss = loss_sum
