@@ -18,6 +18,15 @@ from pathlib import Path
 
 import click
 
+from sunfish.cli_support import (
+    DEVICES,
+    KNOWN_MODELS,
+    check_model,
+    existing_store,
+    milestone_metrics,
+    project_tracking,
+    resolve_device,
+)
 from sunfish.errors import CheckpointError, CorpusError, NonFiniteLoss, TrainingInterrupted, UsageProblem
 
 EXIT_BAD_INPUT = 2
@@ -100,11 +109,16 @@ def config() -> None:
     """Inspect the configuration."""
 
 
+PARAMS_HELP = "the params file to read"
+
+
 @config.command("show")
-@click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml", show_default=True)
-@click.option("--model", type=click.Choice(["stage_0", "stage_1", "stage_2", "stage_3", "cfg"]), default=None,
-              help="also print the resolved training settings of this model")
-@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+@click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml", show_default=True,
+              help=PARAMS_HELP)
+@click.option("--model", type=click.Choice(KNOWN_MODELS), default=None,
+              help="print the resolved training settings of this model only; default: of every trained model")
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True,
+              help="output format")
 @friendly_errors
 def config_show(params_path: Path, model: str | None, fmt: str) -> None:
     """Print the validated config with every default filled in."""
@@ -144,7 +158,9 @@ def config_show(params_path: Path, model: str | None, fmt: str) -> None:
 @click.option("--candidates", type=click.IntRange(1, 64), default=None,
               help="diffusion only: conditional samples per prompt for --guidance sequence; default: the "
                    "checkpoint's")
-@click.option("--num-samples", type=click.IntRange(1, 256), default=1, show_default=True)
+@click.option("--num-samples", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="texts to draw (AR: one batch from one generator seeded with --seed; diffusion: "
+                   "sample i seeded with --seed + i)")
 @click.option("--seq-len", type=click.IntRange(1, 65536), default=None,
               help="diffusion only: sample length in tokens; default: the checkpoint's")
 @click.option("--num-steps", type=click.IntRange(1, 100000), default=None,
@@ -152,15 +168,20 @@ def config_show(params_path: Path, model: str | None, fmt: str) -> None:
                    "block_size each); default: the checkpoint's")
 @click.option("--scheduler", type=click.Choice(["ddim", "ddpm"]), default=None,
               help="diffusion only; default: the checkpoint's")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="random seed: the same seed, the same texts")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text: the samples separated by ---; json: one JSON object per sample and line")
 @click.option("--uri", "tracking", default=None,
               help="MLflow tracking URI for models:/, runs:/ and mlflow: checkpoints; default: MLFLOW_TRACKING_URI, "
                    "else tracking.uri of ./params.yaml, else the project's mlflow.db")
+@click.option("--device", default="auto", show_default=True, help=f"where the model runs: {DEVICES}")
+@click.option("--progress/--no-progress", default=None,
+              help="a progress bar on stderr over the denoising steps of a diffusion checkpoint (AR sampling "
+                   "has none); default: when stderr is a terminal")
 @friendly_errors
 def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
            guidance_scale, guidance, candidates, num_samples, seq_len, num_steps, scheduler, seed, fmt,
-           tracking) -> None:
+           tracking, device, progress) -> None:
     """Generate text from any SunFish checkpoint (a stage or the diffusion model).
 
     CHECKPOINT is a checkpoint directory (models/stage_3/final), its model.safetensors, or a model
@@ -180,8 +201,9 @@ def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, 
     from sunfish.sampling import fetch_checkpoint, is_mlflow_reference, sample_from_checkpoint
     from sunfish.training.checkpoint import read_checkpoint_meta
 
+    device = resolve_device(device)
     if is_mlflow_reference(checkpoint):
-        uri, mlflow_experiment = _project_tracking(tracking)
+        uri, mlflow_experiment = project_tracking(tracking)
         checkpoint = fetch_checkpoint(checkpoint, uri=uri, mlflow_experiment=mlflow_experiment)
     checkpoint = Path(checkpoint)
 
@@ -194,7 +216,7 @@ def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, 
         checkpoint, prompt=prompt, infill=infill, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, guidance_scale=guidance_scale,
         num_samples=num_samples, seq_len=seq_len, num_steps=num_steps, scheduler=scheduler, seed=seed,
-        guidance=guidance, candidates=candidates,
+        guidance=guidance, candidates=candidates, device=device, progress=progress,
     )
     for r in results:
         if fmt == "json":
@@ -225,24 +247,9 @@ def _check_flags_fit(ctx: click.Context, kind: str, checkpoint: Path) -> None:
                            f"{checkpoint} holds {holds}")
 
 
-def _project_tracking(uri: str | None) -> tuple[str, str]:
-    """The MLflow store and experiment this project logs to (``--uri`` first), as the stages find them."""
-    from sunfish.tracking import repo_root, tracking_uri
-
-    configured, experiment = None, "sunfish"
-    if Path("params.yaml").exists():
-        try:
-            from sunfish.config import load_params
-
-            t = load_params(Path("params.yaml")).tracking
-            configured, experiment = t.uri, t.experiment
-        except Exception:  # a broken params.yaml must not stop reading results
-            pass
-    return uri or tracking_uri(repo_root(), configured), experiment
-
-
 @main.command()
-@click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml", show_default=True)
+@click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml", show_default=True,
+              help=PARAMS_HELP)
 @click.option("--model", type=click.Choice(["stage_0", "stage_1", "stage_2", "stage_3", "cfg", "all"]),
               default="all", show_default=True, help="which model to diagnose")
 @click.option("--preset", default=None, help="diagnose another preset than params.yaml's (e.g. micro)")
@@ -272,15 +279,23 @@ def diagnose(params_path: Path, model: str, preset: str | None, as_json: bool) -
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--root", type=click.Path(path_type=Path, file_okay=False), default=".", show_default=True)
+@click.option("--root", type=click.Path(path_type=Path, file_okay=False), default=".", show_default=True,
+              help="the project folder whose state/ to read")
 @friendly_errors
 def status(model: str | None, root: Path) -> None:
-    """Training progress from disk (works while training runs in another process)."""
+    """Training progress from disk (works while training runs in another process).
+
+    MODEL limits it to one model (stage_0 ... stage_3, cfg, control_N); a name that is no model is
+    refused, so a typo is not mistaken for a model that has not started.
+    """
     from sunfish.status import format_status, read_status
 
+    if model is not None:
+        check_model(model)
     rows = read_status(root, model)
     if not rows:
-        raise UsageProblem(f"no training progress found under {root.resolve() / 'state'} "
+        which = f" of {model}" if model else ""
+        raise UsageProblem(f"no training progress{which} found under {root.resolve() / 'state'} "
                            "(run `dvc repro` or a train stage first)")
     click.echo(format_status(rows))
 
@@ -290,15 +305,17 @@ def status(model: str | None, root: Path) -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--seq-len", type=click.IntRange(8, 65536), default=None, help="window length; default: the model's")
 @click.option("--seed", type=int, default=0, show_default=True, help="diffusion ELBO: noise draws")
+@click.option("--device", default="auto", show_default=True, help=f"where the model runs: {DEVICES}")
 @friendly_errors
-def eval_text(checkpoint: Path, files: tuple[Path, ...], seq_len: int | None, seed: int) -> None:
+def eval_text(checkpoint: Path, files: tuple[Path, ...], seq_len: int | None, seed: int, device: str) -> None:
     """Score text files with a checkpoint: loss, perplexity and bits per byte as JSON.
 
     For the diffusion model the figures are its ELBO bound (an upper bound on the true NLL).
     """
     from sunfish.evaluation.score_text import score_files
 
-    click.echo(json.dumps(score_files(checkpoint, list(files), seq_len=seq_len, seed=seed), indent=2))
+    device = resolve_device(device)
+    click.echo(json.dumps(score_files(checkpoint, list(files), seq_len=seq_len, seed=seed, device=device), indent=2))
 
 
 @main.command()
@@ -344,7 +361,8 @@ def migrate(checkpoint: Path, output: Path | None) -> None:
               help="show this param as a column (repeatable); default: the params that differ between them")
 @click.option("--model", "-m", "models", multiple=True,
               help="show best val bpb of this model (repeatable); default: every model evaluated")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True,
+              help="output format")
 @friendly_errors
 def compare(uri, mlflow_experiment, names, last, params, models, fmt) -> None:
     """Experiments side by side, from MLflow: one row per `dvc exp run` (or plain `dvc repro`).
@@ -356,16 +374,51 @@ def compare(uri, mlflow_experiment, names, last, params, models, fmt) -> None:
     """
     from sunfish.compare import CompareError, format_rows, load_experiments
 
-    tracking_at, default_experiment = _project_tracking(uri)
+    tracking_at, default_experiment = project_tracking(uri)
     try:
-        rows = load_experiments(tracking_at, mlflow_experiment or default_experiment, names=names, last=last)
+        rows = load_experiments(existing_store(tracking_at), mlflow_experiment or default_experiment, names=names,
+                                last=last)
     except CompareError as exc:
         raise UsageProblem(str(exc)) from exc
+    for name in models:
+        check_model(name, also={m for row in rows for m in row.models})
     if not rows and fmt == "table":
         wanted = f" matching {', '.join(names)}" if names else ""
         raise UsageProblem(f"no experiments{wanted} in {tracking_at} (run `dvc repro` or `dvc exp run` first)")
     text = format_rows(rows, fmt, params=list(params) or None, models=list(models) or None)
     click.echo(text, nl=not text.endswith("\n"))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path, dir_okay=True, file_okay=False))
+@click.option("--overwrite", is_flag=True, help="write into OUT_DIR even when it is not empty")
+@click.option("--push-to", default=None,
+              help="then upload the folder to this Hugging Face Hub repository (user/name, created when missing), "
+                   "or copy it into this local folder")
+@click.option("--token", default=None, help="Hugging Face token for --push-to; default: HF_TOKEN or the saved login")
+@click.option("--private", is_flag=True, help="create the hub repository private (--push-to a hub id only)")
+@friendly_errors
+def export(checkpoint: Path, out_dir: Path, overwrite: bool, push_to: str | None, token: str | None,
+           private: bool) -> None:
+    """Write a checkpoint as a Hugging Face model folder (weights, tokenizer, config.json, model card).
+
+    CHECKPOINT is a checkpoint directory, its model.safetensors, or a model directory (uses final/).
+    Inside a project whose evaluate stage has run, the card lists that checkpoint's figures from
+    reports/milestones.json (validation bits per byte and loss, judge perplexity); elsewhere it has
+    no evaluation section. OUT_DIR must be new or empty unless --overwrite: an export never replaces
+    files by accident. Load the folder with sunfish.hub.from_pretrained or `sunfish sample`.
+    """
+    from sunfish.hub import push_to_hub, save_pretrained
+    from sunfish.training.checkpoint import read_checkpoint_meta
+
+    directory, meta = read_checkpoint_meta(checkpoint)
+    found = milestone_metrics(directory, meta)
+    folder = save_pretrained(directory, out_dir, metrics=found[0] if found else None, overwrite=overwrite)
+    source = f"; card figures from {found[1]}" if found else ""
+    click.echo(f"{directory}: exported to {folder}{source}")
+    if push_to:
+        click.echo(f"{folder}: pushed to {push_to_hub(folder, push_to, token=token, private=private)}")
 
 
 # ------------------------------------------------------------------------------------------------

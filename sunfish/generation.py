@@ -3,7 +3,9 @@
 Works with any model that has ``forward(input_ids, cache=None) -> logits [B, T, V]``,
 ``init_cache()`` and ``config.max_seq_len`` (the staged LM). Order of operations on each step's
 logits: repetition penalty (CTRL) -> greedy argmax when ``temperature == 0`` -> temperature ->
-top-k -> top-p (nucleus) -> one draw from ``generator``.
+top-k -> top-p (nucleus) -> one draw from ``generator``. The filters take one row ``[V]`` or a
+batch ``[B, V]`` (each row filtered on its own), so one sample and a batch of them share the code:
+:func:`generate` is :func:`generate_many` with one row and draws exactly what it always drew.
 """
 
 from __future__ import annotations
@@ -11,41 +13,39 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["generate", "apply_repetition_penalty", "filter_top_k", "filter_top_p", "choose_token"]
+__all__ = ["generate", "generate_many", "apply_repetition_penalty", "filter_top_k", "filter_top_p", "choose_token",
+           "choose_tokens"]
 
 
 def apply_repetition_penalty(logits: Tensor, previous_ids: Tensor, penalty: float) -> Tensor:
-    """CTRL repetition penalty on ``logits [V]`` for every id in ``previous_ids``: positive logits
-    are divided by ``penalty``, negative ones multiplied (both make the token less likely for
-    ``penalty > 1``). Returns a new tensor."""
+    """CTRL repetition penalty on ``logits [V]`` for every id in ``previous_ids [T]`` (or, row by
+    row, on ``[B, V]`` with ``[B, T]``): positive logits are divided by ``penalty``, negative ones
+    multiplied (both make the token less likely for ``penalty > 1``). Returns a new tensor."""
     if penalty == 1.0 or previous_ids.numel() == 0:
         return logits
-    ids = torch.unique(previous_ids)
-    chosen = logits[ids]
-    penalised = torch.where(chosen > 0, chosen / penalty, chosen * penalty)
-    out = logits.clone()
-    out[ids] = penalised
-    return out
+    seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    seen.scatter_(-1, previous_ids.to(logits.device, torch.long), True)
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def filter_top_k(logits: Tensor, top_k: int) -> Tensor:
-    """Keep the ``top_k`` largest logits (``0`` = all), set the rest to -inf."""
+    """Keep the ``top_k`` largest logits of each row (``0`` = all), set the rest to -inf."""
     if top_k <= 0 or top_k >= logits.size(-1):
         return logits
-    threshold = torch.topk(logits, top_k).values[-1]
+    threshold = torch.topk(logits, top_k).values[..., -1:]
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
 def filter_top_p(logits: Tensor, top_p: float) -> Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches
-    ``top_p`` (the most likely token is always kept); ``1.0`` keeps all."""
+    """Nucleus filter: keep the smallest set of most likely tokens of each row whose probability
+    reaches ``top_p`` (the most likely token is always kept); ``1.0`` keeps all."""
     if top_p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly more likely tokens
     drop_sorted = before >= top_p
-    drop_sorted[0] = False
+    drop_sorted[..., 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -61,17 +61,36 @@ def choose_token(
     generator: torch.Generator | None = None,
 ) -> int:
     """One next token from a logits vector ``[V]`` (see the module docstring for the order)."""
+    return int(choose_tokens(logits[None], previous_ids[None], temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty, generator=generator)[0])
+
+
+def choose_tokens(
+    logits: Tensor,
+    previous_ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The next token of every row, ``[B]``, from ``logits [B, V]`` and each row's context
+    ``previous_ids [B, T]`` (the penalty of a row sees only its own context).
+
+    One multinomial draw per row from ``generator`` (on the generator's device: a CPU generator
+    gives the same tokens whichever device the model is on).
+    """
     logits = apply_repetition_penalty(logits.float(), previous_ids, repetition_penalty)
     if temperature <= 0:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits, dim=-1)
     logits = filter_top_p(filter_top_k(logits / temperature, top_k), top_p)
     probs = torch.softmax(logits, dim=-1)
     if generator is not None and generator.device != probs.device:
         probs = probs.to(generator.device)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
 
 
-@torch.no_grad()
 def generate(
     model: torch.nn.Module,
     prompt_ids: list[int],
@@ -97,6 +116,35 @@ def generate(
       forward pass over that window exactly.
     The model is put in eval mode for the call and restored afterwards.
     """
+    return generate_many(model, prompt_ids, num_samples=1, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, generator=generator,
+                         eos_id=eos_id)[0]
+
+
+@torch.no_grad()
+def generate_many(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+) -> list[list[int]]:
+    """``num_samples`` continuations of one prompt in one KV-cached batch: the NEW tokens of each.
+
+    Every option means what it means for :func:`generate`, row by row: the repetition penalty of
+    a row sees its own context, and a row stops at its own eos (not returned) while the others go
+    on; a stopped row is fed eos until the batch ends, and its later tokens are dropped. All rows
+    draw from the one ``generator``, a token per row per step, so a seed fixes every row; row i is
+    not the sample a one-row call seeded differently would give.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be >= 1")
     max_len = int(model.config.max_seq_len)
     context = list(prompt_ids)
     if not context:
@@ -107,34 +155,34 @@ def generate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    new_tokens: list[int] = []
+    new_tokens: list[list[int]] = [[] for _ in range(num_samples)]
+    stopped = [False] * num_samples
     try:
         cache = model.init_cache()
-        window = context[-max_len:]
-        logits = model(torch.tensor([window], device=device), cache=cache)[0, -1]
-        history = torch.tensor(context, device=device)
+        history = torch.tensor([context] * num_samples, device=device)  # [B, T]: every row's context
+        logits = model(history[:, -max_len:], cache=cache)[:, -1]
         for step in range(max_new_tokens):
-            token = choose_token(
-                logits,
-                history,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                repetition_penalty=repetition_penalty,
-                generator=generator,
-            )
-            if eos_id is not None and token == eos_id:
+            tokens = choose_tokens(logits, history, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   repetition_penalty=repetition_penalty, generator=generator)
+            for row, token in enumerate(tokens.tolist()):
+                if stopped[row]:
+                    continue
+                if eos_id is not None and token == eos_id:
+                    stopped[row] = True
+                else:
+                    new_tokens[row].append(token)
+            if all(stopped):
                 break
-            new_tokens.append(token)
-            context.append(token)
-            history = torch.cat((history, torch.tensor([token], device=device)))
+            if eos_id is not None:  # a stopped row goes on with eos: its tokens no longer matter
+                tokens = tokens.masked_fill(torch.tensor(stopped, device=tokens.device), eos_id)
+            history = torch.cat((history, tokens[:, None]), dim=1)
             if step == max_new_tokens - 1:
                 break
             if cache.length + 1 > max_len:  # full: rebuild from the last max_len tokens
                 cache = model.init_cache()
-                logits = model(torch.tensor([context[-max_len:]], device=device), cache=cache)[0, -1]
+                logits = model(history[:, -max_len:], cache=cache)[:, -1]
             else:
-                logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
+                logits = model(tokens[:, None], cache=cache)[:, -1]
     finally:
         model.train(was_training)
     return new_tokens

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +74,7 @@ def fetch_checkpoint(reference: str, *, uri: str, mlflow_experiment: str = "sunf
         from sunfish.model_registry import resolve
         from sunfish.tracking import bound_http_retries, open_client
 
+        _require_store(uri, reference)
         bound_http_retries()
         try:
             run_id, artifact_path = resolve(open_client(uri), reference)
@@ -98,6 +100,17 @@ def fetch_checkpoint(reference: str, *, uri: str, mlflow_experiment: str = "sunf
     return _download(run_id, artifact_path, uri, dest, reference)
 
 
+def _require_store(uri: str, reference: str) -> None:
+    """Refuse a local store that does not exist: opening it would leave an empty mlflow.db (or
+    mlruns/) behind in whatever folder the command ran from, and it could not hold the checkpoint."""
+    from sunfish.tracking import missing_store
+
+    gone = missing_store(uri)
+    if gone is not None:
+        raise CheckpointError(f"{reference}: no MLflow store at {gone}; run inside the project that logged it, "
+                              "or name its store (--uri, MLFLOW_TRACKING_URI)")
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
@@ -109,6 +122,7 @@ def _download(run_id: str, artifact_path: str, uri: str, dest: Path, reference: 
 
     from sunfish.tracking import bound_http_retries, open_client
 
+    _require_store(uri, reference)
     bound_http_retries()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout may be --format json
     try:
@@ -141,6 +155,7 @@ def _evaluate_run_for(target: str, model: str, uri: str, mlflow_experiment: str)
     """The run id whose checkpoints/<model> is the best checkpoint of experiment ``target``."""
     from sunfish.tracking import EXPERIMENT_TAG, PARENT_ID_TAG, PARENT_TAG, find_parents, open_client
 
+    _require_store(uri, f"mlflow:{target}/{model}")
     client = open_client(uri)
     exp = client.get_experiment_by_name(mlflow_experiment)
     if exp is None:
@@ -213,21 +228,32 @@ def sample_from_checkpoint(
     model_and_meta: tuple | None = None,
     guidance: str | None = None,
     candidates: int | None = None,
+    device: str = "cpu",
+    progress: bool | None = False,
 ) -> list[dict[str, Any]]:
     """Samples from a checkpoint; a diffusion setting left None is the checkpoint's own
-    (generation_config.json, else the schema default: :func:`read_generation_config`)."""
+    (generation_config.json, else the schema default: :func:`read_generation_config`).
+
+    An autoregressive checkpoint draws its ``num_samples`` as one KV-cached batch from one
+    generator seeded with ``seed``: the same seed gives the same texts, but with more than one
+    sample they are not those of earlier versions, which drew sample i alone with seed + i (one
+    sample still is). Diffusion samples are still drawn one by one, sample i with seed + i.
+    ``device``: where the model runs; the random numbers still come from CPU generators, so a seed
+    draws the same numbers on any device (texts can differ only where the device's arithmetic does).
+    ``progress``: a bar over the denoising steps on stderr (None: only when stderr is a terminal).
+    """
     import torch
 
     from sunfish.training.checkpoint import load_checkpoint, load_tokenizer_for, read_generation_config
 
     if model_and_meta is None:
-        model, meta, directory = load_checkpoint(checkpoint)
+        model, meta, directory = load_checkpoint(checkpoint, device=device)
     else:
         model, meta, directory = model_and_meta
     tok = load_tokenizer_for(directory, meta)
     results = []
     if meta["kind"] == "staged":
-        from sunfish.generation import generate
+        from sunfish.generation import generate_many
 
         if infill is not None:
             raise UsageProblem("--infill needs a diffusion checkpoint; this one is an autoregressive stage")
@@ -235,19 +261,18 @@ def sample_from_checkpoint(
         ids, text = clean_prompt(prompt, tok, max(1, max_ctx - 1))
         if ids is None:
             ids, text = [tok.eos_id], ""
-        for i in range(num_samples):
-            gen = torch.Generator().manual_seed(seed + i)
-            start = time.perf_counter()
-            new = generate(
-                model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                top_p=AR_TOP_P if top_p is None else top_p,
-                repetition_penalty=repetition_penalty, generator=gen, eos_id=tok.eos_id,
-            )
+        start = time.perf_counter()
+        rows = generate_many(
+            model, ids, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=AR_TOP_P if top_p is None else top_p, repetition_penalty=repetition_penalty,
+            generator=torch.Generator().manual_seed(seed), eos_id=tok.eos_id,
+        )
+        share = round((time.perf_counter() - start) / num_samples, 3)  # one batch: its time shared out
+        for new in rows:
             continuation = tok.decode(new)
             results.append({
                 "prompt": text, "text": (text or "") + continuation, "continuation": continuation,
-                "tokens": len(new), "seconds": round(time.perf_counter() - start, 3), "model": meta.get("model_name"),
-                "step": meta.get("step"),
+                "tokens": len(new), "seconds": share, "model": meta.get("model_name"), "step": meta.get("step"),
             })
         return results
 
@@ -269,25 +294,72 @@ def sample_from_checkpoint(
     infill_arg = None
     if infill is not None:
         infill_arg = _infill_ids(infill, tok, length)
-    for i in range(num_samples):
-        gen = torch.Generator().manual_seed(seed + i)
-        start = time.perf_counter()
-        out = diffusion_sample(
-            model, [prompt_ids] if prompt_ids is not None else None, num_samples=1, seq_len=length,
-            num_steps=min(steps, getattr(model.config, "timesteps", steps)), guidance_scale=w, scheduler=sched,
-            eta=eta, generator=gen, infill=infill_arg, top_p=own.top_p if top_p is None else top_p,
-            guidance=mode, candidates=candidates or own.guidance_candidates,
-        )
-        ids = out[0].tolist()
-        if tok.eos_id in ids and infill is None:
-            ids = ids[: ids.index(tok.eos_id)]
-        ids = [t for t in ids if t != tok.pad_id]
-        results.append({
-            "prompt": text, "guidance_scale": w, "guidance": mode, "text": tok.decode(ids), "tokens": len(ids),
-            "seconds": round(time.perf_counter() - start, 3), "num_steps": steps, "scheduler": sched,
-            "model": meta.get("model_name"), "step": meta.get("step"),
-        })
+    run_steps = min(steps, getattr(model.config, "timesteps", steps))
+    bar = _StepBar(progress, num_samples, run_steps)
+    try:
+        for i in range(num_samples):
+            gen = torch.Generator().manual_seed(seed + i)
+            start = time.perf_counter()
+            out = diffusion_sample(
+                model, [prompt_ids] if prompt_ids is not None else None, num_samples=1, seq_len=length,
+                num_steps=run_steps, guidance_scale=w, scheduler=sched, eta=eta, generator=gen, infill=infill_arg,
+                top_p=own.top_p if top_p is None else top_p, guidance=mode,
+                candidates=candidates or own.guidance_candidates, on_step=bar.step_of(i),
+            )
+            bar.finish(i)
+            ids = out[0].tolist()
+            if tok.eos_id in ids and infill is None:
+                ids = ids[: ids.index(tok.eos_id)]
+            ids = [t for t in ids if t != tok.pad_id]
+            results.append({
+                "prompt": text, "guidance_scale": w, "guidance": mode, "text": tok.decode(ids), "tokens": len(ids),
+                "seconds": round(time.perf_counter() - start, 3), "num_steps": steps, "scheduler": sched,
+                "model": meta.get("model_name"), "step": meta.get("step"),
+            })
+    finally:
+        bar.close()
     return results
+
+
+class _StepBar:
+    """A tqdm bar on stderr over the denoising steps of all samples (stdout may be --format json).
+
+    ``enabled``: True always, False never, None only when stderr is a terminal. A sampler says how
+    many steps it runs in its first call of ``on_step(done, total)`` (block diffusion spreads the
+    steps over blocks); a sample that finishes early (nothing left to reveal) jumps to its end.
+    """
+
+    def __init__(self, enabled: bool | None, samples: int, steps: int):
+        self.samples, self.per_sample, self.bar = samples, steps, None
+        if enabled is not False:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=samples * steps, desc="denoising", unit="step", file=sys.stderr,
+                            disable=None if enabled is None else False, leave=False, dynamic_ncols=True)
+
+    def _move_to(self, position: int) -> None:
+        if self.bar is not None and position > self.bar.n:
+            self.bar.update(position - self.bar.n)
+
+    def step_of(self, sample: int):
+        if self.bar is None:
+            return None
+
+        def on_step(done: int, total: int) -> None:
+            if total != self.per_sample:
+                self.per_sample = total
+                self.bar.total = self.samples * total
+                self.bar.refresh()
+            self._move_to(sample * total + done)
+
+        return on_step
+
+    def finish(self, sample: int) -> None:
+        self._move_to((sample + 1) * self.per_sample)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _infill_ids(text: str, tok, length: int):

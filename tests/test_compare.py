@@ -108,6 +108,18 @@ def test_cli_filters_and_formats(store, monkeypatch):
     assert result.exit_code == 2 and "no MLflow experiment 'other'" in result.output
 
 
+def test_cli_refuses_an_unknown_model_name(store, monkeypatch):
+    """-m takes the project's model names (and any an experiment in the store has): a typo is an
+    error, not an empty column."""
+    root, uri = store
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(main, ["compare", "--uri", uri, "-m", "stage_9"])
+    assert result.exit_code == 2
+    assert "unknown model 'stage_9'; known models: stage_0," in result.output and "control_3" in result.output
+    result = CliRunner().invoke(main, ["compare", "--uri", uri, "-m", "control_2", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+
+
 def test_default_store_is_the_projects(store, monkeypatch):
     root, _ = store
     (root / ".git").mkdir(exist_ok=True)

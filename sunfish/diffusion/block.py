@@ -18,6 +18,8 @@ log-probabilities ``uncond + w * (cond - uncond)`` (``sunfish.diffusion.guidance
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -210,6 +212,7 @@ def sample(
     use_cache: bool = True,
     order: str = "left_to_right",
     parallel_confidence: float | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """``num_samples`` texts of ``seq_len`` tokens (without the leading <eos>), block by block.
 
@@ -228,6 +231,8 @@ def sample(
     after the scheduled ones, in order, while the token drawn for each has at least this probability
     under the (guided) model before the nucleus cut; a row whose block is done skips the block's
     remaining passes. None reveals only what the schedule says.
+    ``on_step(done, total)`` is called after each step run, counted over all blocks (``total`` =
+    blocks x steps per block; a block finished early skips ahead to the next block's count).
     """
     if order not in ("left_to_right", "random"):
         raise ValueError(f"order={order!r} must be 'left_to_right' or 'random'")
@@ -282,6 +287,8 @@ def sample(
                 reveal = still & (scores.double() < share)
             needed = still if parallel_confidence is not None else reveal
             if not bool(reveal.any()):
+                if on_step is not None:
+                    on_step(g * steps + step + 1, n_blocks * steps)
                 continue
             if cache is not None:
                 log_probs = cache.group_log_probs(text[:, anchor:end], guidance_scale, needed)
@@ -299,6 +306,8 @@ def sample(
             else:
                 targets = targets.masked_scatter(reveal, values)
             text[:, anchor + 1 : end + 1] = targets
+            if on_step is not None:
+                on_step(g * steps + step + 1, n_blocks * steps)
         if cache is not None and g + 1 < n_blocks:
             cache.finish(text[:, anchor : anchor + b])
     return text[:, 1:]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -171,6 +172,7 @@ def sample(
     clamp: bool = False,
     generator: torch.Generator | None = None,
     infill: tuple[torch.Tensor, torch.Tensor] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Reverse diffusion over ``num_steps`` timesteps evenly spread over T..1, then rounding.
 
@@ -179,6 +181,8 @@ def sample(
     the posterior q(z_s | z_t, x0_hat) (equal to DDIM with eta = 1; ``eta`` is ignored).
     Infilling replaces x0_hat at the kept positions by their clean embeddings at every step
     (so z_s there follows q(z_s | e(kept))) and returns the kept ids unchanged.
+    ``on_step(done, total)`` is called after each network step (a progress hook); ``total`` is the
+    number of distinct timesteps, ``num_steps`` unless rounding to whole timesteps merged some.
     """
     cfg = model.config
     T = cfg.timesteps
@@ -227,6 +231,8 @@ def sample(
             x0 = torch.where(keep[..., None], kept_embeddings, x0)
         if x0_previous is not None:
             x0_previous = x0
+        if on_step is not None:
+            on_step(i + 1, len(steps))
         if s == 0:
             break
         a_t, a_s = ab[t].item(), ab[s].item()

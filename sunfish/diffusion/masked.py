@@ -18,6 +18,8 @@ Sampling: ancestral, from t = 1 (all masked) to 0 in ``num_steps`` steps; see :f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -133,6 +135,7 @@ def sample(
     generator: torch.Generator | None = None,
     infill: tuple[torch.Tensor, torch.Tensor] | None = None,
     top_p: float = 1.0,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling from t = 1 to t = 0 in ``num_steps`` equal steps.
 
@@ -149,6 +152,8 @@ def sample(
     kept positions start revealed with the given ids and are never masked. ``top_p`` < 1: each
     revealed token is drawn from the nucleus of its (guided) distribution, the smallest set of
     most likely tokens holding ``top_p`` of the mass (1 = the exact reverse process).
+    ``on_step(done, num_steps)`` is called after each step run (a progress hook; the loop ends
+    early once nothing is masked).
     """
     device = model.device
     x = torch.full((num_samples, seq_len), model.mask_id, dtype=torch.long, device=device)
@@ -198,12 +203,13 @@ def sample(
             reveal = still & (rank < count[:, None])
         else:
             reveal = still & (scores.double() < share)
-        if not bool(reveal.any()):
-            continue
-        if cached is None:
-            cached = network()
-        draws = uniform(int(reveal.sum()), generator, device).double()
-        values = _sample_from(nucleus(log_probs(cached, reveal), top_p), draws)
-        x = x.masked_scatter(reveal, values)
-        cached = None  # the input changed: the next step needs a fresh network output
+        if bool(reveal.any()):
+            if cached is None:
+                cached = network()
+            draws = uniform(int(reveal.sum()), generator, device).double()
+            values = _sample_from(nucleus(log_probs(cached, reveal), top_p), draws)
+            x = x.masked_scatter(reveal, values)
+            cached = None  # the input changed: the next step needs a fresh network output
+        if on_step is not None:
+            on_step(step + 1, num_steps)
     return x

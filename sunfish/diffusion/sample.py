@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from sunfish.diffusion import continuous, masked
@@ -37,6 +39,7 @@ def sample(
     guidance: str = "token",
     candidates: int = 4,
     parallel_confidence: float | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Draw ``num_samples`` texts of ``seq_len`` tokens -> LongTensor [num_samples, seq_len] (CPU).
 
@@ -68,6 +71,10 @@ def sample(
         (masked objective only: ``candidates`` conditional samples per prompt, one resampled by
         exp((w - 1) log p(x|c)/p(x)); see :mod:`sunfish.diffusion.sequence_guidance`). Both are
         the unconditional model at w = 0 and the conditional one at w = 1.
+    on_step: a progress hook, ``on_step(done, total)`` after each denoising step the sampler runs
+        (``total``: its step count: block diffusion counts blocks x steps per block, the
+        continuous sampler distinct timesteps). Sequence guidance reports the drawing of its
+        candidates, not their scoring. Keeps the samplers free of any display.
 
     Samples are full-length; the caller trims each at the first eos (``model.config.eos_id``).
     """
@@ -101,6 +108,7 @@ def sample(
             guidance_scale=float(guidance_scale),
             generator=generator,
             infill=infill,
+            on_step=on_step,
         )
         by_sequence = (guidance == "sequence" and prompt_ids is not None
                        and float(guidance_scale) not in (0.0, 1.0))
@@ -123,6 +131,7 @@ def sample(
             drawn, log_ratio = draw_candidates(
                 model, ids, mask, candidates=candidates, seq_len=seq_len, num_steps=num_steps,
                 exact_counts=scheduler == "ddim", top_p=top_p, generator=generator, infill=infill,
+                on_step=on_step,
             )
             out = resample(drawn, log_ratio, guidance_scale, generator)
         elif model.config.objective == "masked":

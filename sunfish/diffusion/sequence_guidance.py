@@ -26,6 +26,8 @@ The k candidates do not depend on w: one draw serves every guidance scale of a s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -141,11 +143,12 @@ def draw_candidates(
     draws: int = DEFAULT_DRAWS,
     generator: torch.Generator | None = None,
     infill: tuple[torch.Tensor, torch.Tensor] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``candidates`` conditional samples per prompt and their log ratios: ([N, k, L], [N, k]).
 
     ``prompt_ids``/``prompt_mask`` [N, P] (padded); infill ids/keep [N, L]. The N * k samples are
-    drawn as one batch of the masked sampler at w = 1.
+    drawn as one batch of the masked sampler at w = 1 (``on_step`` is its progress hook).
     """
     if candidates < 1:
         raise ValueError(f"candidates={candidates} must be >= 1")
@@ -153,13 +156,13 @@ def draw_candidates(
     model.eval()
     try:
         return _draw(model, prompt_ids, prompt_mask, candidates, seq_len, num_steps, exact_counts, top_p, draws,
-                     generator, infill)
+                     generator, infill, on_step)
     finally:
         model.train(was_training)
 
 
 def _draw(model, prompt_ids, prompt_mask, candidates, seq_len, num_steps, exact_counts, top_p, draws, generator,
-          infill) -> tuple[torch.Tensor, torch.Tensor]:
+          infill, on_step=None) -> tuple[torch.Tensor, torch.Tensor]:
     from sunfish.diffusion import masked
 
     n = prompt_ids.shape[0]
@@ -171,6 +174,7 @@ def _draw(model, prompt_ids, prompt_mask, candidates, seq_len, num_steps, exact_
     drawn = masked.sample(
         model, ids_k, mask_k, num_samples=n * candidates, seq_len=seq_len, num_steps=num_steps,
         guidance_scale=1.0, exact_counts=exact_counts, generator=generator, infill=infill_k, top_p=top_p,
+        on_step=on_step,
     )
     ratio = prompt_log_ratio(model, drawn, ids_k, mask_k, draws=draws, generator=generator)
     return drawn.cpu().view(n, candidates, seq_len), ratio.view(n, candidates)

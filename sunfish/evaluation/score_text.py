@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any
 
 
-def score_files(checkpoint: str | Path, files: list[Path], *, seq_len: int | None = None, seed: int = 0) -> dict:
+def score_files(checkpoint: str | Path, files: list[Path], *, seq_len: int | None = None, seed: int = 0,
+                device: str = "cpu") -> dict:
     import numpy as np
     import torch
 
     from sunfish.data.dataset import PairDataset, TokenStream, write_tokens
     from sunfish.training.checkpoint import load_checkpoint, load_tokenizer_for
 
-    model, meta, directory = load_checkpoint(checkpoint)
+    model, meta, directory = load_checkpoint(checkpoint, device=device)
     tok = load_tokenizer_for(directory, meta)
     length = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
     results = {"checkpoint": str(directory), "kind": meta["kind"], "step": meta.get("step"),
@@ -48,14 +49,14 @@ def score_files(checkpoint: str | Path, files: list[Path], *, seq_len: int | Non
                     write_tokens(Path(tmp) / "text.bin", np.asarray(ids))
                     batches = list(TokenStream(Path(tmp) / "text.bin").eval_batches(length, 8))
                 for batch in batches:
-                    n, c = model.nll(batch, generator=gen)
+                    n, c = model.nll(_on(batch, device), generator=gen)
                     nats += float(n)
                     count += int(c)
             else:
                 pairs = PairDataset([{"prompt": "", "text": text, "target": []}], tok, length,
                                     model.config.max_prompt_tokens)
                 for batch in pairs.eval_batches(8):
-                    n, c = model.nll(batch, generator=gen)
+                    n, c = model.nll(_on(batch, device), generator=gen)
                     nats += float(n)
                     count += int(c)
         total_nats += nats
@@ -64,6 +65,11 @@ def score_files(checkpoint: str | Path, files: list[Path], *, seq_len: int | Non
         results["files"].append(_figures(str(path), nats, count, n_bytes))
     results["total"] = _figures("total", total_nats, total_tokens, total_bytes)
     return results
+
+
+def _on(batch: dict, device: str) -> dict:
+    """The batch's tensors on the model's device (the noise draws stay on the CPU generator)."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 def _figures(name: str, nats: float, tokens: int, n_bytes: int) -> dict:

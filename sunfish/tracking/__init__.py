@@ -45,7 +45,9 @@ from sunfish.tracking.store import (
     artifact_location,
     bound_http_retries,
     git_commit,
+    local_store,
     main_repo_of,
+    missing_store,
     open_client,
     params_hash,
     repo_root,
@@ -59,6 +61,6 @@ __all__ = [
     "EXPERIMENT_TAG", "FALLBACK_DIR", "HTTP_DEFAULTS", "LOCK_WAITS", "MAX_METRICS_PER_CALL", "PARENT_ID_TAG",
     "PARENT_TAG", "QUEUE_WORKSPACE_MARKER", "StageRun", "SyncError", "SyncResult", "append_records",
     "artifact_location", "bound_http_retries", "experiment_label", "fallback_files", "find_parents",
-    "git_commit", "main_repo_of", "open_client", "params_hash", "project_root", "repo_root", "side_file_lock",
+    "git_commit", "local_store", "main_repo_of", "missing_store", "open_client", "params_hash", "project_root", "repo_root", "side_file_lock",
     "stage_run", "store_init_lock", "sync_fallback", "sync_file", "tracking_uri", "with_retry",
 ]

@@ -33,6 +33,7 @@ from sunfish.tracking.store import (
     artifact_location,
     bound_http_retries,
     fcntl,
+    missing_store,
     open_client,
     repo_root,
     tracking_uri,
@@ -212,6 +213,10 @@ class _Replayer:
         if record.get("rejected"):
             return False
         uri = self.last_uri = self.target_uri(record)
+        gone = missing_store(uri) if record.get("run_id") and uri not in self.clients else None
+        if gone is not None:  # opening it would create an empty store, which cannot hold the run
+            raise SyncError(f"no MLflow store at {gone}, where run {record['run_id']} was logged; pass --uri "
+                            "to name the store that holds it")
         client = self.client(uri)
         run_id = record.get("run_id") or self._created_run(client, uri, record)
         self.uris.add(uri)

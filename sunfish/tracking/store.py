@@ -68,6 +68,32 @@ def tracking_uri(root: Path, configured: str | None = None) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
+def local_store(uri: str) -> Path | None:
+    """The file or folder a local store URI names: ``sqlite:///<file>``, ``file:<folder>`` or a bare
+    path (None for a server, or an in-memory database)."""
+    if uri.startswith("sqlite:"):
+        name = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+        return Path(os.path.abspath(name)) if name and name != ":memory:" else None
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(os.path.abspath(unquote(urlparse(uri).path)))
+    if "://" in uri or ":" in uri.split("/", 1)[0]:
+        return None
+    return Path(os.path.abspath(uri))
+
+
+def missing_store(uri: str) -> Path | None:
+    """The local store ``uri`` names when it does not exist yet, else None.
+
+    Opening a store creates it (SQLite makes the file on connect, MLflow its tables and an mlruns
+    folder), so a command that only reads checks this first: a mistyped path or a command run
+    outside the project must fail without leaving an empty store behind.
+    """
+    path = local_store(uri)
+    return path if path is not None and not path.exists() else None
+
+
 def artifact_location(root: Path) -> str:
     return (root / "mlartifacts").resolve().as_uri()
 
