@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,15 +60,23 @@ def save_pretrained(checkpoint: str | Path, out_dir: str | Path, *, metrics: Map
         raise CheckpointError(f"{out}: export into a folder other than the checkpoint itself")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"{out} is not empty; choose a new folder (or overwrite=True / --overwrite)")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(directory / WEIGHTS, out / WEIGHTS)
-    for name in CARRIED:
-        if (directory / name).exists():
-            shutil.copyfile(directory / name, out / name)
-    exported = {**meta, "model_type": MODEL_TYPE, "architectures": [meta["kind"]]}
-    (out / CONFIG).write_text(json.dumps(exported, indent=2, default=str) + "\n", encoding="utf-8")
-    (out / CARD).write_text(model_card(meta, metrics=metrics, data=data, parameters=_count_parameters(out)),
-                            encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # written beside the target and renamed into place: a failure halfway leaves no half folder
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copyfile(directory / WEIGHTS, tmp / WEIGHTS)
+        for name in CARRIED:
+            if (directory / name).exists():
+                shutil.copyfile(directory / name, tmp / name)
+        exported = {**meta, "model_type": MODEL_TYPE, "architectures": [meta["kind"]]}
+        (tmp / CONFIG).write_text(json.dumps(exported, indent=2, default=str) + "\n", encoding="utf-8")
+        (tmp / CARD).write_text(model_card(meta, metrics=metrics, data=data, parameters=_count_parameters(tmp)),
+                                encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -63,3 +63,12 @@ def test_a_hub_id_offline_fails_naming_it(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="could not fetch 'nobody/no-such-model'"):
         from_pretrained("nobody/no-such-model")
+
+
+def test_a_failed_export_leaves_nothing_behind(ckpts, tmp_path, monkeypatch):
+    import sunfish.hub as hub
+
+    monkeypatch.setattr(hub, "model_card", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(ckpts["staged"], tmp_path / "export")
+    assert list(tmp_path.iterdir()) == []
