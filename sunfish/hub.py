@@ -61,7 +61,7 @@ def save_pretrained(checkpoint: str | Path, out_dir: str | Path, *, metrics: Map
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"{out} is not empty; choose a new folder (or overwrite=True / --overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    # written beside the target and renamed into place: a failure halfway leaves no half folder
+    # written beside the target and moved into place: a failure halfway leaves no half-written export
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         shutil.copyfile(directory / WEIGHTS, tmp / WEIGHTS)
@@ -72,9 +72,11 @@ def save_pretrained(checkpoint: str | Path, out_dir: str | Path, *, metrics: Map
         (tmp / CONFIG).write_text(json.dumps(exported, indent=2, default=str) + "\n", encoding="utf-8")
         (tmp / CARD).write_text(model_card(meta, metrics=metrics, data=data, parameters=_count_parameters(tmp)),
                                 encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        if out.exists():  # --overwrite: the export's files replace theirs, other files stay
+            for f in tmp.iterdir():
+                f.replace(out / f.name)
+        else:
+            tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
