@@ -82,6 +82,32 @@ def open_stage(name: str, params_path: str | Path | None = None) -> StageContext
     return StageContext(name=name, root=root, params=params)
 
 
+# The few figures a stage puts in its DVC metrics file (reports/metrics/<name>.json): numbers only,
+# so that `dvc exp show` and `dvc metrics diff` compare what matters. Everything a stage records is
+# in its JSON report reports/stages/<name>.json, which is not a metrics file.
+TRAINING_HEADLINE = ("val_bpb", "train_seconds")
+PREPARE_HEADLINE = ("tokens_train", "tokens_val")
+
+
+def write_stage_record(reports: Path, name: str, record: dict, headline: tuple[str, ...]) -> None:
+    """reports/stages/<name>.json (the whole record) and reports/metrics/<name>.json (``headline``,
+    the numeric ones only)."""
+    write_json(reports / "stages" / f"{name}.json", record)
+    write_json(reports / "metrics" / f"{name}.json", numeric_subset(record, headline))
+
+
+def numeric_subset(record: dict, keys) -> dict:
+    """``record``'s values for ``keys`` that are numbers (bools as 0/1); others are left out."""
+    out = {}
+    for key in keys:
+        value = record.get(key)
+        if isinstance(value, bool):
+            out[key] = int(value)
+        elif isinstance(value, (int, float)) and value == value:
+            out[key] = value
+    return out
+
+
 def write_json(path: Path, data: Any) -> None:
     from sunfish.training.checkpoint import atomic_write_text
 

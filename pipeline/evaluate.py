@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.common import log, open_stage, write_json
+from pipeline.common import log, numeric_subset, open_stage, write_json
 from pipeline.training import read_meta
 from sunfish.config import EVALUATED_MODELS, GENERATION_CONFIG
 from sunfish.evaluation.checkpoint_figures import EvalResources, checkpoint_figures, guidance_sweep
@@ -50,6 +50,15 @@ CFG_SAMPLING = ("num_steps", "scheduler", "eta", "top_p", "guidance", "guidance_
 
 
 BEST_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+
+
+def evaluate_headline(models: dict) -> tuple[str, ...]:
+    """The DVC metrics of evaluate: each model's best bits per byte, the diffusion model's prompt
+    figures and checklist, the judge's real-text share (the rest is in milestones.json)."""
+    keys = [f"{name}.best_val_bpb" for name in models]
+    keys += [f"{name}.{k}" for name, m in models.items() if m.get("kind") == "diffusion"
+             for k in ("fluent_on_topic", "fluent_on_topic_w0", "adherence", "checklist_passed")]
+    return (*keys, "judge.real_fluent_share")
 
 
 def _settings(ctx, data_id: str, code_id: str) -> Callable[[str], dict]:
@@ -126,7 +135,7 @@ def run() -> None:
 
         models, metrics = summarise(evaluated, p, judge)
         summary: dict = {"models": models, "judge": judge,
-                         "components": component_deltas(models, read_runs(ctx.reports / "metrics")),
+                         "components": component_deltas(models, read_runs(ctx.reports / "stages")),
                          "cache": {"directory": "state/eval_cache" if cache.directory else None,
                                    "reused": reused, "computed": computed}}
         milestone_rows: list[dict] = []
@@ -165,10 +174,10 @@ def run() -> None:
             metrics["judge.ppl_threshold"] = cal["threshold"]
         if ev.log_checkpoints:
             register_models(run, models, ctx.root)
-        metrics["mlflow_run_id"] = run.run_id
         summary["mlflow_run_id"] = run.run_id
+        summary["metrics"] = metrics  # every figure, under the names DVC and the parent run use
         write_json(ctx.reports / "milestones.json", summary)
-        write_json(ctx.reports / "metrics" / "evaluate.json", metrics)
+        write_json(ctx.reports / "metrics" / "evaluate.json", numeric_subset(metrics, evaluate_headline(models)))
         run.log_experiment_metrics(metrics)  # the headline figures on the experiment's parent run, DVC names
         write_json(ctx.reports / "plots" / "guidance.json", guidance_rows)
         write_json(ctx.reports / "plots" / "milestones.json", milestone_rows)

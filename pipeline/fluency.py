@@ -17,10 +17,13 @@ The headline of the report (sunfish.evaluation.fluency says why the measure look
 
 from __future__ import annotations
 
-from pipeline.common import log, open_stage, write_json
+from pipeline.common import log, numeric_subset, open_stage, write_json
 from pipeline.training import read_meta
 from sunfish.evaluation.fluency_sampling import ar_texts, best_of_k_rows, diffusion_texts, selection_k, unique
 
+# The DVC metrics of the stage (the whole table and headline are in reports/fluency.json).
+FLUENCY_HEADLINE = ("fluency.fluent_on_topic", "fluency.fluent_on_topic_w0", "fluency.implied_fluent_on_topic",
+                    "fluency.fluent", "fluency.ar_fluent", "fluency.speed_vs_ar", "likelihood.uncond_over_ar")
 ROW_FIELDS = ("fluent_on_topic", "on_topic", "fluent", "judge_ppl_median", "seconds_per_sample",
               "forward_rows_per_sample", "tokens_per_s")
 
@@ -131,10 +134,9 @@ def run() -> None:
             tag += f"_w{r['guidance_scale']:g}" if r["guidance_scale"] is not None else ""
             run.log_metrics({f"fluency/{tag}/{k}": r[k] for k in ROW_FIELDS if r[k] is not None}, 0)
         run.log_metrics({f"fluency/{k}": v for k, v in head.items() if isinstance(v, (int, float))}, 0)
-        metrics["mlflow_run_id"] = run.run_id
         summary["mlflow_run_id"] = run.run_id
         write_json(ctx.reports / "fluency.json", summary)
-        write_json(ctx.reports / "metrics" / "fluency.json", metrics)
+        write_json(ctx.reports / "metrics" / "fluency.json", numeric_subset(metrics, FLUENCY_HEADLINE))
         run.log_artifact(ctx.reports / "fluency.json")
     log.info("fluent and on topic on %d test prompts at w=%g: %s (w=0: %s); AR fluent %s, diffusion fluent %s",
              len(test), w_default, head["fluent_on_topic"], head["fluent_on_topic_w0"], head["ar_fluent"],

@@ -55,17 +55,17 @@ def build_summary(ctx) -> dict:
         "models": {},
         "stage_comparison": [],
         # the seeds' figures live in the training metrics, which evaluate does not read
-        "components": component_deltas(milestones.get("models") or {}, read_runs(reports / "metrics")),
+        "components": component_deltas(milestones.get("models") or {}, read_runs(reports / "stages")),
         "judge": milestones.get("judge"),
         "fluency": _read_json(reports / "fluency.json", {}),
         "next_steps": [],
     }
-    prep = _read_json(reports / "metrics" / "prepare.json", {})
+    prep = _read_json(reports / "stages" / "prepare.json", {})
     summary["mlflow"]["runs"]["prepare"] = prep.get("mlflow_run_id")
     summary["mlflow"]["runs"]["evaluate"] = milestones.get("mlflow_run_id")
     previous_bpb = None
     for name in EVALUATED_MODELS:
-        train_metrics = _read_json(reports / "metrics" / f"{name}.json", {})
+        train_metrics = _read_json(reports / "stages" / f"{name}.json", {})
         evaluated = milestones.get("models", {}).get(name, {})
         if (not train_metrics and not evaluated) or train_metrics.get("trained") is False:
             continue  # a control not trained (identical to its stage) is explained in the component table

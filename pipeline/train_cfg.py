@@ -123,7 +123,7 @@ def log_milestone_health(ctx, flat: dict) -> list[dict]:
         return rows
     fields = ["step", *[k for k in rows[-1] if k != "step"]]
     write_csv(ctx.reports / "curves" / "cfg" / "health.csv", rows, fields)
-    metrics_file = ctx.reports / "metrics" / "cfg.json"
+    metrics_file = ctx.reports / "stages" / "cfg.json"
     metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
     metrics["health"] = {k: rows[-1][k] for k in fields[1:]}
     write_json(metrics_file, metrics)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.common import log, open_stage, write_csv, write_json
+from pipeline.common import log, open_stage, write_csv, write_json, write_stage_record
 from pipeline.training import load_optimizer_state, read_meta, run_training
 
 DESCRIPTIONS = {
@@ -65,16 +65,15 @@ def run_control(stage: int) -> None:
 
 def _write_not_trained(ctx, name: str, same_as: str, because: str) -> None:
     """The outputs DVC expects of ``name`` (models/<name>, its metrics and curves), holding no weights:
-    evaluate finds no checkpoint in it, and the report reads the reason from the metrics file."""
+    evaluate finds no checkpoint in it, and the report reads the reason from its stage record."""
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun one process writes
         return
     reason = f"identical to {same_as} by construction: {because}"
     out_dir = ctx.models / name
     shutil.rmtree(out_dir, ignore_errors=True)
     write_json(out_dir / NOT_TRAINED, {"model": name, "trained": False, "identical_to": same_as, "reason": reason})
-    write_json(ctx.reports / "metrics" / f"{name}.json",
-               {"model": name, "description": f"not trained: {reason}", "trained": False, "identical_to": same_as,
-                "reason": reason, "steps": 0, "seeds": 0})
+    write_stage_record(ctx.reports, name, {"model": name, "description": f"not trained: {reason}", "trained": False,
+                                           "identical_to": same_as, "reason": reason, "steps": 0, "seeds": 0}, ())
     curves = ctx.reports / "curves" / name  # DVC declares the folder: header-only tables
     write_csv(curves / "train.csv", [], ["step", "loss", "lr", "tokens_per_s", "grad_norm"])
     write_csv(curves / "val.csv", [], ["step", "loss", "ppl", "tokens", "bpb"])

@@ -10,7 +10,7 @@ from contextlib import nullcontext
 
 import torch
 
-from pipeline.common import StageContext, log, write_csv, write_json
+from pipeline.common import TRAINING_HEADLINE, StageContext, log, write_csv, write_json, write_stage_record
 from sunfish.config import GenerationConfig, ResolvedTraining
 from sunfish.training.checkpoint import link_tree, list_milestones, save_checkpoint
 from sunfish.training.distributed import barrier, init_from_env
@@ -76,7 +76,7 @@ def run_training(
     ``identities`` name the data and starting weights (file digests) so that new data or a retrained
     previous stage starts a fresh run instead of continuing a stale one.
     ``after_train(result, run)`` runs on every process once training is done (the staged seeds use it:
-    more runs that save nothing); what it returns joins reports/metrics/<model>.json.
+    more runs that save nothing); what it returns joins reports/stages/<model>.json.
     ``generation_config``: the sampling defaults every checkpoint of a diffusion model carries.
     """
     dist = init_from_env("cuda" if torch.cuda.is_available() and tcfg.device in ("auto", "cuda") else "cpu")
@@ -170,7 +170,7 @@ def run_training(
         run.log_metrics({"final/val_loss": last_val.get("loss"), "final/val_bpb": last_val.get("bpb"),
                          "final/tokens_per_s": result.tokens_per_s, "final/train_seconds": result.train_seconds},
                         result.steps)
-        write_json(ctx.reports / "metrics" / f"{model_name}.json", metrics)
+        write_stage_record(ctx.reports, model_name, metrics, TRAINING_HEADLINE)
         curves = ctx.reports / "curves" / model_name
         write_csv(curves / "train.csv", result.train_curve, ["step", "loss", "lr", "tokens_per_s", "grad_norm"])
         # bpb stays the last column: DVC plots a curves folder without x/y by its last column

@@ -60,7 +60,7 @@ def trained(workspace):
 
 
 def _metrics(root: Path, name: str) -> dict:
-    return json.loads((root / "reports" / "metrics" / f"{name}.json").read_text())
+    return json.loads((root / "reports" / "stages" / f"{name}.json").read_text())
 
 
 def _config(root: Path, name: str) -> dict:
@@ -149,7 +149,7 @@ def test_k1_log_mode_control_2_is_not_trained(trained):
     metrics = _metrics(trained, "control_2")
     assert metrics["trained"] is False and "val_bpb" not in metrics and "val_bpb_seeds" not in metrics
     assert _curve(trained, "control_2") == ["step,loss,lr,tokens_per_s,grad_norm"]  # DVC's plots folder exists
-    k1 = [r for r in component_deltas({}, read_runs(trained / "reports" / "metrics")) if r["component"] == "K-1"]
+    k1 = [r for r in component_deltas({}, read_runs(trained / "reports" / "stages")) if r["component"] == "K-1"]
     assert len(k1) == 1 and k1[0]["verdict"] == "attribution only (k1.mode: log)"
     assert "identical to its control by construction, not trained twice" in k1[0]["text"]
     status = format_status(read_status(trained))

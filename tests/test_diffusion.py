@@ -558,7 +558,7 @@ def test_train_stage_logs_embedding_health_of_every_milestone(tmp_path):
     for step in (2, 4):
         save_checkpoint(ctx.models / "cfg" / f"step_{step}", model, model_name="cfg", step=step,
                         tokenizer_file=tmp_path / "tokenizer.json")
-    metrics_file = ctx.reports / "metrics" / "cfg.json"
+    metrics_file = ctx.reports / "stages" / "cfg.json"
     metrics_file.parent.mkdir(parents=True)
     metrics_file.write_text(json.dumps({"model": "cfg", "mlflow_run_id": None}))
 

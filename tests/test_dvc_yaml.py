@@ -75,7 +75,8 @@ def test_each_control_stage_mirrors_its_training_stage():
         assert "staged.seeds" in stage["params"] and "staged.seeds" in trained["params"]
         own = {1: "staged.temporal", 3: "staged.graph"}.get(n)
         assert own is None or own not in stage["params"]
-        assert stage["outs"] == [f"models/{control}", {f"reports/curves/{control}": {"cache": False}}]
+        assert stage["outs"] == [f"models/{control}", {f"reports/curves/{control}": {"cache": False}},
+                                 {f"reports/stages/{control}.json": {"cache": False}}]
         assert list(stage["metrics"][0]) == [f"reports/metrics/{control}.json"]
     assert "staged.k1" in stages["control_stage_3"]["params"]  # control_3 keeps stage 2's K-1
     # control_2 has no K-1, but k1.mode decides whether it is trained at all (log: it would equal stage_2)
@@ -167,3 +168,19 @@ def test_every_plot_names_its_x_and_y():
     for entry in spec.get("plots", []):
         (title, props), = entry.items()
         assert props.get("x") and props.get("y"), f"top-level plot {title} has no x/y"
+
+
+def test_metrics_files_hold_few_numbers_and_the_records_are_reports():
+    """`dvc exp show` compares the headline figures; a stage's whole record is a JSON report."""
+    from pipeline.common import TRAINING_HEADLINE, numeric_subset
+
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in spec.items():
+        for entry in stage.get("metrics", []):
+            (path,) = entry
+            assert path.startswith("reports/metrics/"), (name, path)
+        if name.startswith(("train_stage_", "control_stage_")) or name == "train_cfg_micro":
+            outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]]
+            assert any(o.startswith("reports/stages/") for o in outs), name
+    assert len(TRAINING_HEADLINE) <= 3
+    assert numeric_subset({"a": 1.5, "b": "text", "c": None, "d": True, "e": float("nan")}, "abcde") == {"a": 1.5, "d": 1}

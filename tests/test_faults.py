@@ -221,5 +221,5 @@ def test_a_full_disk_stops_the_training_stage_with_one_line(project, monkeypatch
     monkeypatch.chdir(project)
     again = CliRunner().invoke(main, ["train-staged", "--stage", "0"])
     assert again.exit_code == 0, again.output
-    metrics = json.loads((project / "reports" / "metrics" / "stage_0.json").read_text())
+    metrics = json.loads((project / "reports" / "stages" / "stage_0.json").read_text())
     assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 6

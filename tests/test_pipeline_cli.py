@@ -119,6 +119,6 @@ def test_a_training_stage_runs_under_torchrun_for_real(tmp_path):
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "relaunching under torchrun" in proc.stderr
-    metrics = json.loads((tmp_path / "reports" / "metrics" / "stage_0.json").read_text())
+    metrics = json.loads((tmp_path / "reports" / "stages" / "stage_0.json").read_text())
     assert metrics["steps"] == 4
     assert (tmp_path / "models" / "stage_0" / "final").is_dir()

@@ -109,7 +109,7 @@ def bpb_text(x: float) -> str:
 
 
 def read_runs(metrics_dir: str | Path) -> dict[str, dict]:
-    """The training figures (reports/metrics/<model>.json) of the staged models and controls."""
+    """The training records (reports/stages/<model>.json) of the staged models and controls."""
     out = {}
     for name in (*(f"stage_{n}" for n in range(4)), *(f"control_{n}" for n in COMPONENTS)):
         try:

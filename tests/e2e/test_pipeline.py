@@ -152,6 +152,8 @@ def test_repro_writes_reports_metrics_and_checkpoints(repo):
     for name in ("prepare", "stage_0", "stage_1", "stage_2", "stage_3", "control_1", "control_2", "control_3",
                  "cfg", "evaluate", "fluency"):
         assert (repo / "reports" / "metrics" / f"{name}.json").exists(), name
+        figures = json.loads((repo / "reports" / "metrics" / f"{name}.json").read_text())
+        assert all(isinstance(v, (int, float)) for v in figures.values()) and len(figures) <= 20, (name, figures)
     for model, steps in {"stage_0": [6, 12], "stage_3": [4], "control_3": [4], "cfg": [6, 12]}.items():
         for step in steps:
             assert (repo / "models" / model / f"step_{step}" / "model.safetensors").exists()
@@ -169,8 +171,8 @@ def test_controls_train_the_previous_model_for_the_stage_budget(repo):
     import json
 
     for n in (1, 3):
-        stage = json.loads((repo / "reports" / "metrics" / f"stage_{n}.json").read_text())
-        control = json.loads((repo / "reports" / "metrics" / f"control_{n}.json").read_text())
+        stage = json.loads((repo / "reports" / "stages" / f"stage_{n}.json").read_text())
+        control = json.loads((repo / "reports" / "stages" / f"control_{n}.json").read_text())
         assert control["steps"] == stage["steps"] and control["milestones"] == stage["milestones"]
         assert control["seeds"] == stage["seeds"] == 3 and len(set(control["val_bpb_seeds"])) == 3
         config = json.loads((repo / "models" / f"control_{n}" / "final" / "config.json").read_text())
@@ -350,7 +352,7 @@ def test_ctrl_c_then_repro_resumes_and_a_longer_run_continues(repo):
     from mlflow.tracking import MlflowClient
 
     original = (repo / "params.yaml").read_text()
-    before = json.loads((repo / "reports" / "metrics" / "stage_0.json").read_text())
+    before = json.loads((repo / "reports" / "stages" / "stage_0.json").read_text())
     params = yaml.safe_load(original)
     params["staged"]["stage_0"] = {"max_steps": 400, "milestones": [6, 12, 200, 400], "lr": None,
                                    "warmup_steps": None}
@@ -369,7 +371,7 @@ def test_ctrl_c_then_repro_resumes_and_a_longer_run_continues(repo):
         assert saved and 60 <= saved[-1] < 400, saved
 
         proc = run(["dvc", "repro", "-s", "train_stage_0"], repo)
-        after = json.loads((repo / "reports" / "metrics" / "stage_0.json").read_text())
+        after = json.loads((repo / "reports" / "stages" / "stage_0.json").read_text())
         assert after["resumed_from_step"] == saved[-1] and after["steps"] == 400
         assert after["milestones"] == [6, 12, 200, 400]
         for step in (6, 12, 200, 400):  # the early milestones came back from state/, not retrained
@@ -383,7 +385,7 @@ def test_ctrl_c_then_repro_resumes_and_a_longer_run_continues(repo):
         params["staged"]["stage_0"].update(max_steps=24, milestones=[12, 24])  # short: only the start matters
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         proc = run(["dvc", "repro", "-s", "train_stage_0"], repo, timeout=600)
-        fresh = json.loads((repo / "reports" / "metrics" / "stage_0.json").read_text())
+        fresh = json.loads((repo / "reports" / "stages" / "stage_0.json").read_text())
         assert fresh["resumed_from_step"] == 0 and fresh["steps"] == 24
     finally:
         (repo / "params.yaml").write_text(original)
