@@ -147,7 +147,9 @@ def test_exp_diff_and_plots_diff_compare_two_experiments(repo, sweep):
     print(json.dumps(diff)[:1500])
     changed = diff["params"]["params.yaml"]
     assert set(changed) == {"cfg.guidance_scale"} and changed["cfg.guidance_scale"]["new"] == SWEEP[1], changed
-    assert diff["metrics"]["reports/metrics/evaluate.json"], diff["metrics"]  # the diffusion figures differ
+    # metrics hold numbers only now (no run ids): on the tiny profile both scales can give the same
+    # figures, and then DVC reports no metric change; whatever it reports comes from the metrics files
+    assert set(diff.get("metrics") or {}) <= {f"reports/metrics/{n}.json" for n in ("evaluate", "fluency")}, diff
     out = repo.parent / "plots-diff"
     proc = run(["dvc", "plots", "diff", low, high, "-o", str(out)], repo)
     html = (out / "index.html").read_text()
