@@ -116,7 +116,8 @@ def run_training(
     with (tracking if dist.is_main else nullcontext(_NoRun())) as run:
         if point is None:
             run.log_metrics({"model/parameters": n_params, **(start_metrics or {})}, 0)
-        run_meta = {"train": tcfg.model_dump(), "mlflow_run_id": run.run_id}
+        run_meta = {"train": tcfg.model_dump(), "mlflow_run_id": run.run_id,
+                    "data": {"source": ctx.params.data.source}}  # what a model card says it learned from
 
         def save(m: torch.nn.Module, step: int) -> None:
             target = save_checkpoint(out_dir / f"step_{step}", m, model_name=model_name, step=step,

@@ -30,8 +30,12 @@ MODEL_TYPE = "sunfish"
 CARD = "README.md"
 # Files a checkpoint folder may hold that an export carries (optimizer state stays behind).
 CARRIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
-# What the default data is, for the card; a run on other data says so through ``data``.
-DEFAULT_DATA = {"source": "tinystories", "dataset": "roneneldan/TinyStories", "license": "cdla-sharing-1.0"}
+# The bundled corpora a card can name with their hub dataset and licence (data/corpora/*/README.md).
+KNOWN_DATA = {
+    "tinystories": {"dataset": "roneneldan/TinyStories", "license": "cdla-sharing-1.0"},
+    "wikitext2": {"dataset": "Salesforce/wikitext", "license": "cc-by-sa-3.0"},
+    "shakespeare": {"dataset": None, "license": "other"},
+}
 KIND_WORDS = {
     "staged": "a staged autoregressive transformer (semantic-matrix token representation)",
     "block_diffusion": "a block diffusion language model (autoregressive over blocks, masked diffusion "
@@ -95,18 +99,29 @@ def _count_parameters(folder: Path) -> int:
     return total
 
 
+def card_data(meta: Mapping[str, Any]) -> dict:
+    """What the card says about the training data: the source the checkpoint recorded (training
+    writes data.source into config.json), with its hub dataset and licence when it is a bundled
+    corpus; "unknown" for a checkpoint that recorded none, rather than a guess."""
+    source = (meta.get("data") or {}).get("source") if isinstance(meta.get("data"), dict) else None
+    if not source:
+        return {"source": "unknown (not recorded in this checkpoint)", "dataset": None, "license": "other"}
+    return {"source": source, **KNOWN_DATA.get(str(source), {"dataset": None, "license": "other"})}
+
+
 def model_card(meta: Mapping[str, Any], *, metrics: Mapping[str, Any] | None = None,
                data: Mapping[str, Any] | None = None, parameters: int | None = None) -> str:
     """The README.md of an exported folder: hub metadata, what the model is, how it was trained and
     measured, how to load it, and what it cannot do."""
-    data = {**DEFAULT_DATA, **(data or {})}
+    data = dict(data or card_data(meta))
     kind, name = meta.get("kind", "?"), meta.get("model_name", "model")
     train = meta.get("train") or {}
     tags = ["sunfish", "text-generation", "diffusion" if "diffusion" in kind else "autoregressive"]
-    front = ["---", "library_name: sunfish", f"license: {data['license']}", "language:", "- en", "tags:",
+    front = ["---", "library_name: sunfish", f"license: {data.get('license', 'other')}", "language:", "- en", "tags:",
              *[f"- {t}" for t in tags]]
     if data.get("dataset"):
         front += ["datasets:", f"- {data['dataset']}"]
+    licence = data.get("license", "other")
     front.append("---")
     lines = [*front, "", f"# SunFish {name}", "",
              f"{name} is {KIND_WORDS.get(kind, kind)}, trained with the SunFish pipeline (DVC + MLflow), "
@@ -118,7 +133,8 @@ def model_card(meta: Mapping[str, Any], *, metrics: Mapping[str, Any] | None = N
                   *[f"| {k} | {v} |" for k, v in shown.items()], ""]
     lines += ["## Data", "", f"Trained on `{data['source']}`"
               + (f" ([{data['dataset']}](https://huggingface.co/datasets/{data['dataset']}))" if data.get("dataset")
-                 else "") + f", license {data['license']}.", ""]
+                 else "") + (f", license {licence}." if licence != "other" else
+                             ": check the licence of that data before you share the model."), ""]
     if metrics:
         lines += ["## Evaluation", "", "| figure | value |", "|---|---|",
                   *[f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()],

@@ -28,7 +28,9 @@ def test_export_loads_back_to_the_same_weights(ckpts, tmp_path, kind):
         assert torch.equal(a, b), k
     assert tok.eos_id is not None and meta["model_type"] == MODEL_TYPE
     card = (out / CARD).read_text()
-    assert card.startswith("---\nlibrary_name: sunfish") and "license: cdla-sharing-1.0" in card
+    # the fixture checkpoints record no training data: the card says so instead of guessing
+    assert card.startswith("---\nlibrary_name: sunfish") and "license: other" in card
+    assert "not recorded in this checkpoint" in card and "datasets:" not in card
     assert "| val_bpb | 1.25 |" in card and "parameters" in card and "## Limitations" in card
 
 
@@ -72,3 +74,14 @@ def test_a_failed_export_leaves_nothing_behind(ckpts, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(ckpts["staged"], tmp_path / "export")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_card_names_the_data_the_checkpoint_recorded():
+    from sunfish.hub import card_data, model_card
+
+    meta = {"kind": "staged", "model_name": "stage_0", "step": 3, "data": {"source": "tinystories"}}
+    card = model_card(meta)
+    assert "license: cdla-sharing-1.0" in card and "- roneneldan/TinyStories" in card
+    assert card_data({"data": {"source": "my_corpus.txt"}}) == {"source": "my_corpus.txt", "dataset": None,
+                                                              "license": "other"}
+    assert "check the licence of that data" in model_card({**meta, "data": {"source": "my_corpus.txt"}})

@@ -159,6 +159,8 @@ def test_repro_writes_reports_metrics_and_checkpoints(repo):
             assert (repo / "models" / model / f"step_{step}" / "model.safetensors").exists()
             assert (repo / "models" / model / f"step_{step}" / "config.json").exists()
     assert not (repo / "mlruns").exists()
+    config = json.loads((repo / "models" / "stage_0" / "final" / "config.json").read_text())
+    assert config["data"]["source"] == yaml.safe_load((repo / "params.yaml").read_text())["data"]["source"]
     # every milestone was chosen on the dev half and reports the other half (choose on dev, report on test)
     summary = json.loads((repo / "reports" / "milestones.json").read_text())
     for name, model in summary["models"].items():
