@@ -1,4 +1,6 @@
-"""DVC stages `train_stage_0` .. `train_stage_3` and their controls `control_stage_1` .. `control_stage_3`.
+"""DVC stages `train_stage_0`, `train_stage@1` .. `train_stage@3` and their controls `control_stage@1` ..
+`control_stage@3` (dvc.yaml's foreach families `train_stage` and `control_stage`; the name is also the
+MLflow run's name and its `dvc.stage` tag).
 
 Stage N starts from stage N-1's final weights with its new component zero-initialised, so the
 loss it starts at is the loss stage N-1 ended at (logged as warm_start/* and checked by a test).
@@ -41,9 +43,17 @@ DESCRIPTIONS = {
 NOT_TRAINED = "not_trained.json"
 
 
+def dvc_stage(stage: int, control: bool = False) -> str:
+    """The DVC stage that trains stage ``stage`` (or its control): ``train_stage_0``, a plain stage, and
+    the members of dvc.yaml's foreach families, ``train_stage@N`` and ``control_stage@N``."""
+    if control:
+        return f"control_stage@{stage}"
+    return "train_stage_0" if stage == 0 else f"train_stage@{stage}"
+
+
 def run(stage: int) -> None:
     """Train stage ``stage`` (0..3)."""
-    _train(f"train_stage_{stage}", f"stage_{stage}", model_stage=stage, description=DESCRIPTIONS[stage])
+    _train(dvc_stage(stage), f"stage_{stage}", model_stage=stage, description=DESCRIPTIONS[stage])
 
 
 def run_control(stage: int) -> None:
@@ -52,12 +62,12 @@ def run_control(stage: int) -> None:
     if not 1 <= stage <= 3:
         raise ValueError(f"controls exist for stages 1..3, got {stage}")
     if stage == 2:
-        ctx = open_stage("control_stage_2")
+        ctx = open_stage(dvc_stage(2, control=True))
         if ctx.params.staged.k1.mode == "log":
             _write_not_trained(ctx, "control_2", "stage_2", "staged.k1.mode=log changes no update")
             return
     _train(
-        f"control_stage_{stage}", f"control_{stage}", model_stage=stage - 1,
+        dvc_stage(stage, control=True), f"control_{stage}", model_stage=stage - 1,
         description=f"control for stage {stage}: stage {stage - 1} trained for stage {stage}'s extra steps",
         start_stage=stage - 1,
     )

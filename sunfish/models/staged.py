@@ -1,4 +1,4 @@
-"""The staged autoregressive language model (pipeline stages train_stage_0 .. train_stage_3).
+"""The staged autoregressive language model (pipeline stages train_stage_0, train_stage@1 .. train_stage@3).
 
 One network grows by one component per stage and every stage starts exactly where the previous
 one ended (``StagedLM.warm_start``):

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.dvc_stages import resolved_stages
 from tests.e2e.test_pipeline import copy_repo, env, ran_stages, run, set_dotted, tree_digest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -188,7 +189,7 @@ def _dry_run(repo: Path, key: str, value: float) -> set[str]:
 def test_lr_change_reruns_the_training_stages_and_what_follows(repo):
     """`dvc repro --dry` names the stages a change invalidates by itself; what follows them is
     DVC's graph: evaluate depends on every model directory, report on evaluate's outputs."""
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    stages = resolved_stages(repo)  # the foreach families expanded: train_stage@1, ..., control_stage@3
     training = {name: spec["outs"][0] for name, spec in stages.items()
                 if any(str(o).startswith("models/") for o in spec.get("outs", []))}
     assert len(training) >= 5, training

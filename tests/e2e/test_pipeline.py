@@ -193,15 +193,15 @@ def test_mlflow_holds_one_run_per_training_stage(repo):
     by_stage = {}
     for r in runs:
         by_stage.setdefault(r.data.tags.get("dvc.stage"), []).append(r)
-    for stage in ("train_stage_0", "train_stage_1", "train_stage_2", "train_stage_3", "control_stage_1",
-                  "control_stage_3", "train_cfg_micro"):  # control_stage_2 trains nothing in k1.mode log
+    for stage in ("train_stage_0", "train_stage@1", "train_stage@2", "train_stage@3", "control_stage@1",
+                  "control_stage@3", "train_cfg_micro"):  # control_stage@2 trains nothing in k1.mode log
         assert len(by_stage.get(stage, [])) == 1, stage
         r = by_stage[stage][0]
         assert {"train/loss", "val/loss", "val/ppl", "val/bpb"} <= set(r.data.metrics), stage
         assert r.data.params["train.lr"]
         assert r.data.tags.get("git.commit") and r.data.tags.get("params.hash")
         assert r.info.status == "FINISHED"
-        if stage == "train_stage_2":  # k1.mode log: one seed (no control to compare with), so no spread
+        if stage == "train_stage@2":  # k1.mode log: one seed (no control to compare with), so no spread
             assert r.data.metrics["seeds/count"] == 1 and "seeds/val_bpb_std" not in r.data.metrics
         elif stage not in ("train_stage_0", "train_cfg_micro"):
             assert {"seeds/val_bpb_mean", "seeds/val_bpb_std", "seeds/count"} <= set(r.data.metrics), stage
@@ -240,8 +240,8 @@ def _changed_after_editing(repo: Path, relative: str) -> set[str]:
 def test_editing_code_marks_exactly_the_stages_that_run_it(repo):
     """dvc.yaml's code deps: a model file reruns training, the report code reruns only the report."""
     model_edit = _changed_after_editing(repo, "sunfish/models/layers.py")
-    training = {"train_stage_0", "train_stage_1", "train_stage_2", "train_stage_3", "control_stage_1",
-                "control_stage_2", "control_stage_3", "train_cfg_micro"}
+    training = {"train_stage_0", "train_stage@1", "train_stage@2", "train_stage@3", "control_stage@1",
+                "control_stage@2", "control_stage@3", "train_cfg_micro"}
     assert training <= model_edit, model_edit
     assert _changed_after_editing(repo, "sunfish/report/svg.py") == {"report"}
     assert {"train_stage_0", "train_cfg_micro"} <= _changed_after_editing(repo, "sunfish/config/sections.py")
