@@ -159,8 +159,8 @@ def config_show(params_path: Path, model: str | None, fmt: str) -> None:
               help="diffusion only: conditional samples per prompt for --guidance sequence; default: the "
                    "checkpoint's")
 @click.option("--num-samples", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="texts to draw (AR: one batch from one generator seeded with --seed; diffusion: "
-                   "sample i seeded with --seed + i)")
+              help="texts to draw, as one batch from one generator seeded with --seed (for N > 1 not the "
+                   "texts of versions that drew sample i alone with --seed + i)")
 @click.option("--seq-len", type=click.IntRange(1, 65536), default=None,
               help="diffusion only: sample length in tokens; default: the checkpoint's")
 @click.option("--num-steps", type=click.IntRange(1, 100000), default=None,

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 MASK_MARKER = "[MASK]"
 AR_TOP_P = EvalConfig.model_fields["top_p"].default  # nucleus mass of the AR stages when none is given
+# Rows one diffusion sampler call may hold (samples x sequence-guidance candidates): bounds the memory
+# of `--num-samples 256 --candidates 64` while the defaults (k = 4) still draw up to 64 texts at once.
+MAX_SAMPLER_ROWS = 256
 
 
 def default_guidance(model, configured: str | None = None) -> str:
@@ -234,10 +237,11 @@ def sample_from_checkpoint(
     """Samples from a checkpoint; a diffusion setting left None is the checkpoint's own
     (generation_config.json, else the schema default: :func:`read_generation_config`).
 
-    An autoregressive checkpoint draws its ``num_samples`` as one KV-cached batch from one
-    generator seeded with ``seed``: the same seed gives the same texts, but with more than one
-    sample they are not those of earlier versions, which drew sample i alone with seed + i (one
-    sample still is). Diffusion samples are still drawn one by one, sample i with seed + i.
+    Either kind draws its ``num_samples`` as one batch from one generator seeded with ``seed``
+    (autoregressive: KV-cached; diffusion: one sampler call, the prompt repeated to every row, in
+    more than one call only past MAX_SAMPLER_ROWS rows): the same seed gives the same texts, but
+    with more than one sample they are not those of earlier versions, which drew sample i alone
+    with seed + i (one sample still is). Each record's ``seconds`` is its batch's time shared out.
     ``device``: where the model runs; the random numbers still come from CPU generators, so a seed
     draws the same numbers on any device (texts can differ only where the device's arithmetic does).
     ``progress``: a bar over the denoising steps on stderr (None: only when stderr is a terminal).
@@ -295,67 +299,72 @@ def sample_from_checkpoint(
     if infill is not None:
         infill_arg = _infill_ids(infill, tok, length)
     run_steps = min(steps, getattr(model.config, "timesteps", steps))
-    bar = _StepBar(progress, num_samples, run_steps)
+    k = candidates or own.guidance_candidates
+    # Sequence guidance draws k candidates per sample, so a batch holds num_samples * k sampler rows;
+    # the texts are drawn in as few batches as keep that under MAX_SAMPLER_ROWS (one, short of extremes).
+    per_batch = max(1, MAX_SAMPLER_ROWS // (k if mode == "sequence" else 1))
+    sizes = [min(per_batch, num_samples - i) for i in range(0, num_samples, per_batch)]
+    gen = torch.Generator().manual_seed(seed)  # one generator for every batch: the same seed, the same texts
+    bar = _StepBar(progress, len(sizes), run_steps)
     try:
-        for i in range(num_samples):
-            gen = torch.Generator().manual_seed(seed + i)
+        for b, size in enumerate(sizes):
             start = time.perf_counter()
             out = diffusion_sample(
-                model, [prompt_ids] if prompt_ids is not None else None, num_samples=1, seq_len=length,
+                model, [prompt_ids] if prompt_ids is not None else None, num_samples=size, seq_len=length,
                 num_steps=run_steps, guidance_scale=w, scheduler=sched, eta=eta, generator=gen, infill=infill_arg,
-                top_p=own.top_p if top_p is None else top_p, guidance=mode,
-                candidates=candidates or own.guidance_candidates, on_step=bar.step_of(i),
+                top_p=own.top_p if top_p is None else top_p, guidance=mode, candidates=k, on_step=bar.step_of(b),
             )
-            bar.finish(i)
-            ids = out[0].tolist()
-            if tok.eos_id in ids and infill is None:
-                ids = ids[: ids.index(tok.eos_id)]
-            ids = [t for t in ids if t != tok.pad_id]
-            results.append({
-                "prompt": text, "guidance_scale": w, "guidance": mode, "text": tok.decode(ids), "tokens": len(ids),
-                "seconds": round(time.perf_counter() - start, 3), "num_steps": steps, "scheduler": sched,
-                "model": meta.get("model_name"), "step": meta.get("step"),
-            })
+            bar.finish(b)
+            share = round((time.perf_counter() - start) / size, 3)  # one batch: its time shared out
+            for row in out.tolist():
+                if tok.eos_id in row and infill is None:
+                    row = row[: row.index(tok.eos_id)]
+                ids = [t for t in row if t != tok.pad_id]
+                results.append({
+                    "prompt": text, "guidance_scale": w, "guidance": mode, "text": tok.decode(ids), "tokens": len(ids),
+                    "seconds": share, "num_steps": steps, "scheduler": sched,
+                    "model": meta.get("model_name"), "step": meta.get("step"),
+                })
     finally:
         bar.close()
     return results
 
 
 class _StepBar:
-    """A tqdm bar on stderr over the denoising steps of all samples (stdout may be --format json).
+    """A tqdm bar on stderr over the denoising steps of all batches (stdout may be --format json).
 
     ``enabled``: True always, False never, None only when stderr is a terminal. A sampler says how
     many steps it runs in its first call of ``on_step(done, total)`` (block diffusion spreads the
-    steps over blocks); a sample that finishes early (nothing left to reveal) jumps to its end.
+    steps over blocks); a batch that finishes early (nothing left to reveal) jumps to its end.
     """
 
-    def __init__(self, enabled: bool | None, samples: int, steps: int):
-        self.samples, self.per_sample, self.bar = samples, steps, None
+    def __init__(self, enabled: bool | None, batches: int, steps: int):
+        self.batches, self.per_batch, self.bar = batches, steps, None
         if enabled is not False:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=samples * steps, desc="denoising", unit="step", file=sys.stderr,
+            self.bar = tqdm(total=batches * steps, desc="denoising", unit="step", file=sys.stderr,
                             disable=None if enabled is None else False, leave=False, dynamic_ncols=True)
 
     def _move_to(self, position: int) -> None:
         if self.bar is not None and position > self.bar.n:
             self.bar.update(position - self.bar.n)
 
-    def step_of(self, sample: int):
+    def step_of(self, batch: int):
         if self.bar is None:
             return None
 
         def on_step(done: int, total: int) -> None:
-            if total != self.per_sample:
-                self.per_sample = total
-                self.bar.total = self.samples * total
+            if total != self.per_batch:
+                self.per_batch = total
+                self.bar.total = self.batches * total
                 self.bar.refresh()
-            self._move_to(sample * total + done)
+            self._move_to(batch * total + done)
 
         return on_step
 
-    def finish(self, sample: int) -> None:
-        self._move_to((sample + 1) * self.per_sample)
+    def finish(self, batch: int) -> None:
+        self._move_to((batch + 1) * self.per_batch)
 
     def close(self) -> None:
         if self.bar is not None:
