@@ -198,7 +198,8 @@ def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, 
     checkpoint saved before that file existed, the default of the same cfg key in the schema. A
     params.yaml in the current directory is never read for them.
     """
-    from sunfish.sampling import fetch_checkpoint, is_mlflow_reference, sample_from_checkpoint
+    from sunfish.mlflow_checkpoints import fetch_checkpoint, is_mlflow_reference
+    from sunfish.sampling import sample_from_checkpoint
     from sunfish.training.checkpoint import read_checkpoint_meta
 
     device = resolve_device(device)

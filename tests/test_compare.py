@@ -189,7 +189,7 @@ def test_the_best_checkpoint_is_a_registered_model_with_an_alias(logged_checkpoi
 
 
 def test_cached_download_is_reused_and_damage_is_caught(logged_checkpoint, tmp_path):
-    from sunfish.sampling import fetch_checkpoint
+    from sunfish.mlflow_checkpoints import fetch_checkpoint
 
     root, uri, run_id, _ = logged_checkpoint
     first = fetch_checkpoint(f"runs:/{run_id}/checkpoints/stage_0", uri=uri)
