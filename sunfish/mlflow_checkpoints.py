@@ -1,10 +1,10 @@
 """Checkpoints that live in MLflow: ``models:/``, ``runs:/`` and ``mlflow:`` references, downloaded once.
 
 Why: an experiment's winner should be sampled after its DVC workspace is gone. The evaluate stage
-logs each model's best checkpoint as the artifact directory ``checkpoints/<model>`` of its run and
-registers it as ``sunfish-<model>`` (:mod:`sunfish.model_registry`). :func:`fetch_checkpoint`
-downloads it once into a cache directory and the usual loader (with its weights digest check) takes
-it from there.
+logs each model's best checkpoint as the artifact directory ``checkpoints/<model>`` of its run and,
+when its weights are new, as an MLflow logged model registered as ``sunfish-<model>``
+(:mod:`sunfish.model_registry`). :func:`fetch_checkpoint` downloads the checkpoint folder once into
+a cache directory and the usual loader (with its weights digest check) takes it from there.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sunfish.errors import CheckpointError
 
@@ -28,7 +29,8 @@ def is_mlflow_reference(text: str | Path) -> bool:
 
 
 def checkpoint_cache_dir() -> Path:
-    """$SUNFISH_CACHE/mlflow, else ~/.cache/sunfish/mlflow: downloaded checkpoints, keyed by run id."""
+    """$SUNFISH_CACHE/mlflow, else ~/.cache/sunfish/mlflow: downloaded checkpoints, keyed by the id of
+    the run or logged model that holds them."""
     base = os.environ.get("SUNFISH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sunfish"
     return Path(base) / "mlflow"
 
@@ -50,11 +52,20 @@ def fetch_checkpoint(reference: str, *, uri: str, mlflow_experiment: str = "sunf
         _require_store(uri, reference)
         bound_http_retries()
         try:
-            run_id, artifact_path = resolve(open_client(uri), reference)
+            client = open_client(uri)
+            found = resolve(client, reference)
+            if found.model_id:  # a logged model: its folder of artifacts
+                root = client.get_logged_model(found.model_id).artifact_location.rstrip("/")
+                source = {"artifact_uri": f"{root}/{found.path}"}
         except ValueError as exc:
             raise CheckpointError(str(exc)) from None
         except Exception as exc:
             raise CheckpointError(f"{reference}: not in the model registry at {uri} ({_first_line(exc)})") from exc
+        if found.model_id:
+            dest = (cache_dir or checkpoint_cache_dir()) / found.model_id / found.path
+            return _cached(dest, reference) or _download(source, uri, dest, reference,
+                                                         f"logged model {found.model_id}", found.path)
+        run_id, artifact_path = found.run_id, found.path
     elif reference.startswith("runs:/"):
         run_id, _, artifact_path = reference[len("runs:/"):].partition("/")
         if not run_id or not artifact_path.strip("/"):
@@ -67,10 +78,15 @@ def fetch_checkpoint(reference: str, *, uri: str, mlflow_experiment: str = "sunf
         run_id = _evaluate_run_for(target, model, uri, mlflow_experiment)
         artifact_path = f"checkpoints/{model}"
     dest = (cache_dir or checkpoint_cache_dir()) / run_id / artifact_path
+    return _cached(dest, reference) or _download({"run_id": run_id, "artifact_path": artifact_path}, uri, dest,
+                                                 reference, f"run {run_id}", artifact_path)
+
+
+def _cached(dest: Path, reference: str) -> Path | None:
     if all((dest / f).is_file() for f in CHECKPOINT_FILES):
         log.info("using %s downloaded before to %s", reference, dest)
         return dest
-    return _download(run_id, artifact_path, uri, dest, reference)
+    return None
 
 
 def _require_store(uri: str, reference: str) -> None:
@@ -88,31 +104,31 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def _download(run_id: str, artifact_path: str, uri: str, dest: Path, reference: str) -> Path:
-    """Download into a temporary sibling, then rename: an interrupted download is never mistaken
-    for a complete checkpoint."""
+def _download(source: dict[str, Any], uri: str, dest: Path, reference: str, holder: str, path: str) -> Path:
+    """Download the checkpoint folder ``source`` names (``run_id`` and ``artifact_path``, or an
+    ``artifact_uri``) into a temporary sibling of ``dest``, then rename: an interrupted download is
+    never mistaken for a complete checkpoint."""
     import mlflow.artifacts
 
-    from sunfish.tracking import bound_http_retries, open_client
+    from sunfish.tracking import bound_http_retries
 
     _require_store(uri, reference)
     bound_http_retries()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout may be --format json
     try:
-        listed = {Path(f.path).name for f in open_client(uri).list_artifacts(run_id, artifact_path)}
+        listed = {Path(f.path).name for f in mlflow.artifacts.list_artifacts(**source, tracking_uri=uri)}
     except Exception as exc:
         raise CheckpointError(f"{reference}: MLflow at {uri} cannot list it ({exc})") from exc
     missing = [f for f in CHECKPOINT_FILES if f not in listed]
     if missing:
         raise CheckpointError(
-            f"{reference}: run {run_id} has no checkpoint at {artifact_path} (missing {', '.join(missing)}); "
+            f"{reference}: {holder} has no checkpoint at {path} (missing {', '.join(missing)}); "
             "the evaluate stage logs checkpoints/<model> when eval.log_checkpoints is true")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         try:
-            got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
-                                                           dst_path=str(tmp), tracking_uri=uri))
+            got = Path(mlflow.artifacts.download_artifacts(**source, dst_path=str(tmp), tracking_uri=uri))
         except Exception as exc:
             raise CheckpointError(f"{reference}: could not download it from MLflow at {uri} ({exc})") from exc
         if dest.exists():
