@@ -162,3 +162,15 @@ def test_a_registry_failure_is_a_warning_not_the_stages_end(store, caplog, monke
         register_models(Run(), {"stage_2": {"best": {"step": 1, "checkpoint": str(store["ckpts"]["staged"])}}},
                         Path("/"))
     assert "could not register the best checkpoints" in caplog.text and "artifact store unreachable" in caplog.text
+
+
+def test_bad_predict_inputs_are_named():
+    from sunfish.mlflow_model import _prompts, _settings
+
+    assert _prompts("Once") == ["Once"] and _prompts(["a", None]) == ["a", ""]
+    for bad, message in ((42, "not int"), ([1], "not int"), ({"prompt": "a"}, "not dict")):
+        with pytest.raises(ValueError, match=message):
+            _prompts(bad)
+    with pytest.raises(ValueError, match="unknown params nope; a SunFish model takes max_new_tokens"):
+        _settings({"nope": 1})
+    assert _settings({"seed": None, "temperature": 0.0}) == {"temperature": 0.0}
