@@ -159,8 +159,8 @@ def config_show(params_path: Path, model: str | None, fmt: str) -> None:
               help="diffusion only: conditional samples per prompt for --guidance sequence; default: the "
                    "checkpoint's")
 @click.option("--num-samples", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="texts to draw (AR: one batch from one generator seeded with --seed; diffusion: "
-                   "sample i seeded with --seed + i)")
+              help="texts to draw, as one batch from one generator seeded with --seed (for N > 1 not the "
+                   "texts of versions that drew sample i alone with --seed + i)")
 @click.option("--seq-len", type=click.IntRange(1, 65536), default=None,
               help="diffusion only: sample length in tokens; default: the checkpoint's")
 @click.option("--num-steps", type=click.IntRange(1, 100000), default=None,
@@ -198,7 +198,8 @@ def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, 
     checkpoint saved before that file existed, the default of the same cfg key in the schema. A
     params.yaml in the current directory is never read for them.
     """
-    from sunfish.sampling import fetch_checkpoint, is_mlflow_reference, sample_from_checkpoint
+    from sunfish.mlflow_checkpoints import fetch_checkpoint, is_mlflow_reference
+    from sunfish.sampling import sample_from_checkpoint
     from sunfish.training.checkpoint import read_checkpoint_meta
 
     device = resolve_device(device)

@@ -4,32 +4,28 @@ The checkpoint says which kind of model it holds; autoregressive stages continue
 KV cache, the diffusion model samples a sequence conditioned on the prompt with classifier-free
 guidance (unconditional without a prompt). Settings the caller leaves open come from the checkpoint
 itself: a diffusion checkpoint's generation_config.json, else the schema defaults of the same keys
-(:mod:`sunfish.config.generation`), never from a params.yaml in the current directory.
-
-A checkpoint may also live in MLflow: the evaluate stage logs each model's best checkpoint as the
-artifact directory ``checkpoints/<model>`` of its run, so an experiment's winner can be sampled
-after its DVC workspace is gone. :func:`fetch_checkpoint` downloads it once into a cache directory
-and the usual loader (with its weights digest check) takes it from there.
+(:mod:`sunfish.config.generation`), never from a params.yaml in the current directory. A
+checkpoint that lives in MLflow is first downloaded by :mod:`sunfish.mlflow_checkpoints`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from sunfish.config import EvalConfig
-from sunfish.errors import CheckpointError, UsageProblem
+from sunfish.errors import UsageProblem
 
 log = logging.getLogger(__name__)
 
 MASK_MARKER = "[MASK]"
 AR_TOP_P = EvalConfig.model_fields["top_p"].default  # nucleus mass of the AR stages when none is given
+# Rows one diffusion sampler call may hold (samples x sequence-guidance candidates): bounds the memory
+# of `--num-samples 256 --candidates 64` while the defaults (k = 4) still draw up to 64 texts at once.
+MAX_SAMPLER_ROWS = 256
 
 
 def default_guidance(model, configured: str | None = None) -> str:
@@ -44,146 +40,6 @@ def default_guidance(model, configured: str | None = None) -> str:
     if configured == "sequence" and not masked:
         return "token"
     return configured or ("sequence" if masked else "token")
-
-
-MLFLOW_PREFIXES = ("runs:/", "mlflow:", "models:/")
-CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
-
-
-def is_mlflow_reference(text: str | Path) -> bool:
-    return str(text).startswith(MLFLOW_PREFIXES)
-
-
-def checkpoint_cache_dir() -> Path:
-    """$SUNFISH_CACHE/mlflow, else ~/.cache/sunfish/mlflow: downloaded checkpoints, keyed by run id."""
-    base = os.environ.get("SUNFISH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sunfish"
-    return Path(base) / "mlflow"
-
-
-def fetch_checkpoint(reference: str, *, uri: str, mlflow_experiment: str = "sunfish",
-                     cache_dir: Path | None = None) -> Path:
-    """The local directory of a checkpoint logged to MLflow, downloaded on first use.
-
-    ``models:/sunfish-<model>@champion`` (or ``/<version>``) is a registered version (the evaluate
-    stage registers each model's best checkpoint); ``runs:/<run_id>/<artifact path>`` names the
-    artifact directory exactly (as the MLflow UI shows it); ``mlflow:<experiment>/<model>`` takes the best checkpoint of ``model`` from the latest
-    evaluate run of that experiment (a DVC experiment name, a ``workspace@<commit>`` label, or the
-    id of the parent or evaluate run).
-    """
-    if reference.startswith("models:/"):
-        from sunfish.model_registry import resolve
-        from sunfish.tracking import bound_http_retries, open_client
-
-        _require_store(uri, reference)
-        bound_http_retries()
-        try:
-            run_id, artifact_path = resolve(open_client(uri), reference)
-        except ValueError as exc:
-            raise CheckpointError(str(exc)) from None
-        except Exception as exc:
-            raise CheckpointError(f"{reference}: not in the model registry at {uri} ({_first_line(exc)})") from exc
-    elif reference.startswith("runs:/"):
-        run_id, _, artifact_path = reference[len("runs:/"):].partition("/")
-        if not run_id or not artifact_path.strip("/"):
-            raise CheckpointError(f"{reference}: expected runs:/<run_id>/checkpoints/<model>")
-        artifact_path = artifact_path.strip("/")
-    else:
-        target, _, model = reference[len("mlflow:"):].rpartition("/")
-        if not target or not model:
-            raise CheckpointError(f"{reference}: expected mlflow:<experiment or run id>/<model>, e.g. mlflow:exp-1a2b/cfg")
-        run_id = _evaluate_run_for(target, model, uri, mlflow_experiment)
-        artifact_path = f"checkpoints/{model}"
-    dest = (cache_dir or checkpoint_cache_dir()) / run_id / artifact_path
-    if all((dest / f).is_file() for f in CHECKPOINT_FILES):
-        log.info("using %s downloaded before to %s", reference, dest)
-        return dest
-    return _download(run_id, artifact_path, uri, dest, reference)
-
-
-def _require_store(uri: str, reference: str) -> None:
-    """Refuse a local store that does not exist: opening it would leave an empty mlflow.db (or
-    mlruns/) behind in whatever folder the command ran from, and it could not hold the checkpoint."""
-    from sunfish.tracking import missing_store
-
-    gone = missing_store(uri)
-    if gone is not None:
-        raise CheckpointError(f"{reference}: no MLflow store at {gone}; run inside the project that logged it, "
-                              "or name its store (--uri, MLFLOW_TRACKING_URI)")
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
-def _download(run_id: str, artifact_path: str, uri: str, dest: Path, reference: str) -> Path:
-    """Download into a temporary sibling, then rename: an interrupted download is never mistaken
-    for a complete checkpoint."""
-    import mlflow.artifacts
-
-    from sunfish.tracking import bound_http_retries, open_client
-
-    _require_store(uri, reference)
-    bound_http_retries()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout may be --format json
-    try:
-        listed = {Path(f.path).name for f in open_client(uri).list_artifacts(run_id, artifact_path)}
-    except Exception as exc:
-        raise CheckpointError(f"{reference}: MLflow at {uri} cannot list it ({exc})") from exc
-    missing = [f for f in CHECKPOINT_FILES if f not in listed]
-    if missing:
-        raise CheckpointError(
-            f"{reference}: run {run_id} has no checkpoint at {artifact_path} (missing {', '.join(missing)}); "
-            "the evaluate stage logs checkpoints/<model> when eval.log_checkpoints is true")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        try:
-            got = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
-                                                           dst_path=str(tmp), tracking_uri=uri))
-        except Exception as exc:
-            raise CheckpointError(f"{reference}: could not download it from MLflow at {uri} ({exc})") from exc
-        if dest.exists():
-            shutil.rmtree(dest)
-        got.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("downloaded %s to %s", reference, dest)
-    return dest
-
-
-def _evaluate_run_for(target: str, model: str, uri: str, mlflow_experiment: str) -> str:
-    """The run id whose checkpoints/<model> is the best checkpoint of experiment ``target``."""
-    from sunfish.tracking import EXPERIMENT_TAG, PARENT_ID_TAG, PARENT_TAG, find_parents, open_client
-
-    _require_store(uri, f"mlflow:{target}/{model}")
-    client = open_client(uri)
-    exp = client.get_experiment_by_name(mlflow_experiment)
-    if exp is None:
-        raise CheckpointError(f"no MLflow experiment {mlflow_experiment!r} in {uri}")
-    best_tag = f"sunfish.best.{model}"
-    try:
-        run = client.get_run(target)
-    except Exception:  # not a run id: an experiment label
-        run = None
-    if run is not None and best_tag in run.data.tags:
-        return run.info.run_id
-    if run is not None and run.data.tags.get(PARENT_TAG) == "true":
-        parents = [run]
-    else:
-        parents = find_parents(client, [exp.experiment_id], label=target)
-    if not parents:
-        raise CheckpointError(f"mlflow:{target}/{model}: no experiment {target!r} in {uri} "
-                              f"(`sunfish compare` lists them)")
-    for parent in parents:  # newest first: the latest execution that evaluated this model
-        found = client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.`{PARENT_ID_TAG}` = '{parent.info.run_id}' and tags.`{best_tag}` != ''",
-            order_by=["attributes.start_time DESC"], max_results=1,
-        )
-        if found:
-            return found[0].info.run_id
-    raise CheckpointError(f"mlflow:{target}/{model}: experiment {parents[0].data.tags.get(EXPERIMENT_TAG, target)!r} "
-                          f"has no evaluate run with a best checkpoint of {model!r}")
 
 
 def clean_prompt(
@@ -234,10 +90,11 @@ def sample_from_checkpoint(
     """Samples from a checkpoint; a diffusion setting left None is the checkpoint's own
     (generation_config.json, else the schema default: :func:`read_generation_config`).
 
-    An autoregressive checkpoint draws its ``num_samples`` as one KV-cached batch from one
-    generator seeded with ``seed``: the same seed gives the same texts, but with more than one
-    sample they are not those of earlier versions, which drew sample i alone with seed + i (one
-    sample still is). Diffusion samples are still drawn one by one, sample i with seed + i.
+    Either kind draws its ``num_samples`` as one batch from one generator seeded with ``seed``
+    (autoregressive: KV-cached; diffusion: one sampler call, the prompt repeated to every row, in
+    more than one call only past MAX_SAMPLER_ROWS rows): the same seed gives the same texts, but
+    with more than one sample they are not those of earlier versions, which drew sample i alone
+    with seed + i (one sample still is). Each record's ``seconds`` is its batch's time shared out.
     ``device``: where the model runs; the random numbers still come from CPU generators, so a seed
     draws the same numbers on any device (texts can differ only where the device's arithmetic does).
     ``progress``: a bar over the denoising steps on stderr (None: only when stderr is a terminal).
@@ -295,67 +152,72 @@ def sample_from_checkpoint(
     if infill is not None:
         infill_arg = _infill_ids(infill, tok, length)
     run_steps = min(steps, getattr(model.config, "timesteps", steps))
-    bar = _StepBar(progress, num_samples, run_steps)
+    k = candidates or own.guidance_candidates
+    # Sequence guidance draws k candidates per sample, so a batch holds num_samples * k sampler rows;
+    # the texts are drawn in as few batches as keep that under MAX_SAMPLER_ROWS (one, short of extremes).
+    per_batch = max(1, MAX_SAMPLER_ROWS // (k if mode == "sequence" else 1))
+    sizes = [min(per_batch, num_samples - i) for i in range(0, num_samples, per_batch)]
+    gen = torch.Generator().manual_seed(seed)  # one generator for every batch: the same seed, the same texts
+    bar = _StepBar(progress, len(sizes), run_steps)
     try:
-        for i in range(num_samples):
-            gen = torch.Generator().manual_seed(seed + i)
+        for b, size in enumerate(sizes):
             start = time.perf_counter()
             out = diffusion_sample(
-                model, [prompt_ids] if prompt_ids is not None else None, num_samples=1, seq_len=length,
+                model, [prompt_ids] if prompt_ids is not None else None, num_samples=size, seq_len=length,
                 num_steps=run_steps, guidance_scale=w, scheduler=sched, eta=eta, generator=gen, infill=infill_arg,
-                top_p=own.top_p if top_p is None else top_p, guidance=mode,
-                candidates=candidates or own.guidance_candidates, on_step=bar.step_of(i),
+                top_p=own.top_p if top_p is None else top_p, guidance=mode, candidates=k, on_step=bar.step_of(b),
             )
-            bar.finish(i)
-            ids = out[0].tolist()
-            if tok.eos_id in ids and infill is None:
-                ids = ids[: ids.index(tok.eos_id)]
-            ids = [t for t in ids if t != tok.pad_id]
-            results.append({
-                "prompt": text, "guidance_scale": w, "guidance": mode, "text": tok.decode(ids), "tokens": len(ids),
-                "seconds": round(time.perf_counter() - start, 3), "num_steps": steps, "scheduler": sched,
-                "model": meta.get("model_name"), "step": meta.get("step"),
-            })
+            bar.finish(b)
+            share = round((time.perf_counter() - start) / size, 3)  # one batch: its time shared out
+            for row in out.tolist():
+                if tok.eos_id in row and infill is None:
+                    row = row[: row.index(tok.eos_id)]
+                ids = [t for t in row if t != tok.pad_id]
+                results.append({
+                    "prompt": text, "guidance_scale": w, "guidance": mode, "text": tok.decode(ids), "tokens": len(ids),
+                    "seconds": share, "num_steps": steps, "scheduler": sched,
+                    "model": meta.get("model_name"), "step": meta.get("step"),
+                })
     finally:
         bar.close()
     return results
 
 
 class _StepBar:
-    """A tqdm bar on stderr over the denoising steps of all samples (stdout may be --format json).
+    """A tqdm bar on stderr over the denoising steps of all batches (stdout may be --format json).
 
     ``enabled``: True always, False never, None only when stderr is a terminal. A sampler says how
     many steps it runs in its first call of ``on_step(done, total)`` (block diffusion spreads the
-    steps over blocks); a sample that finishes early (nothing left to reveal) jumps to its end.
+    steps over blocks); a batch that finishes early (nothing left to reveal) jumps to its end.
     """
 
-    def __init__(self, enabled: bool | None, samples: int, steps: int):
-        self.samples, self.per_sample, self.bar = samples, steps, None
+    def __init__(self, enabled: bool | None, batches: int, steps: int):
+        self.batches, self.per_batch, self.bar = batches, steps, None
         if enabled is not False:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=samples * steps, desc="denoising", unit="step", file=sys.stderr,
+            self.bar = tqdm(total=batches * steps, desc="denoising", unit="step", file=sys.stderr,
                             disable=None if enabled is None else False, leave=False, dynamic_ncols=True)
 
     def _move_to(self, position: int) -> None:
         if self.bar is not None and position > self.bar.n:
             self.bar.update(position - self.bar.n)
 
-    def step_of(self, sample: int):
+    def step_of(self, batch: int):
         if self.bar is None:
             return None
 
         def on_step(done: int, total: int) -> None:
-            if total != self.per_sample:
-                self.per_sample = total
-                self.bar.total = self.samples * total
+            if total != self.per_batch:
+                self.per_batch = total
+                self.bar.total = self.batches * total
                 self.bar.refresh()
-            self._move_to(sample * total + done)
+            self._move_to(batch * total + done)
 
         return on_step
 
-    def finish(self, sample: int) -> None:
-        self._move_to((sample + 1) * self.per_sample)
+    def finish(self, batch: int) -> None:
+        self._move_to((batch + 1) * self.per_batch)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,5 +1,5 @@
-"""The `sunfish` command's surface (issue 22): help for every option, --device, batched AR samples,
-the diffusion progress bar, unknown model names, no files left by a failing command, `sunfish export`."""
+"""The `sunfish` command's surface (issue 22): help for every option, --device, batched AR and diffusion
+samples, the diffusion progress bar, unknown model names, no files left by a failing command, `sunfish export`."""
 
 from __future__ import annotations
 
@@ -175,6 +175,94 @@ def test_diffusion_progress_goes_to_stderr_and_json_stays_pure(checkpoints):
     assert texts(hidden) == texts(shown), "the bar changes nothing about the samples"
     quiet = invoke(*args)  # default: only on a terminal, and the test runner's stderr is none
     assert quiet.exit_code == 0 and "denoising" not in quiet.stderr
+
+
+def counted_diffusion_sampler(monkeypatch) -> list[dict]:
+    """The diffusion sampler, recording each call's arguments (sunfish.sampling imports it per call;
+    the module, not sunfish.diffusion's re-exported function of the same name)."""
+    import importlib
+
+    diffusion = importlib.import_module("sunfish.diffusion.sample")
+
+    calls: list[dict] = []
+    real = diffusion.sample
+    monkeypatch.setattr(diffusion, "sample", lambda *a, **k: calls.append({"prompt": a[1], **k}) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("extra", [
+    ["--prompt", "The dog", "--guidance", "sequence", "--guidance-scale", "2", "--candidates", "2"],
+    ["--prompt", "The dog", "--guidance", "token", "--guidance-scale", "2"],
+    ["--infill", "The dog [MASK] the ball"],
+])
+def test_diffusion_samples_are_one_batch_and_reproducible(checkpoints, monkeypatch, extra):
+    calls = counted_diffusion_sampler(monkeypatch)
+    args = ["sample", checkpoints["diffusion"], "--num-samples", "3", "--num-steps", "4", "--seq-len", "10",
+            "--seed", "5", "--format", "json", *extra]
+    first, again = invoke(*args), invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert [c["num_samples"] for c in calls] == [3, 3], "three texts from one sampler call, not three calls"
+    assert len(texts(first)) == 3 and texts(first) == texts(again)
+    records = [json.loads(line) for line in first.stdout.splitlines()]
+    assert len({r["seconds"] for r in records}) == 1 and records[0]["seconds"] >= 0, "the batch's time shared out"
+    if "--candidates" in extra:
+        assert calls[0]["guidance"] == "sequence" and calls[0]["candidates"] == 2
+
+
+def test_one_diffusion_sample_is_what_a_seeded_sampler_call_draws(checkpoints, monkeypatch):
+    """N = 1 draws exactly what the one-sample-at-a-time loop drew for sample 0: one sampler call
+    with one prompt row and a generator seeded with --seed (this is that call, made directly)."""
+    from sunfish.data.tokenizer import TextTokenizer
+    from sunfish.diffusion.sample import sample as diffusion_sample
+    from sunfish.sampling import sample_from_checkpoint
+    from sunfish.training.checkpoint import load_checkpoint
+
+    model, meta, directory = load_checkpoint(checkpoints["diffusion"])
+    tok = TextTokenizer.load(directory / "tokenizer.json")
+    prompt_ids = tok.encode_prompt("The dog")[: model.config.max_prompt_tokens]
+    for guidance, k in (("sequence", 3), ("token", 4)):
+        ids = diffusion_sample(model, [prompt_ids], num_samples=1, seq_len=10, num_steps=4, guidance_scale=2.0,
+                               scheduler="ddim", eta=0.0, generator=torch.Generator().manual_seed(11), top_p=0.9,
+                               guidance=guidance, candidates=k)[0].tolist()
+        if tok.eos_id in ids:
+            ids = ids[: ids.index(tok.eos_id)]
+        expected = tok.decode([t for t in ids if t != tok.pad_id])
+        got = sample_from_checkpoint(checkpoints["diffusion"], prompt="The dog", guidance_scale=2.0, seq_len=10,
+                                     num_steps=4, scheduler="ddim", top_p=0.9, guidance=guidance, candidates=k,
+                                     seed=11)
+        assert [r["text"] for r in got] == [expected]
+
+
+def test_the_bar_advances_over_the_steps_of_the_batch(checkpoints, monkeypatch):
+    import sunfish.sampling as sampling
+
+    seen: list[tuple[int, int]] = []
+
+    class Recording(sampling._StepBar):
+        def _move_to(self, position: int) -> None:
+            super()._move_to(position)
+            seen.append((self.bar.n, self.bar.total))
+
+    monkeypatch.setattr(sampling, "_StepBar", Recording)
+    out = sampling.sample_from_checkpoint(checkpoints["diffusion"], prompt="The dog", num_samples=3, seq_len=10,
+                                          num_steps=5, guidance="token", progress=True)
+    assert len(out) == 3
+    assert [n for n, _ in seen][:5] == [1, 2, 3, 4, 5] and seen[-1] == (5, 5), "one pass of 5 steps for 3 texts"
+
+
+def test_more_rows_than_a_batch_holds_are_drawn_in_a_few_batches(checkpoints, monkeypatch):
+    """Sequence guidance holds candidates x samples rows: past MAX_SAMPLER_ROWS the texts come in
+    several calls of one generator, each under the cap, and the bar spans them all."""
+    import sunfish.sampling as sampling
+
+    calls = counted_diffusion_sampler(monkeypatch)
+    monkeypatch.setattr(sampling, "MAX_SAMPLER_ROWS", 4)
+    kwargs = dict(prompt="The dog", num_samples=5, seq_len=10, num_steps=3, guidance="sequence", guidance_scale=2.0,
+                  candidates=2, seed=3)
+    out = sampling.sample_from_checkpoint(checkpoints["diffusion"], **kwargs)
+    assert [c["num_samples"] for c in calls] == [2, 2, 1] and len(out) == 5
+    assert [r["text"] for r in sampling.sample_from_checkpoint(checkpoints["diffusion"], **kwargs)] == \
+        [r["text"] for r in out]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -179,8 +179,9 @@ def test_the_best_checkpoint_is_a_registered_model_with_an_alias(logged_checkpoi
         assert json.loads(result.output)["text"] == expected
     # the same weights again: the alias stays on the version that holds them, no copy is added
     sha = json.loads((local / "config.json").read_text()).get("weights_sha256") or version.tags["sunfish.weights_sha256"]
-    assert register_best(client, run_id=run_id, model="stage_0", weights_sha256=sha, step=3) == "1"
-    assert register_best(client, run_id=run_id, model="stage_0", weights_sha256="other", step=4) == "2"
+    assert register_best(client, run_id=run_id, model="stage_0", weights_sha256=sha, step=3, checkpoint=local) == "1"
+    assert register_best(client, run_id=run_id, model="stage_0", weights_sha256="other", step=4,
+                         checkpoint=local) == "2"
     assert str(client.get_model_version_by_alias("sunfish-stage_0", "champion").version) == "2"
     for ref, message in {"models:/sunfish-nope@champion": "not in the model registry",
                          "models:/sunfish-stage_0": "expected models:/<name>@<alias>"}.items():
@@ -189,7 +190,7 @@ def test_the_best_checkpoint_is_a_registered_model_with_an_alias(logged_checkpoi
 
 
 def test_cached_download_is_reused_and_damage_is_caught(logged_checkpoint, tmp_path):
-    from sunfish.sampling import fetch_checkpoint
+    from sunfish.mlflow_checkpoints import fetch_checkpoint
 
     root, uri, run_id, _ = logged_checkpoint
     first = fetch_checkpoint(f"runs:/{run_id}/checkpoints/stage_0", uri=uri)

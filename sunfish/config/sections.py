@@ -285,7 +285,8 @@ class EvalConfig(Section):
     fluency: FluencyConfig = FluencyConfig()
     cache: bool = Field(True, description="reuse per-checkpoint results from state/eval_cache (keyed by weights and settings)")
     log_checkpoints: bool = Field(True, description="log each model's best checkpoint to MLflow (checkpoints/<model>) "
-                                                    "and register it (models:/sunfish-<model>@champion)")
+                                                    "and register it, as an MLflow logged model (logged only for "
+                                                    "new weights), as models:/sunfish-<model>@champion")
 
     @field_validator("guidance_scales")
     @classmethod
