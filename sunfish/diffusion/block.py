@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sunfish.diffusion.guidance import combine, guided_log_probs
-from sunfish.diffusion.masked import MIN_TIME, _sample_from, nucleus, uniform
+from sunfish.diffusion.masked import MIN_TIME, _sample_from, nucleus, real_text_mask, uniform
 
 
 # The attention masks of the block layout (described in sunfish.models.block_denoiser's docstring) live
@@ -184,6 +184,38 @@ def elbo(model, batch: dict, generator: torch.Generator | None = None, condition
     return (ce.double() * weight.double()).sum(), int(real.sum())
 
 
+@torch.no_grad()
+def row_elbo_pair(model, ids: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
+                  draws: int = 4, generator: torch.Generator | None = None):
+    """(conditional bound, unconditional bound, real tokens) per row, in nats (float64 [N]).
+
+    What sequence guidance needs of a block model: the estimates of -log p(x | c) and -log p(x | null)
+    of each sample ``ids`` [N, L] (as the sampler returns them: no leading <eos>; a row's text ends
+    at its first <eos>, which is scored). Each of the ``draws`` noise draws is used for both the
+    prompt and the null prompt (the same times and masks: common random numbers), so most of the
+    bound's noise cancels in the difference.
+    """
+    if draws < 1:
+        raise ValueError(f"draws={draws} must be >= 1")
+    device = model.device
+    ids = ids.to(device)
+    rows = ids.shape[0]
+    batch = {"prompt_ids": prompt_ids.to(device), "prompt_mask": prompt_mask.to(device), "text_ids": ids,
+             "text_mask": real_text_mask(ids, model.config.eos_id).to(device)}
+    where = generator.device if generator is not None else torch.device("cpu")
+    seeds = torch.randint(0, 2**62, (draws,), generator=generator, device=where).tolist()
+    totals = {True: torch.zeros(rows, dtype=torch.float64), False: torch.zeros(rows, dtype=torch.float64)}
+    tokens = None
+    for seed in seeds:
+        for conditional in (True, False):
+            g = torch.Generator(device=where).manual_seed(int(seed))
+            keep = torch.full((rows,), conditional, dtype=torch.bool, device=device)
+            ce, weight, _, real = _masked_pass(model, batch, keep, lambda r, n: block_times(r, n, device, g), g)
+            totals[conditional] += (ce.double() * weight.double()).sum(dim=1).cpu()
+            tokens = real.sum(dim=1).cpu()
+    return totals[True] / draws, totals[False] / draws, tokens
+
+
 def _rows_prefix(model, prompt_ids, prompt_mask, num_samples, device):
     """The prompt prefix of every row (the null prompt when ``prompt_ids`` is None)."""
     if prompt_ids is None:
@@ -193,7 +225,6 @@ def _rows_prefix(model, prompt_ids, prompt_mask, num_samples, device):
     return ids, mask
 
 
-@torch.no_grad()
 @torch.no_grad()
 def sample(
     model,

@@ -28,6 +28,15 @@ from sunfish.diffusion.guidance import guided_log_probs
 MIN_TIME = 1e-3  # t is drawn from [MIN_TIME, 1]: the 1/t weight stays bounded
 
 
+def real_text_mask(ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """True up to and including each row's first eos: what the caller keeps of a sample."""
+    if eos_id is None:
+        return torch.ones_like(ids, dtype=torch.bool)
+    is_eos = ids == eos_id
+    before = (is_eos.long().cumsum(dim=1) - is_eos.long()) == 0  # no eos strictly before this position
+    return before
+
+
 def uniform(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """U(0, 1) drawn on the generator's device (CPU by default), then moved: same numbers anywhere."""
     where = generator.device if generator is not None else torch.device("cpu")

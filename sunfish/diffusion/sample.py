@@ -68,7 +68,7 @@ def sample(
     top_p: masked objective only: nucleus sampling of each revealed token (1 = exact; params
         cfg.top_p, 0.9 by default, is what evaluate and the CLI use).
     guidance: "token" (CFG on every position's prediction, the formula above) or "sequence"
-        (masked objective only: ``candidates`` conditional samples per prompt, one resampled by
+        (block diffusion or the masked objective: ``candidates`` conditional samples per prompt, one resampled by
         exp((w - 1) log p(x|c)/p(x)); see :mod:`sunfish.diffusion.sequence_guidance`). Both are
         the unconditional model at w = 0 and the conditional one at w = 1.
     on_step: a progress hook, ``on_step(done, total)`` after each denoising step the sampler runs
@@ -112,14 +112,13 @@ def sample(
         )
         by_sequence = (guidance == "sequence" and prompt_ids is not None
                        and float(guidance_scale) not in (0.0, 1.0))
-        if getattr(model, "kind", None) == "block_diffusion":
-            if by_sequence:
-                raise ValueError("guidance='sequence' is not available for a block diffusion model; "
-                                 "use guidance='token'")
+        if getattr(model, "kind", None) == "block_diffusion" and not by_sequence:
             from sunfish.diffusion import block
 
             return block.sample(model, ids, mask, exact_counts=scheduler == "ddim", top_p=top_p,
                                 parallel_confidence=parallel_confidence, **common).cpu()
+        if by_sequence and parallel_confidence is not None:
+            raise ValueError("parallel_confidence is not available with guidance='sequence'")
         if parallel_confidence is not None:
             raise ValueError("parallel_confidence is for a block diffusion model (cfg.architecture: block)")
         if by_sequence and model.config.objective != "masked":

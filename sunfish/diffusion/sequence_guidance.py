@@ -31,19 +31,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from sunfish.diffusion.masked import uniform
+from sunfish.diffusion.masked import real_text_mask, uniform
 
 DEFAULT_CANDIDATES = 4
 DEFAULT_DRAWS = 4
-
-
-def real_text_mask(ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:
-    """True up to and including each row's first eos: what the caller keeps of a sample."""
-    if eos_id is None:
-        return torch.ones_like(ids, dtype=torch.bool)
-    is_eos = ids == eos_id
-    before = (is_eos.long().cumsum(dim=1) - is_eos.long()) == 0  # no eos strictly before this position
-    return before
 
 
 @torch.no_grad()
@@ -63,8 +54,35 @@ def prompt_log_ratio(
     one batched pass, and weights both cross-entropies by L/l, the discrete ELBO of
     :func:`sunfish.diffusion.masked.elbo`. The difference of the two bounds is the estimate.
     """
-    cond, uncond, _ = elbo_pair(model, ids, prompt_ids, prompt_mask, draws=draws, generator=generator)
+    cond, uncond, _ = model_elbo_pair(model, ids, prompt_ids, prompt_mask, draws=draws, generator=generator)
     return uncond - cond
+
+
+def model_elbo_pair(model, ids, prompt_ids, prompt_mask, *, draws: int = DEFAULT_DRAWS,
+                    generator: torch.Generator | None = None):
+    """:func:`elbo_pair` for either masked family: a block model's bound is its own objective's
+    (:func:`sunfish.diffusion.block.row_elbo_pair`), the cross-attention model's the masked ELBO."""
+    if getattr(model, "kind", None) == "block_diffusion":
+        from sunfish.diffusion.block import row_elbo_pair
+
+        return row_elbo_pair(model, ids, prompt_ids, prompt_mask, draws=draws, generator=generator)
+    return elbo_pair(model, ids, prompt_ids, prompt_mask, draws=draws, generator=generator)
+
+
+def conditional_samples(model, ids_k, mask_k, *, seq_len: int, num_steps: int, exact_counts: bool, top_p: float,
+                        generator: torch.Generator | None = None, infill=None, on_step=None) -> torch.Tensor:
+    """One w = 1 sample per row of the (already repeated) prompts ``ids_k`` [M, P], with the
+    sampler of the model's family: the candidates that selection chooses among."""
+    from sunfish.diffusion import masked
+
+    sampler = masked.sample
+    if getattr(model, "kind", None) == "block_diffusion":
+        from sunfish.diffusion import block
+
+        sampler = block.sample
+    return sampler(model, ids_k, mask_k, num_samples=ids_k.shape[0], seq_len=seq_len, num_steps=num_steps,
+                   guidance_scale=1.0, exact_counts=exact_counts, generator=generator, infill=infill, top_p=top_p,
+                   on_step=on_step)
 
 
 @torch.no_grad()
@@ -163,18 +181,13 @@ def draw_candidates(
 
 def _draw(model, prompt_ids, prompt_mask, candidates, seq_len, num_steps, exact_counts, top_p, draws, generator,
           infill, on_step=None) -> tuple[torch.Tensor, torch.Tensor]:
-    from sunfish.diffusion import masked
-
     n = prompt_ids.shape[0]
     ids_k = prompt_ids.repeat_interleave(candidates, dim=0)
     mask_k = prompt_mask.repeat_interleave(candidates, dim=0)
     infill_k = None
     if infill is not None:
         infill_k = tuple(t.repeat_interleave(candidates, dim=0) for t in infill)
-    drawn = masked.sample(
-        model, ids_k, mask_k, num_samples=n * candidates, seq_len=seq_len, num_steps=num_steps,
-        guidance_scale=1.0, exact_counts=exact_counts, generator=generator, infill=infill_k, top_p=top_p,
-        on_step=on_step,
-    )
+    drawn = conditional_samples(model, ids_k, mask_k, seq_len=seq_len, num_steps=num_steps, exact_counts=exact_counts,
+                                top_p=top_p, generator=generator, infill=infill_k, on_step=on_step)
     ratio = prompt_log_ratio(model, drawn, ids_k, mask_k, draws=draws, generator=generator)
     return drawn.cpu().view(n, candidates, seq_len), ratio.view(n, candidates)

@@ -68,15 +68,15 @@ def ar_best_of_k(model, context: list[int], *, n: int, k: int, seq_len: int, top
 def diffusion_best_of_k(model, prompt_ids: list[list[int]], *, k: int, seq_len: int, num_steps: int,
                         exact_counts: bool, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """One sample per prompt [N, seq_len]: of ``k`` conditional (w = 1) samples, the one with the lowest
-    conditional ELBO per token, i.e. the model's own favourite given the prompt (masked objective)."""
-    from sunfish.diffusion import masked
-    from sunfish.diffusion.sequence_guidance import elbo_pair
+    conditional ELBO per token, i.e. the model's own favourite given the prompt (either masked family:
+    block diffusion or the cross-attention model with the masked objective)."""
+    from sunfish.diffusion.sequence_guidance import conditional_samples, model_elbo_pair
 
     padded, mask = model.pad_prompt_ids(prompt_ids)
     n = padded.shape[0]
     ids_k, mask_k = padded.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
-    drawn = masked.sample(model, ids_k, mask_k, num_samples=n * k, seq_len=seq_len, num_steps=num_steps,
-                          guidance_scale=1.0, exact_counts=exact_counts, generator=generator, top_p=top_p)
-    cond, _, lengths = elbo_pair(model, drawn, ids_k, mask_k, generator=generator)
+    drawn = conditional_samples(model, ids_k, mask_k, seq_len=seq_len, num_steps=num_steps, exact_counts=exact_counts,
+                                top_p=top_p, generator=generator)
+    cond, _, lengths = model_elbo_pair(model, drawn, ids_k, mask_k, generator=generator)
     per_token = -(cond / lengths.double())
     return pick_best(drawn.cpu().view(n, k, seq_len), per_token.view(n, k))

@@ -79,10 +79,11 @@ def ar_texts(model, tok, n: int, *, seq_len: int, top_p: float, seed: int) -> tu
 
 
 def selection_k(model, cfg) -> int:
-    """Samples drawn per kept sample at w > 1: cfg.guidance_candidates under sequence guidance (the
-    masked cross-attention model), else 1."""
-    sequence = (cfg.guidance == "sequence" and model.kind == "diffusion"
-                and getattr(model.config, "objective", None) == "masked")
+    """Samples drawn per kept sample at w > 1: cfg.guidance_candidates under sequence guidance (block
+    diffusion, or the cross-attention model with the masked objective), else 1."""
+    sequence = cfg.guidance == "sequence" and (
+        model.kind == "block_diffusion"
+        or (model.kind == "diffusion" and getattr(model.config, "objective", None) == "masked"))
     return int(cfg.guidance_candidates) if sequence else 1
 
 
