@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     from sunfish.evaluation.fluency_sampling import unique as _unique
     from sunfish.config import load_params
     from sunfish.data.dataset import load_pairs
-    from sunfish.data.prompt_sets import prompt_sets
+    from sunfish.data.prompt_sets import implied_prompts, prompt_sets, word_set
     from sunfish.data.tokenizer import TextTokenizer
     from sunfish.diffusion.sample import sample
     from sunfish.evaluation.fluency import score_row
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repo", type=Path, default=ROOT, help="a project whose dvc repro has run (default: this one)")
-    ap.add_argument("--set", dest="prompt_set", choices=["dev", "test", "implied"], default="dev")
+    ap.add_argument("--set", dest="prompt_set", choices=["dev", "test", "implied", "implied_dev"], default="dev",
+                    help="implied_dev: other paraphrases of the implied topics, for choosing settings")
     ap.add_argument("--confidence", nargs="+", type=_confidence, default=[None, 0.9, 0.7],
                     help="parallel_confidence values; 'none' = one scheduled reveal a step")
     ap.add_argument("--guidance", nargs="+", type=float, default=None, help="default: cfg.guidance_scale")
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_texts = _unique(r["text"] for r in load_pairs(prepared / "pairs_train.jsonl"))
     val = load_pairs(prepared / "pairs_val.jsonl")
     sets = prompt_sets(val, train_texts, seed=ev.seed, n_dev=fl.dev_prompts, n_test=fl.test_prompts)
+    sets["implied_dev"] = implied_prompts(word_set(train_texts), ev.seed, which="dev")
     judge = NGramJudge.fit(train_texts, order=fl.judge_order)
     test_docs = {r["text"] for r in sets["test"]}
     cal = calibrate(judge, [t for t in _unique(r["text"] for r in val) if t not in test_docs],

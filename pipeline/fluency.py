@@ -10,9 +10,10 @@ The headline of the report (sunfish.evaluation.fluency says why the measure look
 4. reference rows on the test prompts: the held-out text itself, the prompt echoed, its words
    shuffled, random words, stage 0's AR samples drawn the same way (batched, same nucleus), and
    with a copy head the diffusion model with the head off (what the prompt does through attention);
-5. where sequence guidance keeps one of k samples (cfg.guidance: sequence), best-of-k baselines with
-   the same k: the diffusion model at w = 1 and stage 0, each keeping its own most likely sample
-   (sunfish.evaluation.best_of_k), so that the gain of selection alone is a row of its own.
+5. best-of-k rows: the diffusion model at w = 1 and stage 0, each keeping its own most likely of k
+   samples (sunfish.evaluation.best_of_k; neither criterion sees the target or the judge), at k times
+   the compute. k is eval.fluency.best_of_k, or cfg.guidance_candidates where sequence guidance keeps
+   one of k samples, so that the gain of selection alone is a row of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sunfish.evaluation.fluency_sampling import ar_texts, best_of_k_rows, diffus
 
 # The DVC metrics of the stage (the whole table and headline are in reports/fluency.json).
 FLUENCY_HEADLINE = ("fluency.fluent_on_topic", "fluency.fluent_on_topic_w0", "fluency.implied_fluent_on_topic",
+                    "fluency.best_of_k_fluent_on_topic",
                     "fluency.fluent", "fluency.ar_fluent", "fluency.speed_vs_ar", "likelihood.uncond_over_ar")
 ROW_FIELDS = ("fluent_on_topic", "on_topic", "fluent", "judge_ppl_median", "seconds_per_sample",
               "forward_rows_per_sample", "tokens_per_s")
@@ -96,8 +98,9 @@ def run() -> None:
     texts, seconds, fwd, n_tok = ar_texts(ar, tok, len(test), seq_len=ev.cfg_seq_len, top_p=p.cfg.top_p, seed=ev.seed)
     rows.append(score_row("AR stage 0", texts, targets, judge, cal, role="reference", prompt_set="test",
                           seconds=seconds, forward_rows=fwd, tokens=n_tok, prompts=prompts))
-    if k > 1:
-        rows += best_of_k_rows(model, ar, tok, test, k=k, cfg=p.cfg, seq_len=ev.cfg_seq_len, seed=ev.seed,
+    k_rows = k if k > 1 else fl.best_of_k
+    if k_rows > 1 and model.config.objective == "masked":
+        rows += best_of_k_rows(model, ar, tok, test, k=k_rows, cfg=p.cfg, seq_len=ev.cfg_seq_len, seed=ev.seed,
                                judge=judge, cal=cal)
 
     likelihood = None

@@ -12,6 +12,7 @@ from sunfish.data.corpora import load_documents
 from sunfish.data.prompts import (
     adherent,
     build_pairs,
+    described_clue,
     detokenize_title,
     document_style,
     plural,
@@ -219,3 +220,23 @@ def test_held_out_prompts_spread_over_documents(stories):
     assert spread_over_documents(pairs, len(pairs)) == rounds
     one_each = build_pairs(stories[:30], "tinystories", seed=0)
     assert spread_over_documents(one_each, 12) == one_each[:12]
+
+
+def test_described_pairs_describe_the_noun_without_naming_it(stories):
+    plain = build_pairs(stories, "tinystories", 1337)
+    both = build_pairs(stories, "tinystories", 1337, described=True)
+    described = [p for p in both if p["template"] == "story/described"]
+    assert [p for p in both if p["template"] != "story/described"] == plain  # the other pairs do not move
+    assert len(described) > len(stories) // 4
+    for p in described:
+        assert not adherent(p["prompt"], p["target"]), p["prompt"]  # the noun is never named
+        assert adherent(p["text"], p["target"])  # and the story does name it
+        assert re.match(r"(?i)(write a story|tell me a story|a short story) about (something that|someone who) ",
+                        p["prompt"]), p["prompt"]
+    assert described_clue("The frog hopped out of the mud. It was happy.", "frog") == "hopped out of the mud"
+    # at most nine words, without the function words a cut leaves dangling
+    assert described_clue("The frog hopped out of the mud and sat on a log.", "frog") == (
+        "hopped out of the mud and sat")
+    assert described_clue("Lily saw the frog. It was green.", "frog") is None  # nothing follows the noun
+    assert described_clue("A dog named Max was there.", "dog") is None  # a name, not a description
+    assert described_clue("The dog was happy and the dog barked at the cat.", "dog") == "barked at the cat"  # never the noun

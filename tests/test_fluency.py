@@ -104,6 +104,15 @@ def test_headline_reads_test_rows_only():
     assert h["fluent_gap_to_ar"] == pytest.approx(0.1)
     assert h["speed_vs_ar"] == pytest.approx(2.0)
     assert h["echo_fluent_on_topic"] == 0.0
+    assert h["best_of_k"] is None and h["best_of_k_fluent_on_topic"] is None  # no such rows: nothing invented
+    best = dict(_fake("diffusion, best of 4 by its own likelihood", "test", 1.0, 0.7, 0.8, None, "reference"),
+                samples_per_prompt=4)
+    ar_best = dict(_fake("AR stage 0, best of 4 by its own likelihood", "test", None, 0.1, 0.6, None, "reference"),
+                   samples_per_prompt=4)
+    h = headline(rows + [best, ar_best], 1.5)
+    assert (h["best_of_k"], h["best_of_k_fluent_on_topic"], h["best_of_k_fluent"], h["ar_best_of_k_fluent"]) == (
+        4, 0.7, 0.8, 0.6)
+    assert h["fluent_on_topic"] == 0.6  # the single-sample row stays the headline
     header, table = fluency_section.table({"rows": rows})
     assert len(table) == len(rows) and len(table[0]) == len(header)
     assert table[-1][1] == "dev"  # dev rows last: the test rows lead

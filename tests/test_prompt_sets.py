@@ -153,3 +153,20 @@ def test_implied_choice_is_seeded_and_deterministic(split):
     assert len(two) == 2 * len(a)
     for i in range(0, len(two), 2):
         assert two[i]["template"] == two[i + 1]["template"] and two[i]["prompt"] != two[i + 1]["prompt"]
+
+
+def test_implied_dev_prompts_are_other_paraphrases_of_the_same_topics(split, sets):
+    """Levers for implied topics are chosen on dev paraphrases; the reported ones stay unseen."""
+    words = word_set(split[0])
+    dev = implied_prompts(words, SEED, which="dev")
+    test = sets["implied"]
+    assert [r["template"] for r in dev] == [r["template"] for r in test]
+    assert all(r["set"] == "implied_dev" and r["family"] == "implied" for r in dev)
+    for d, t in zip(dev, test):
+        assert d["prompt"].rstrip(".").lower() != t["prompt"].rstrip(".").lower()
+        assert not adherent(d["prompt"], d["target"]) and d["target"] == t["target"]
+    assert implied_prompts(words, SEED, which="dev") == dev
+    with pytest.raises(ValueError, match="which"):
+        implied_prompts(words, SEED, which="train")
+    with pytest.raises(ValueError, match="no paraphrase left"):
+        implied_prompts({"dog"}, SEED, which="dev", topics={"dog": (("dog",), ("A pet that barks",))})

@@ -434,6 +434,10 @@ def test_the_report_opens_with_the_answer(summary):
     assert "stage_2 at step" in card and "bits per byte on 40,960 held-out tokens" in card
     assert "**It writes:**" in card
     assert "53% of 64 held-out test prompts at guidance 1 (3% with the prompt dropped, 86% for the real stories)" in card
+    assert "most likely of" not in card  # no best-of-k rows measured: no sentence about them
+    summary["fluency"]["headline"].update(best_of_k=4, best_of_k_fluent_on_topic=0.7)
+    card = render_markdown(summary)
+    assert "Keeping its own most likely of 4 samples (k times the compute) gives 70%." in card
     assert md.index("## At a glance") < md.index("## Summary")
     html = render_html(summary)
     assert html.index('id="glance"') < html.index('id="fluency"')

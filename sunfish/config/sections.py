@@ -32,6 +32,8 @@ class DataConfig(Section):
     hf_split: str = "train"
     hf_text_field: str = "text"
     max_pairs_per_document: int = Field(1, ge=1, le=8)
+    described_pairs: bool = Field(False, description="each training story also gives a pair whose prompt describes "
+                                  "its main noun without naming it (story/described)")
 
     @field_validator("source")
     @classmethod
@@ -233,7 +235,7 @@ class CfgConfig(Section):
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="masked sampler: nucleus mass per revealed token; 1 = exact")
     guidance: Literal["sequence", "token"] = Field(
         "token", description="sequence: resample whole conditional samples by their prompt information "
-                                "(masked objective); token: CFG on every position's prediction")
+                                "(block, or the masked objective); token: CFG on every position's prediction")
     guidance_candidates: int = Field(4, ge=1, le=64, description="sequence guidance: conditional samples per prompt")
     prompt_copy: bool = Field(True, description="copy head: text positions may copy prompt tokens (block; cross_attention with the masked objective and own encoder)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -257,6 +259,9 @@ class FluencyConfig(Section):
     judge_order: int = Field(3, ge=1, le=5, description="n-gram order of the Kneser-Ney judge")
     dev_scales: list[float] = Field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0],
                                     description="guidance scales swept on the dev prompts")
+    best_of_k: int = Field(4, ge=1, le=64, description="samples drawn per test prompt for the best-of-k rows (the "
+                           "diffusion model and stage 0, each keeping its own most likely sample); 1 = no such rows. "
+                           "Under sequence guidance the rows use cfg.guidance_candidates instead")
 
     @field_validator("dev_scales")
     @classmethod

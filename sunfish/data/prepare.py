@@ -147,7 +147,8 @@ def prepare_corpus(data_cfg: DataConfig, tok_cfg: TokenizerConfig, out_dir: Path
             )
         write_tokens(out_dir / f"{name}.bin", tokens)
         meta["splits"][name] = _split_stats(docs, tokens)
-        pairs = build_pairs(docs, data_cfg.source, data_cfg.seed, data_cfg.max_pairs_per_document)
+        pairs = build_pairs(docs, data_cfg.source, data_cfg.seed, data_cfg.max_pairs_per_document,
+                            described=data_cfg.described_pairs and name == "train")  # held-out pairs stay as they are
         _write_jsonl(out_dir / f"pairs_{name}.jsonl", pairs)
         meta["pairs"][name] = len(pairs)
         meta["pair_templates"][name] = dict(sorted(Counter(p["template"] for p in pairs).items()))

@@ -349,21 +349,34 @@ def implied_prompts(
     seed: int,
     per_topic: int = 1,
     topics: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] | None = None,
+    which: str = "test",
 ) -> list[dict]:
     """One record per learnable topic of :data:`IMPLIED_TOPICS` (``per_topic`` paraphrases each).
 
     ``train``: the training documents, or a set of (lower-case) words from them; a topic is kept
     when at least one of its target words occurs there. Records are in the table's order.
+    ``which="dev"``: a paraphrase of each topic that the test records do not use (every topic has
+    at least two), for choosing settings on implied prompts without reading the reported ones.
     """
     if not isinstance(per_topic, int) or per_topic < 1:
         raise ValueError(f"per_topic must be a positive integer, got {per_topic!r}")
+    if which not in ("test", "dev"):
+        raise ValueError(f"which must be 'test' or 'dev', got {which!r}")
     words = _as_word_set(train)
     records = []
     for topic, (target, templates) in (IMPLIED_TOPICS if topics is None else topics).items():
         if not any(t.lower() in words for t in target):
             continue
         rng = random.Random(f"{seed}:implied:{topic}")
-        for prompt in rng.sample(list(templates), min(per_topic, len(templates))):
+        chosen = rng.sample(list(templates), min(per_topic, len(templates)))
+        if which == "dev":
+            rest = [t for t in templates if t not in chosen]
+            if not rest:
+                raise ValueError(f"implied topic {topic!r}: no paraphrase left for dev beside the "
+                                 f"{len(chosen)} test one(s); add one to the table")
+            rng = random.Random(f"{seed}:implied-dev:{topic}")
+            chosen = rng.sample(rest, min(per_topic, len(rest)))
+        for prompt in chosen:
             prompt = _casual(prompt, rng)
             if adherent(prompt, list(target)):  # a table entry that names its own answer
                 raise ValueError(
@@ -375,7 +388,7 @@ def implied_prompts(
                 "target": list(target),
                 "template": f"implied/{topic}",
                 "family": "implied",
-                "set": "implied",
+                "set": "implied" if which == "test" else "implied_dev",
             })
     return records
 

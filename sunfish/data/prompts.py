@@ -33,6 +33,9 @@ Scheme (deterministic: the same documents, source and seed give the same pairs)
    - WikiText articles (`` = Title = `` first line): "Write about {Title}", "Write an article about
      {Title}", "Tell me about {Title}", "Describe {Title}", "Write a Wikipedia article about
      {Title}", "{Title}", with the title detokenised ("Gambia women 's" -> "Gambia women's").
+   - described (``build_pairs(described=True)``, training stories only): one more pair per story
+     whose prompt describes its noun in the story's own words without naming it, "Write a story
+     about something that hopped out of the mud" -> frog (:func:`described_clue`).
 4. Targets: the salient word(s) the prompt names, with their plural (s/es/ies and a few irregular
    forms): "Write a story about a puppy" -> ["puppy", "puppies"]; keyword prompts -> the forms of
    all three words; the character of the two-noun template is context, not a target (girl and boy
@@ -328,6 +331,61 @@ def _story_prompts(nouns: list[_Noun], j: int, rng: random.Random, used: set[str
     return name, _casual(prompt, rng), target
 
 
+# A description names what the document's noun does or is, in the document's own words, and not the
+# noun: "Write a story about something that was swimming in the deep blue sea" -> whale. Pairs like
+# these are the only training signal for prompts that imply their topic (the implied-topic family).
+_DESCRIBED_PEOPLE = frozenset("girl boy man woman lady kid child baby king queen prince princess mom dad person "
+                              "mother father friend teacher farmer doctor".split())
+_VERB_LIKE = frozenset("was had could can would will liked loved wanted ran flew swam ate sat saw made "
+                       "fell grew sang drank took gave found felt lived sat swam dug hid".split())
+_DESCRIBED_WORDS = 9  # at most this many words of the clause after the noun
+
+
+def described_clue(document: str, noun: str) -> str | None:
+    """What ``noun`` does or is in ``document`` ("hopped away to find its friend"), or None.
+
+    The clause after a determiner + (one modifier +) the noun, starting at a verb-like word, up to
+    the clause's end; kept only when it holds a content word and never names the noun.
+    """
+    forms = {f.lower() for f in word_forms(noun)}
+    for clause in _clauses(document):
+        words = [w for w, _ in clause]
+        for i, word in enumerate(words):
+            if word not in forms or i == 0:
+                continue
+            before = words[i - 1] if words[i - 1] in DETERMINERS else words[i - 2] if i >= 2 else ""
+            if before not in DETERMINERS:
+                continue
+            tail = words[i + 1 : i + 1 + _DESCRIBED_WORDS]
+            if not tail or tail[0] in ("named", "called") or not (
+                    tail[0] in _VERB_LIKE or (tail[0].endswith("ed") and len(tail[0]) > 3)):
+                continue
+            while len(tail) > 1 and tail[-1] in _STOP:  # "... and gave her the" -> "... and gave her"
+                tail = tail[:-1]
+            if forms & {w.split("'")[0] for w in tail} or not any(w not in _STOP and len(w) > 2 for w in tail[1:]):
+                continue
+            shown = [w.capitalize() if clause[i + 1 + k][1] else w for k, w in enumerate(tail)]  # names keep capitals
+            return " ".join(shown)
+    return None
+
+
+def _described_prompt(document: str, nouns: list[_Noun], rng: random.Random) -> Made:
+    """A pair about the document's most salient noun, described and not named."""
+    for noun in nouns[:3]:
+        clue = described_clue(document, noun.word)
+        if clue is None:
+            continue
+        who = "someone who" if noun.word in _DESCRIBED_PEOPLE else "something that"
+        options = {
+            "write": (3, f"Write a story about {who} {clue}"),
+            "tell": (2, f"Tell me a story about {who} {clue}"),
+            "short": (1, f"A short story about {who} {clue}"),
+        }
+        name = _draw(options, rng, set())
+        return "described", _casual(options[name][1], rng), word_forms(noun.word)
+    return None
+
+
 def _speech_prompts(speaker: str, nouns: list[_Noun], j: int, rng: random.Random, used: set[str]) -> Made:
     shown = _display_name(speaker)
     if j >= max(1, len(nouns)):
@@ -443,8 +501,14 @@ def document_style(document: str, source: str) -> str:
     return "story"
 
 
-def build_pairs(documents: list[str], source: str, seed: int, max_pairs_per_document: int = 1) -> list[dict]:
-    """Deterministic prompt/text pairs (contract keys: prompt, text, target, template)."""
+def build_pairs(documents: list[str], source: str, seed: int, max_pairs_per_document: int = 1,
+                described: bool = False) -> list[dict]:
+    """Deterministic prompt/text pairs (contract keys: prompt, text, target, template).
+
+    ``described``: a story also gives one pair that describes its noun without naming it
+    (template ``story/described``), after its other pairs and drawn with its own random stream, so
+    the other pairs are the same with or without it.
+    """
     vocab = _Vocabulary(documents)
     pairs = []
     for index, document in enumerate(documents):
@@ -471,6 +535,11 @@ def build_pairs(documents: list[str], source: str, seed: int, max_pairs_per_docu
             name, prompt, target = made
             template = f"{style}/{name}"
             pairs.append({"prompt": prompt, "text": document, "target": target, "template": template})
+        if described and style == "story":
+            made = _described_prompt(document, nouns, random.Random(f"{seed}:{source}:{index}:described"))
+            if made is not None:
+                name, prompt, target = made
+                pairs.append({"prompt": prompt, "text": document, "target": target, "template": f"story/{name}"})
     return pairs
 
 

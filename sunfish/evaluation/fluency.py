@@ -131,6 +131,12 @@ def headline(rows: list[dict], guidance_scale: float) -> dict:
         "tokens_per_s": at_w.get("tokens_per_s"),
         "ar_tokens_per_s": ar.get("tokens_per_s"),
     }
+    best = next((r for r in rows if r["set"] == "test" and r["name"].startswith("diffusion, best of ")), {})
+    ar_best = next((r for r in rows if r["set"] == "test" and r["name"].startswith("AR stage 0, best of ")), {})
+    out["best_of_k"] = best.get("samples_per_prompt")
+    out["best_of_k_fluent_on_topic"] = best.get("fluent_on_topic")
+    out["best_of_k_fluent"] = best.get("fluent")
+    out["ar_best_of_k_fluent"] = ar_best.get("fluent")
     gain = None if out["fluent_on_topic"] is None or out["fluent_on_topic_w0"] is None else (
         out["fluent_on_topic"] - out["fluent_on_topic_w0"])
     out["gain_over_w0"] = gain

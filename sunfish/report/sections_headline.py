@@ -49,12 +49,17 @@ def diffusion_sentence(s: dict) -> str:
               if as_dict(r).get("set") == "test" and as_dict(r).get("name") == "diffusion"), None)
     prompts = f"{n} held-out test prompts" if n else "the held-out test prompts"
     w = h.get("guidance_scale")
+    if not isinstance(w, (int, float)):
+        return "The diffusion model's guidance scale is missing from the results."
+    k = h.get("best_of_k")
+    selection = (f" Keeping its own most likely of {k} samples (k times the compute) gives "
+                 f"{pct(h.get('best_of_k_fluent_on_topic'))}." if k and h.get("best_of_k_fluent_on_topic") is not None
+                 else "")
     return (f"The diffusion model writes fluent, on-topic text for {pct(h.get('fluent_on_topic'))} of "
             f"{prompts} at guidance {w:g} ({pct(h.get('fluent_on_topic_w0'))} with the prompt dropped, "
             f"{pct(h.get('real_fluent_on_topic'))} for the real stories); when the topic is only implied "
             f"it manages {pct(h.get('implied_fluent_on_topic'))}, and its samples are fluent "
-            f"{pct(h.get('fluent'))} of the time against {pct(h.get('ar_fluent'))} for stage 0."
-            if isinstance(w, (int, float)) else "The diffusion model's guidance scale is missing from the results.")
+            f"{pct(h.get('fluent'))} of the time against {pct(h.get('ar_fluent'))} for stage 0.{selection}")
 
 
 def lines(s: dict) -> list[tuple[str, str]]:
