@@ -153,8 +153,8 @@ def config_show(params_path: Path, model: str | None, fmt: str) -> None:
               help="diffusion only; default: the checkpoint's")
 @click.option("--guidance", type=click.Choice(["sequence", "token"]), default=None,
               help="diffusion only: sequence = resample whole conditional samples by their prompt information "
-                   "(cross-attention masked checkpoints), token = CFG on every position; default: the "
-                   "checkpoint's (block diffusion: token)")
+                   "(block diffusion, or a cross-attention checkpoint with the masked objective), token = CFG on "
+                   "every position; default: the checkpoint's (block diffusion: token)")
 @click.option("--candidates", type=click.IntRange(1, 64), default=None,
               help="diffusion only: conditional samples per prompt for --guidance sequence; default: the "
                    "checkpoint's")
