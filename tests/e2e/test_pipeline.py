@@ -273,6 +273,11 @@ def test_fluency_rows_and_the_report_lead(repo):
     assert any(s == "implied" for s, _, _ in rows) and any(s == "dev" for s, _, _ in rows)
     echo = next(r for r in data["rows"] if r["name"] == "prompt echoed")
     assert echo["on_topic"] == 1.0 and echo["fluent_on_topic"] == 0.0
+    k = yaml.safe_load((repo / "params.yaml").read_text())["eval"]["fluency"]["best_of_k"]
+    best = [r for r in data["rows"] if r["name"].startswith(("diffusion, best of", "AR stage 0, best of"))]
+    assert k > 1 and len(best) == 2  # selection alone, for both families, at its cost
+    assert all(r["samples_per_prompt"] == k and r["forward_rows_per_sample"] >= k for r in best)
+    assert data["headline"]["best_of_k"] == k
     assert all(r["seconds_per_sample"] > 0 and r["forward_rows_per_sample"] > 0
                for r in data["rows"] if r["role"] == "model" or r["name"] == "AR stage 0")
     md = (repo / "reports" / "report.md").read_text()
