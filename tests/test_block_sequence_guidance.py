@@ -64,6 +64,9 @@ def test_row_bounds_are_the_objective_split_by_row():
         assert float(rows.sum()) == pytest.approx(float(total), rel=1e-9)
         assert count == int(tokens.sum()) == 3 * 7
     assert cond.dtype == torch.float64 and cond.shape == (3,)
+    alone, none, _ = bd.row_elbo_pair(model, ids, prompt, mask, draws=1, generator=torch.Generator().manual_seed(5),
+                                      with_null=False)
+    assert none is None and torch.equal(alone, cond)  # the same draws without the null-prompt passes
 
 
 def test_row_bounds_stop_at_the_first_eos_and_a_null_prompt_changes_nothing():

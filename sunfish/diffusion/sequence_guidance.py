@@ -59,13 +59,15 @@ def prompt_log_ratio(
 
 
 def model_elbo_pair(model, ids, prompt_ids, prompt_mask, *, draws: int = DEFAULT_DRAWS,
-                    generator: torch.Generator | None = None):
+                    generator: torch.Generator | None = None, with_null: bool = True):
     """:func:`elbo_pair` for either masked family: a block model's bound is its own objective's
-    (:func:`sunfish.diffusion.block.row_elbo_pair`), the cross-attention model's the masked ELBO."""
+    (:func:`sunfish.diffusion.block.row_elbo_pair`; ``with_null=False`` skips its null-prompt passes
+    and gives None for that bound), the cross-attention model's the masked ELBO (both in one pass)."""
     if getattr(model, "kind", None) == "block_diffusion":
         from sunfish.diffusion.block import row_elbo_pair
 
-        return row_elbo_pair(model, ids, prompt_ids, prompt_mask, draws=draws, generator=generator)
+        return row_elbo_pair(model, ids, prompt_ids, prompt_mask, draws=draws, generator=generator,
+                             with_null=with_null)
     return elbo_pair(model, ids, prompt_ids, prompt_mask, draws=draws, generator=generator)
 
 

@@ -77,6 +77,6 @@ def diffusion_best_of_k(model, prompt_ids: list[list[int]], *, k: int, seq_len: 
     ids_k, mask_k = padded.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
     drawn = conditional_samples(model, ids_k, mask_k, seq_len=seq_len, num_steps=num_steps, exact_counts=exact_counts,
                                 top_p=top_p, generator=generator)
-    cond, _, lengths = model_elbo_pair(model, drawn, ids_k, mask_k, generator=generator)
+    cond, _, lengths = model_elbo_pair(model, drawn, ids_k, mask_k, generator=generator, with_null=False)
     per_token = -(cond / lengths.double())
     return pick_best(drawn.cpu().view(n, k, seq_len), per_token.view(n, k))

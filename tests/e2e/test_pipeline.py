@@ -48,7 +48,8 @@ TINY = {
     "eval.guidance_scales": [0.0, 3.0],
     "eval.cfg_prompts": 4,
     "eval.cfg_seq_len": 32,
-    "eval.fluency": {"dev_prompts": 8, "test_prompts": 8, "max_words": 16, "judge_order": 3, "dev_scales": [1.0]},
+    "eval.fluency": {"dev_prompts": 8, "test_prompts": 8, "max_words": 16, "judge_order": 3, "dev_scales": [1.0],
+                     "best_of_k": 2},
     "diagnose.memorize_steps": 150,
 }
 
