@@ -440,8 +440,11 @@ def tracking_sync(files: tuple[Path, ...], uri: str | None) -> None:
     """Replay fallback files into MLflow (default: state/mlflow_fallback/*.jsonl of this project).
 
     Each file sent completely is renamed to <name>.synced-<time>; records that could not be sent stay
-    in the file, so the command can simply be run again.
+    in the file, so the command can simply be run again. Model registrations that evaluate could not
+    make while the store was down are replayed too (a version of sunfish-<model>, alias champion);
+    weights already registered reuse their version.
     """
+    from sunfish.model_registry import replay_registration
     from sunfish.tracking import SyncError, fallback_files, repo_root, sync_file
 
     if not files:
@@ -453,13 +456,15 @@ def tracking_sync(files: tuple[Path, ...], uri: str | None) -> None:
     problems = []
     for path in files:
         try:
-            result = sync_file(path, uri)
+            result = sync_file(path, uri, register=replay_registration)
         except (SyncError, FileNotFoundError) as exc:
             problems.append(str(exc))
             continue
         where = ", ".join(sorted(result.uris)) or "MLflow"
         skipped = f", {result.skipped} skipped (see warnings)" if result.skipped else ""
-        click.echo(f"{path}: {result.records} records ({result.metrics} metric values) sent to {where}"
+        n = result.registrations
+        registered = f", {n} model registration{'s' * (n != 1)}" if n else ""
+        click.echo(f"{path}: {result.records} records ({result.metrics} metric values{registered}) sent to {where}"
                    f"{skipped}; file moved to {result.moved_to.name}")
     if problems:
         raise UsageProblem("\n".join(problems))

@@ -8,7 +8,9 @@ version of the registered model ``sunfish-<model>`` that the alias ``champion`` 
 ``sunfish sample models:/sunfish-stage_3@champion`` (or ``models:/<name>/<version>``) and
 ``mlflow.pyfunc.load_model("models:/sunfish-stage_3@champion")`` both load it, and the MLflow UI
 shows which run and which weights each version came from. A rerun whose best checkpoint has the same
-weights moves the alias to the version it already has instead of logging a copy.
+weights moves the alias to the version it already has instead of logging a copy. When the store is
+down at that moment, the registration is kept in the run's fallback file, with a copy of the
+checkpoint's files, and `sunfish tracking sync` registers it later (:func:`replay_registration`).
 
 Versions registered before logged models point at the run artifacts (``runs:/<run>/checkpoints/<model>``);
 :func:`resolve` still finds those.
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 __all__ = ["ALIAS", "CHECKPOINT_PATH", "PREFIX", "WEIGHTS_TAG", "Located", "log_checkpoint_model", "parse_reference",
-           "register_best", "register_models", "registered_name", "resolve"]
+           "register_best", "register_models", "registered_name", "replay_registration", "resolve"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ PATH_TAG = "sunfish.artifact_path"
 CHECKPOINT_PATH = "artifacts/checkpoint"  # the checkpoint folder inside a logged model's artifacts
 _REFERENCE = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 _LOGGED_MODEL = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)/?$")
+FLUSH_TIMEOUT = 120.0  # seconds register_models waits for the run's queued records (checkpoint uploads) first
 
 
 class Located(NamedTuple):
@@ -184,26 +187,89 @@ def resolve(client: Any, reference: str) -> Located:
 def register_models(run, models: Mapping[str, dict], root: Path) -> None:
     """Each model's best checkpoint (controls aside: they are yardsticks) as a logged model and a
     version of the registered model sunfish-<model>, aliased champion, for an evaluate ``run`` (a
-    tracking StageRun). Needs the store: when it is down the checkpoints still go to the fallback
-    file as run artifacts, and this says what was skipped; any failure here is a warning, never the
-    stage's end (evaluation's figures stand without the registry)."""
-    if not getattr(run, "enabled", False) or getattr(run, "client", None) is None or not run.run_id:
+    tracking StageRun). When the store cannot be reached (the run's records already go to its
+    fallback file, or registering fails other than by MLflow refusing the request as invalid), the
+    registration is kept in the run's fallback file with a copy of the checkpoint's files
+    (:meth:`sunfish.tracking.StageRun.keep_registration`), and `sunfish tracking sync` registers it
+    (:func:`replay_registration`). Any failure here is a warning, never the stage's end (evaluation's
+    figures stand without the registry)."""
+    if not getattr(run, "enabled", False):
+        return
+    chosen = {name: model["best"] for name, model in models.items() if not model.get("is_control")}
+    if not chosen:
         return
     from sunfish.evaluation.milestones import checkpoint_weights_id
-    from sunfish.tracking import open_client
+    from sunfish.mlflow_model import FILES, OPTIONAL_FILES
+    from sunfish.tracking import is_rejection, open_client
 
-    try:
-        client = open_client(run.uri)
-        for name, model in models.items():
-            if model.get("is_control"):
-                continue
-            best = model["best"]
+    run.flush(FLUSH_TIMEOUT)  # what the run logged goes first, and a store that failed meanwhile shows
+    client, down = None, "its records go to the fallback file"
+    if getattr(run, "client", None) is not None and not getattr(run, "offline", False) and run.run_id:
+        try:
+            client = open_client(run.uri)
+        except Exception as exc:
+            down = _first_line(exc)
+    kept = []
+    for name, best in chosen.items():
+        try:
             checkpoint = root / best["checkpoint"]
+            missing = [f for f in FILES if not (checkpoint / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{checkpoint}: not a SunFish checkpoint (missing {', '.join(missing)})")
             _, weights = checkpoint_weights_id(checkpoint)
-            version = register_best(client, run_id=run.run_id, model=name, weights_sha256=weights, step=best["step"],
-                                    checkpoint=checkpoint)
-            log.info("registered %s step %s as models:/%s@%s (version %s)", name, best["step"],
-                     registered_name(name), ALIAS, version)
-    except Exception as exc:  # the registry is a convenience: evaluation's figures stand without it
-        log.warning("could not register the best checkpoints in the MLflow model registry at %s (%s); "
-                    "they are logged as run artifacts checkpoints/<model>", run.uri, str(exc).splitlines()[0][:200])
+        except Exception as exc:
+            log.warning("not registering %s in the MLflow model registry: %s", name, _first_line(exc))
+            continue
+        if client is not None:
+            try:
+                version = register_best(client, run_id=run.run_id, model=name, weights_sha256=weights,
+                                        step=best["step"], checkpoint=checkpoint)
+                log.info("registered %s step %s as models:/%s@%s (version %s)", name, best["step"],
+                         registered_name(name), ALIAS, version)
+                continue
+            except Exception as exc:
+                if is_rejection(exc):  # the store is fine and refused it: sending it again cannot succeed
+                    log.warning("MLflow at %s refused to register %s (%s); not registered", run.uri, name,
+                                _first_line(exc))
+                    continue
+                client, down = None, _first_line(exc)  # the store is down: keep this one and the rest
+        try:
+            run.keep_registration(model=name, step=best["step"], weights_sha256=weights, checkpoint=checkpoint,
+                                  files=(*FILES, *OPTIONAL_FILES), alias=ALIAS)
+            kept.append(name)
+        except Exception as exc:
+            log.warning("could not register %s in the MLflow model registry at %s (%s), nor keep the registration "
+                        "for `sunfish tracking sync` (%s); rerun evaluate to register it", name, run.uri, down,
+                        _first_line(exc))
+    if kept:
+        log.warning("could not register the best checkpoints of %s in the MLflow model registry at %s (%s); "
+                    "the registrations are kept in %s for `sunfish tracking sync` (the checkpoints are also logged "
+                    "as run artifacts checkpoints/<model>)", ", ".join(kept), run.uri, down, run.fallback_path)
+
+
+def replay_registration(client: Any, run_id: str, fields: Mapping[str, Any]) -> str | None:
+    """Register what :func:`register_models` kept while the store was down: the handler `sunfish
+    tracking sync` gives :func:`sunfish.tracking.sync_file` for "register" records. ``fields`` are
+    the record's (model, step, weights_sha256, alias, and checkpoint: the kept copy); returns the
+    version, or None (a warning says why) when the kept copy is not that checkpoint any more.
+    Replaying twice adds nothing: :func:`register_best` reuses the version with these weights."""
+    from sunfish.evaluation.milestones import checkpoint_weights_id
+    from sunfish.mlflow_model import FILES
+
+    model, checkpoint = str(fields["model"]), Path(fields["checkpoint"])
+    missing = [f for f in FILES if not (checkpoint / f).is_file()]
+    weights = None if missing else checkpoint_weights_id(checkpoint)[1]
+    if weights != fields["weights_sha256"]:
+        log.warning("the kept checkpoint %s of %s %s; its registration is skipped", checkpoint, model,
+                    f"lacks {', '.join(missing)}" if missing else "holds other weights than the record names")
+        return None
+    alias = fields.get("alias") or ALIAS
+    version = register_best(client, run_id=run_id, model=model, weights_sha256=weights, step=int(fields["step"]),
+                            checkpoint=checkpoint, alias=alias)
+    log.info("registered %s step %s as models:/%s@%s (version %s), kept while the store was down", model,
+             fields["step"], registered_name(model), alias, version)
+    return version
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]

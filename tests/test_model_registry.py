@@ -1,7 +1,9 @@
 """The best checkpoints as MLflow logged models in the model registry (issue 22), against a real local
 store (SQLite in a temporary folder, filled through stage_run and register_models as evaluate does):
 found by MLflow's own search, loadable and runnable with mlflow.pyfunc, resolvable by `sunfish sample
-models:/...`, deduplicated by weights, and never the end of the stage when the registry fails."""
+models:/...`, deduplicated by weights, and never the end of the stage when the registry fails. A
+registration the store could not take is kept in the evaluate run's fallback file and made by
+`sunfish tracking sync`."""
 
 from __future__ import annotations
 
@@ -14,10 +16,23 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from sunfish.cli import main
-from sunfish.model_registry import CHECKPOINT_PATH, Located, register_best, register_models, resolve
-from sunfish.tracking import stage_run, tracking_uri
+from sunfish.evaluation.milestones import checkpoint_weights_id
+from sunfish.mlflow_model import FILES, OPTIONAL_FILES
+from sunfish.model_registry import (
+    ALIAS,
+    CHECKPOINT_PATH,
+    WEIGHTS_TAG,
+    Located,
+    register_best,
+    register_models,
+    registered_name,
+    replay_registration,
+    resolve,
+)
+from sunfish.tracking import StageRun, stage_run, sync_file, tracking_uri
 from tests.ckpt_fixtures import build_checkpoints
 
 
@@ -147,21 +162,203 @@ def test_logging_infers_no_requirements(store, monkeypatch):
     assert not (store["root"] / "elsewhere.db").exists()
 
 
-def test_a_registry_failure_is_a_warning_not_the_stages_end(store, caplog, monkeypatch):
+def test_a_registry_failure_is_a_warning_not_the_stages_end(store, tmp_path, caplog, monkeypatch):
+    """The store failing mid-registration keeps the registration for `sunfish tracking sync`; MLflow
+    refusing it as invalid does not (sending it again could never succeed). Neither raises."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
     import sunfish.model_registry as registry
 
+    errors = [ConnectionError("artifact store unreachable")]
+
     def broken(*args, **kwargs):
-        raise RuntimeError("artifact store unreachable")
+        raise errors[0]
 
     monkeypatch.setattr(registry, "log_checkpoint_model", broken)
-
-    class Run:  # what register_models reads of a StageRun
-        enabled, client, run_id, uri = True, object(), store["run_id"], store["uri"]
-
+    fallback = tmp_path / "evaluate.jsonl"
+    run = StageRun(MlflowClient(store["uri"]), store["run_id"], fallback, uri=store["uri"])
+    models = {"stage_2": {"best": {"step": 1, "checkpoint": str(store["ckpts"]["staged"])}}}
     with caplog.at_level(logging.WARNING, logger="sunfish.model_registry"):
-        register_models(Run(), {"stage_2": {"best": {"step": 1, "checkpoint": str(store["ckpts"]["staged"])}}},
-                        Path("/"))
-    assert "could not register the best checkpoints" in caplog.text and "artifact store unreachable" in caplog.text
+        register_models(run, models, Path("/"))
+    assert "could not register the best checkpoints of stage_2" in caplog.text
+    assert "artifact store unreachable" in caplog.text and "for `sunfish tracking sync`" in caplog.text
+    records = read_jsonl(fallback)
+    assert [r["register"]["model"] for r in records] == ["stage_2"] and records[0]["run_id"] == store["run_id"]
+
+    caplog.clear()
+    errors[0] = MlflowException("a made-up invalid request", error_code=INVALID_PARAMETER_VALUE)
+    with caplog.at_level(logging.WARNING, logger="sunfish.model_registry"):
+        register_models(run, models, Path("/"))
+    assert "refused to register stage_2" in caplog.text and "a made-up invalid request" in caplog.text
+    assert read_jsonl(fallback) == records, "a refused registration is not kept for a sync"
+    run.close(status=None)
+
+
+# -- registrations the store missed, replayed by `sunfish tracking sync` -----------------------------
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _champion(client: MlflowClient, model: str):
+    try:
+        return client.get_model_version_by_alias(registered_name(model), ALIAS)
+    except MlflowException:
+        return None
+
+
+def _evaluate_with_the_store_down(root: Path, checkpoint: Path, caplog) -> StageRun:
+    """What the evaluate stage does (stage_run, then register_models) with an unreachable store."""
+    (root / "not-a-dir").write_text("a file where the store's folder should be")
+    bad = f"sqlite:///{root / 'not-a-dir' / 'x' / 'mlflow.db'}"
+    with caplog.at_level(logging.WARNING), stage_run("evaluate", root=root, configured_uri=bad) as run:
+        assert run.client is None and run.offline
+        register_models(run, {"stage_0": {"best": {"step": 3, "checkpoint": str(checkpoint.relative_to(root))}},
+                              "control_1": {"is_control": True}}, root)
+    return run
+
+
+def check_the_missed_registration_is_replayed(tmp_path: Path, monkeypatch, caplog) -> None:
+    """(a) The store is down at evaluate time; once it is back, `sunfish tracking sync` registers
+    the best checkpoint: the champion alias resolves to a version with its weights digest."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "proj"
+    checkpoint = build_checkpoints(root / "models")["staged"]
+    weights = checkpoint_weights_id(checkpoint)[1]
+    run = _evaluate_with_the_store_down(root, checkpoint, caplog)
+
+    good = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    result = CliRunner().invoke(main, ["tracking", "sync", "--uri", good])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(good)
+    version = _champion(client, "stage_0")
+    assert version is not None, "no champion registered by the sync"
+    assert version.tags[WEIGHTS_TAG] == weights and version.tags["sunfish.step"] == "3"
+    (replayed,) = client.search_runs([client.get_experiment_by_name("sunfish").experiment_id])
+    assert version.run_id == replayed.info.run_id and replayed.data.tags["sunfish.local_id"] == run.local_id
+    assert "1 model registration)" in result.output, result.output
+
+    assert "could not register the best checkpoints of stage_0" in caplog.text
+    assert f"kept in {run.fallback_path} for `sunfish tracking sync`" in caplog.text
+    (archive,) = run.fallback_path.parent.glob("evaluate.jsonl.synced-*")
+    records = read_jsonl(archive)
+    kinds = [next(k for k in ("register", "tags", "params", "status") if k in r) for r in records]
+    assert kinds == ["tags", "register", "status"], "after the run's queued records, before its end"
+    fields = records[1]["register"]
+    assert fields == {"model": "stage_0", "step": 3, "weights_sha256": weights, "alias": ALIAS,
+                      "checkpoint": fields["checkpoint"], "source": str(checkpoint)}
+    kept = Path(fields["checkpoint"])
+    assert kept.parent == run.fallback_path.parent / "artifacts" / run.local_id
+    own = sorted(f for f in (*FILES, *OPTIONAL_FILES) if (checkpoint / f).is_file())
+    assert sorted(p.name for p in kept.iterdir()) == own
+    assert all((kept / f).read_bytes() == (checkpoint / f).read_bytes() for f in own)
+
+
+def test_a_registration_the_store_missed_is_replayed_by_sync(tmp_path, monkeypatch, caplog):
+    check_the_missed_registration_is_replayed(tmp_path, monkeypatch, caplog)
+
+
+def test_the_replay_check_fails_when_no_register_record_is_kept(tmp_path, monkeypatch, caplog):
+    """(e) Mutation: the check above notices a registration that is not kept."""
+    monkeypatch.setattr(StageRun, "keep_registration", lambda self, **fields: None)
+    with pytest.raises(AssertionError, match="no champion registered by the sync"):
+        check_the_missed_registration_is_replayed(tmp_path, monkeypatch, caplog)
+
+
+def test_the_kept_copy_is_registered_once_however_often_it_is_replayed(tmp_path, monkeypatch):
+    """(b) models/<model> is rebuilt between evaluate and the sync: the version holds the weights
+    evaluate saw (the kept copy). (c) Two records of the same weights, and the same file replayed
+    again, make one version. A registration MLflow refuses is marked and skipped, not retried forever."""
+    import torch
+
+    import sunfish.model_registry as registry
+    from sunfish.data.tokenizer import TextTokenizer
+    from sunfish.mlflow_checkpoints import fetch_checkpoint
+    from sunfish.training.checkpoint import save_checkpoint
+    from tests.ckpt_fixtures import staged_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ckpts = build_checkpoints(tmp_path / "models")
+    checkpoint = ckpts["staged"]
+    original = (checkpoint / "model.safetensors").read_bytes()
+    weights = checkpoint_weights_id(checkpoint)[1]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sunfish", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+
+    real = registry.log_checkpoint_model
+
+    def store_goes_away(*args, **kwargs):
+        raise ConnectionError("the store went away")
+
+    monkeypatch.setattr(registry, "log_checkpoint_model", store_goes_away)
+    fallback = tmp_path / "state" / "mlflow_fallback" / "evaluate.jsonl"
+    run = StageRun(MlflowClient(uri), run_id, fallback, uri=uri)
+    models = {"stage_0": {"best": {"step": 3, "checkpoint": str(checkpoint)}}}
+    register_models(run, models, Path("/"))
+    register_models(run, models, Path("/"))  # a second evaluate of the same weights
+    run.close(status=None)
+    monkeypatch.setattr(registry, "log_checkpoint_model", real)
+    assert [r["register"]["weights_sha256"] for r in read_jsonl(fallback)] == [weights, weights]
+
+    model = staged_model(TextTokenizer.load(ckpts["tokenizer"]).vocab_size)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save_checkpoint(checkpoint, model, model_name="stage_0", step=9, tokenizer_file=ckpts["tokenizer"])
+    assert checkpoint_weights_id(checkpoint)[1] != weights  # `dvc repro` replaced the checkpoint
+
+    result = sync_file(fallback, uri, register=replay_registration)
+    assert (result.records, result.registrations, result.skipped) == (2, 2, 0)
+    version = _champion(client, "stage_0")
+    assert version.tags[WEIGHTS_TAG] == weights and version.run_id == run_id
+    folder = fetch_checkpoint(f"models:/{registered_name('stage_0')}@{ALIAS}", uri=uri, cache_dir=tmp_path / "cache")
+    assert (folder / "model.safetensors").read_bytes() == original
+    assert len(client.search_model_versions(f"name='{registered_name('stage_0')}'")) == 1
+    assert len(client.search_logged_models([experiment])) == 1
+
+    result.moved_to.rename(fallback)  # the same file replayed again
+    assert sync_file(fallback, uri, register=replay_registration).registrations == 2
+    assert len(client.search_model_versions(f"name='{registered_name('stage_0')}'")) == 1
+    assert len(client.search_logged_models([experiment])) == 1
+    assert _champion(client, "stage_0").version == version.version
+
+    run = StageRun(None, run_id, fallback, uri=uri)  # an alias MLflow reserves: refused at the sync
+    run.keep_registration(model="stage_0", step=3, weights_sha256=weights, checkpoint=folder, files=FILES,
+                          alias="latest")
+    run.close(status=None)
+    result = sync_file(fallback, uri, register=replay_registration)
+    assert (result.records, result.registrations, result.skipped) == (0, 0, 1) and not fallback.exists()
+    (record,) = read_jsonl(result.moved_to)
+    assert "reserved" in record["rejected"]
+    result.moved_to.rename(fallback)  # marked: a later sync skips it without asking MLflow again
+    assert sync_file(fallback, uri, register=replay_registration).skipped == 1
+
+
+def test_sync_without_a_register_handler_puts_everything_back(tmp_path, monkeypatch):
+    """(d) The library's sync_file is given no handler for a file holding a registration: a clear
+    SyncError, nothing sent (not even the store opened), the file as it was."""
+    from sunfish.tracking import SyncError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    checkpoint = build_checkpoints(tmp_path / "models")["staged"]
+    fallback = tmp_path / "state" / "mlflow_fallback" / "evaluate.jsonl"
+    run = StageRun(None, None, fallback, uri="http://127.0.0.1:9")
+    run.log_metrics({"stage_0/val_bpb": 1.5}, 3)
+    register_models(run, {"stage_0": {"best": {"step": 3, "checkpoint": str(checkpoint)}}}, Path("/"))
+    run.close()
+    before = read_jsonl(fallback)
+    assert [next(k for k in ("metrics", "register", "status") if k in r) for r in before] == [
+        "metrics", "register", "status"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(SyncError, match="no register handler was given"):
+        sync_file(fallback, uri)
+    assert read_jsonl(fallback) == before
+    assert [p.name for p in fallback.parent.iterdir() if p.name.startswith("evaluate.jsonl.")] == []
+    assert not (tmp_path / "mlflow.db").exists()
+    assert Path(before[1]["register"]["checkpoint"]).is_dir()
 
 
 def test_bad_predict_inputs_are_named():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from sunfish.tracking.offline import (
     FALLBACK_DIR,
+    RegisterHandler,
     SyncError,
     SyncResult,
     append_records,
@@ -45,6 +46,7 @@ from sunfish.tracking.store import (
     artifact_location,
     bound_http_retries,
     git_commit,
+    is_rejection,
     local_store,
     main_repo_of,
     missing_store,
@@ -59,8 +61,8 @@ from sunfish.tracking.store import (
 
 __all__ = [
     "EXPERIMENT_TAG", "FALLBACK_DIR", "HTTP_DEFAULTS", "LOCK_WAITS", "MAX_METRICS_PER_CALL", "PARENT_ID_TAG",
-    "PARENT_TAG", "QUEUE_WORKSPACE_MARKER", "StageRun", "SyncError", "SyncResult", "append_records",
+    "PARENT_TAG", "QUEUE_WORKSPACE_MARKER", "RegisterHandler", "StageRun", "SyncError", "SyncResult", "append_records",
     "artifact_location", "bound_http_retries", "experiment_label", "fallback_files", "find_parents",
-    "git_commit", "local_store", "main_repo_of", "missing_store", "open_client", "params_hash", "project_root", "repo_root", "side_file_lock",
+    "git_commit", "is_rejection", "local_store", "main_repo_of", "missing_store", "open_client", "params_hash", "project_root", "repo_root", "side_file_lock",
     "stage_run", "store_init_lock", "sync_fallback", "sync_file", "tracking_uri", "with_retry",
 ]

@@ -8,10 +8,17 @@ to ``<repo>/state/mlflow_fallback/<stage>.jsonl``, one JSON object per line::
 
 Each metric is ``[key, value, step, timestamp_ms]`` (the timestamp is when it was logged, so a
 replay is idempotent: MLflow drops a metric it already holds). Other records carry ``params``,
-``tags``, ``artifact`` (a copy kept next to the file, original path in ``source``) or ``status``
-with ``end_time`` (the run's end). A run that could not even be created has ``run_id: null`` and a
-``local_id``; :func:`sync_fallback` creates one run per local id. Records that MLflow refused as
-invalid (``rejected``) are kept for reference and not replayed.
+``tags``, ``artifact`` (a copy kept next to the file, original path in ``source``), ``status``
+with ``end_time`` (the run's end) or ``register``: a model registration the store could not take
+(``model``, ``step``, ``weights_sha256``, ``alias``, and ``checkpoint``, a copy of the checkpoint's
+files kept next to the file; see :meth:`sunfish.tracking.runs.StageRun.keep_registration`). A run
+that could not even be created has ``run_id: null`` and a ``local_id``; :func:`sync_fallback`
+creates one run per local id. Records that MLflow refused as invalid (``rejected``) are kept for
+reference and not replayed.
+
+Registering is the model registry's business (:mod:`sunfish.model_registry`, which imports this
+package), so the replay of ``register`` records is a handler passed in: ``sync_file(path,
+register=...)``; `sunfish tracking sync` passes :func:`sunfish.model_registry.replay_registration`.
 
 Several processes may append to one file (queued experiments of the same stage): appends take an
 ``flock`` and write each batch with one ``write``; replay renames the file away under that lock
@@ -24,7 +31,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,7 @@ from sunfish.tracking.store import (
     artifact_location,
     bound_http_retries,
     fcntl,
+    is_rejection,
     missing_store,
     open_client,
     repo_root,
@@ -43,6 +51,10 @@ from sunfish.tracking.store import (
 log = logging.getLogger(__name__)
 
 FALLBACK_DIR = Path("state") / "mlflow_fallback"
+
+# Replays a "register" record: (client, run id, the record's "register" fields) -> the registered
+# version, or None when the record is to be skipped (the handler says why).
+RegisterHandler = Callable[[Any, str, dict[str, Any]], str | None]
 
 
 class SyncError(RuntimeError):
@@ -98,22 +110,24 @@ class SyncResult:
     path: Path
     records: int = 0  # JSONL records sent
     metrics: int = 0  # metric values among them
-    skipped: int = 0  # rejected before, unreadable, or artifact file gone
+    skipped: int = 0  # rejected (before or now), unreadable, or artifact or kept checkpoint gone
+    registrations: int = 0  # "register" records among those sent: model versions registered
     uris: set[str] = field(default_factory=set)
     moved_to: Path | None = None
 
 
-def sync_fallback(path: str | Path, uri: str | None = None) -> int:
+def sync_fallback(path: str | Path, uri: str | None = None, register: RegisterHandler | None = None) -> int:
     """Re-send a fallback file's records to their runs; returns how many records were sent.
 
-    ``uri`` overrides the tracking URI recorded with each record. On success the file is renamed
-    to ``<name>.synced-<timestamp>``. On failure the records not yet sent go back into ``path`` and
-    :class:`SyncError` is raised; running it again resumes.
+    ``uri`` overrides the tracking URI recorded with each record. ``register`` replays the file's
+    model registrations (see :data:`RegisterHandler`); a file that holds one needs it. On success
+    the file is renamed to ``<name>.synced-<timestamp>``. On failure the records not yet sent go
+    back into ``path`` and :class:`SyncError` is raised; running it again resumes.
     """
-    return sync_file(Path(path), uri).records
+    return sync_file(Path(path), uri, register=register).records
 
 
-def sync_file(path: Path, uri: str | None = None) -> SyncResult:
+def sync_file(path: Path, uri: str | None = None, register: RegisterHandler | None = None) -> SyncResult:
     if not path.is_file():
         raise FileNotFoundError(f"no fallback file {path}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -130,8 +144,16 @@ def sync_file(path: Path, uri: str | None = None) -> SyncResult:
             log.warning("%s:%d is not a JSON record; skipped", path, number)
             result.skipped += 1
 
+    if register is None and any(r.get("register") and not r.get("rejected") for r in records):
+        append_records(path, records)
+        work.unlink()
+        raise SyncError(
+            f"{path} holds model registrations, and no register handler was given to replay them "
+            "(sync_file(..., register=sunfish.model_registry.replay_registration), which `sunfish tracking "
+            f"sync` passes); nothing was sent, the records are back in {path}"
+        )
     bound_http_retries()
-    replayer = _Replayer(uri, path)
+    replayer = _Replayer(uri, path, register)
     for i, record in enumerate(records):
         try:
             sent = replayer.replay(record)
@@ -151,8 +173,11 @@ def sync_file(path: Path, uri: str | None = None) -> SyncResult:
         if sent:
             result.records += 1
             result.metrics += len(record.get("metrics") or ())
+            result.registrations += bool(record.get("register"))
         else:
             result.skipped += 1
+    if replayer.rejected:  # the archive says which were refused, as the run's own file does
+        _rewrite(work, records)
     result.uris = replayer.uris
     result.moved_to = _archive(work, path, stamp)
     return result
@@ -186,9 +211,11 @@ def _archive(work: Path, path: Path, stamp: str) -> Path:
 
 
 class _Replayer:
-    def __init__(self, uri: str | None, path: Path):
+    def __init__(self, uri: str | None, path: Path, register: RegisterHandler | None = None):
         self.uri = uri
         self.path = path
+        self.register = register
+        self.rejected = 0  # records MLflow refused during this sync (marked "rejected")
         self.clients: dict[str, Any] = {}
         self.created: dict[tuple[str, str], str] = {}  # (uri, local_id) -> run id made by this sync
         self.uris: set[str] = set()
@@ -243,7 +270,30 @@ class _Replayer:
             with_retry(method, run_id, str(local), record.get("artifact_path"))
         if record.get("status"):
             with_retry(client.set_terminated, run_id, record["status"], record.get("end_time"))
+        if record.get("register"):
+            return self._register(client, run_id, record)
         return True
+
+    def _register(self, client, run_id: str, record: dict[str, Any]) -> bool:
+        fields = record["register"]
+        if not Path(fields.get("checkpoint") or "").is_dir():
+            log.warning("%s: the kept checkpoint %s of model %s no longer exists; its registration is skipped",
+                        self.path, fields.get("checkpoint"), fields.get("model"))
+            return False
+        if self.register is None:  # sync_file checks first; a caller of replay() alone may not have
+            raise SyncError(f"{self.path}: a model registration needs a register handler to be replayed")
+        try:
+            version = self.register(client, run_id, fields)
+        except Exception as exc:
+            if not is_rejection(exc):
+                raise
+            # refused as invalid: sending it again cannot succeed, so it must not block every later sync
+            record["rejected"] = str(exc)
+            self.rejected += 1
+            log.warning("%s: MLflow rejected the registration of model %s (%s); skipped, kept in the archive",
+                        self.path, fields.get("model"), exc)
+            return False
+        return version is not None
 
     def name_created_runs(self, records: list[dict[str, Any]]) -> None:
         for record in records:

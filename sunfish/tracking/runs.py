@@ -8,7 +8,9 @@ retried with backoff. Any other failure (server down, timeout, HTTP 5xx after ML
 bounded, retries) logs one warning naming the URI and the fallback file, and from then on every
 record of the run is appended to ``<repo>/state/mlflow_fallback/<stage>.jsonl``
 (:mod:`sunfish.tracking.offline`); training goes on. Closing a run waits at most ``close_timeout``
-(60 s) for the queue to drain, then writes what is left to the fallback file.
+(60 s) for the queue to drain, then writes what is left to the fallback file. A model registration
+the store could not take is kept there too (:meth:`StageRun.keep_registration`), for the sync to
+register later.
 """
 
 from __future__ import annotations
@@ -18,32 +20,26 @@ import json
 import logging
 import math
 import numbers
+import os
 import queue
 import shutil
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from sunfish.tracking.offline import append_records
-from sunfish.tracking.store import with_retry
+from sunfish.tracking.store import is_rejection, with_retry
 
 log = logging.getLogger(__name__)
 
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
-# MLflow error codes meaning "this request is invalid" (e.g. a param changed on resume): the record
-# is refused, the store is fine, so the run keeps logging to MLflow.
-_REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST"}
 _CONTROL = ("flush", "stop")
 # Runs not closed by stage_run (direct StageRun use): drained at interpreter exit.
 _OPEN: weakref.WeakSet[StageRun] = weakref.WeakSet()
-
-
-def _is_rejection(exc: BaseException) -> bool:
-    return getattr(exc, "error_code", None) in _REJECTED
 
 
 class StageRun:
@@ -141,6 +137,50 @@ class StageRun:
         if Path(path).exists():
             self._submit(("artifact", (str(path), artifact_path)))
 
+    @property
+    def offline(self) -> bool:
+        """True once the run's records go to the fallback file (store unreachable, or never opened)."""
+        return self._failed
+
+    def keep_registration(self, *, model: str, step: int, weights_sha256: str, checkpoint: Path,
+                          files: Iterable[str], alias: str) -> Path | None:
+        """Keep a model registration the store could not take, for `sunfish tracking sync`.
+
+        The run's queue is flushed first, so the record lands after what was logged before it. The
+        checkpoint's ``files`` (those present) are hard-linked, or copied where linking fails, into
+        a folder next to the fallback file (``artifacts/<run id>/``): the checkpoint folder itself
+        may be replaced by a later ``dvc repro`` before the sync, while its files are never
+        modified in place. Then a ``register`` record naming that folder is appended to the
+        fallback file. Returns the kept folder (None when the run is disabled); raises OSError when
+        the copy or the record could not be written.
+        """
+        if not self.enabled:
+            return None
+        self.flush()
+        checkpoint = Path(checkpoint)
+        folder = self._kept_folder() / f"{uuid.uuid4().hex[:8]}-{model}-{checkpoint.name}"
+        try:
+            folder.mkdir(parents=True)
+            for name in files:
+                if (checkpoint / name).is_file():
+                    try:
+                        os.link(checkpoint / name, folder / name)
+                    except OSError:
+                        shutil.copy2(checkpoint / name, folder / name)
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        record = self._record(register={"model": model, "step": int(step), "weights_sha256": weights_sha256,
+                                        "alias": alias, "checkpoint": str(folder), "source": str(checkpoint)})
+        with self._file_lock:
+            try:
+                append_records(self.fallback_path, [record])
+            except OSError:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            self.lost_to_fallback += 1
+        return folder
+
     def flush(self, timeout: float | None = 30.0) -> bool:
         """Send everything logged so far; False if that did not finish within ``timeout`` seconds."""
         if not self.enabled:
@@ -207,8 +247,8 @@ class StageRun:
             )
         elif self.lost_to_fallback > self.rejected:
             log.warning(
-                "%d records (params, tags, artifacts, run end) could not reach MLflow at %s; kept in %s; "
-                "replay with `sunfish tracking sync`",
+                "%d records (params, tags, artifacts, model registrations, run end) could not reach MLflow at %s; "
+                "kept in %s; replay with `sunfish tracking sync`",
                 self.lost_to_fallback - self.rejected, self.uri, self.fallback_path,
             )
 
@@ -276,7 +316,7 @@ class StageRun:
                 del self._held[: len(unit)]
             if error is None:
                 continue
-            if _is_rejection(error):
+            if is_rejection(error):  # the record is refused, the store is fine: keep logging to it
                 log.warning("MLflow at %s rejected %s of run %s (%s); the record is kept in %s",
                             self.uri, unit[0][0], self.run_id, error, self.fallback_path)
                 self._write_fallback(unit, rejected=str(error))
@@ -389,8 +429,7 @@ class StageRun:
     def _keep_artifact(self, path: Path) -> str:
         """Copy an artifact next to the fallback file: its original may live in a DVC queue
         workspace that is deleted when the experiment ends."""
-        folder = self.fallback_path.parent / "artifacts" / (self.run_id or self.local_id)
-        dest = folder / f"{uuid.uuid4().hex[:8]}-{path.name}"
+        dest = self._kept_folder() / f"{uuid.uuid4().hex[:8]}-{path.name}"
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             if path.is_dir():
@@ -401,6 +440,9 @@ class StageRun:
             log.warning("could not keep a copy of artifact %s (%s); recording its path only", path, exc)
             return str(path)
         return str(dest)
+
+    def _kept_folder(self) -> Path:
+        return self.fallback_path.parent / "artifacts" / (self.run_id or self.local_id)
 
 
 def _next_unit(held: list[tuple[str, Any]]) -> list[tuple[str, Any]]:

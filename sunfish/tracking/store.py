@@ -113,6 +113,16 @@ def git_commit(root: Path) -> str | None:
     return out.stdout.strip() or None
 
 
+# MLflow error codes meaning "this request is invalid" (e.g. a param changed on resume): the record
+# is refused, the store is fine, so sending it again can never succeed.
+REJECTED_CODES = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST"})
+
+
+def is_rejection(exc: BaseException) -> bool:
+    """MLflow refused the request as invalid (not: the store could not be reached)."""
+    return getattr(exc, "error_code", None) in REJECTED_CODES
+
+
 def _is_lock_contention(exc: BaseException) -> bool:
     text = str(exc).lower()
     return "locked" in text or "busy" in text
