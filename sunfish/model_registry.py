@@ -125,7 +125,7 @@ def _process_tracking_uri(uri: str | None) -> Iterator[None]:
 
 
 def register_best(client: Any, *, run_id: str, model: str, weights_sha256: str, step: int, checkpoint: Path,
-                  alias: str = ALIAS) -> str:
+                  alias: str | None = ALIAS) -> str:
     """Make the checkpoint the version of ``sunfish-<model>`` that ``alias`` names; returns that
     version. A version with the same weights digest is reused (nothing is logged), so rerunning
     evaluate on unchanged weights adds nothing; new weights are logged as a logged model first
@@ -153,7 +153,8 @@ def register_best(client: Any, *, run_id: str, model: str, weights_sha256: str, 
                 tags={WEIGHTS_TAG: weights_sha256, PATH_TAG: CHECKPOINT_PATH, "sunfish.step": str(step)},
                 description=f"{model} step {step}")
         version = str(created.version)
-    client.set_registered_model_alias(name, alias, version)
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
     return version
 
 
@@ -264,11 +265,31 @@ def replay_registration(client: Any, run_id: str, fields: Mapping[str, Any]) -> 
                     f"lacks {', '.join(missing)}" if missing else "holds other weights than the record names")
         return None
     alias = fields.get("alias") or ALIAS
+    newer = _newer_holder(client, registered_name(model), alias, fields.get("kept_at"), weights)
     version = register_best(client, run_id=run_id, model=model, weights_sha256=weights, step=int(fields["step"]),
-                            checkpoint=checkpoint, alias=alias)
-    log.info("registered %s step %s as models:/%s@%s (version %s), kept while the store was down", model,
-             fields["step"], registered_name(model), alias, version)
+                            checkpoint=checkpoint, alias=None if newer else alias)
+    if newer:
+        log.info("registered %s step %s as version %s, kept while the store was down; %s stays on version %s, "
+                 "registered after this one was kept", model, fields["step"], version, alias, newer)
+    else:
+        log.info("registered %s step %s as models:/%s@%s (version %s), kept while the store was down", model,
+                 fields["step"], registered_name(model), alias, version)
     return version
+
+
+def _newer_holder(client: Any, name: str, alias: str, kept_at: float | None, weights: str) -> str | None:
+    """The version ``alias`` names when it holds other weights and was registered after ``kept_at``
+    (a later evaluate reached the store first: a late replay must not move the alias back), else None."""
+    if kept_at is None:
+        return None
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except Exception:  # no such model or alias yet
+        return None
+    if (current.tags or {}).get(WEIGHTS_TAG) == weights:
+        return None
+    created = getattr(current, "creation_timestamp", None)
+    return str(current.version) if created is not None and int(created) > float(kept_at) * 1000 else None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -248,7 +248,8 @@ def check_the_missed_registration_is_replayed(tmp_path: Path, monkeypatch, caplo
     assert kinds == ["tags", "register", "status"], "after the run's queued records, before its end"
     fields = records[1]["register"]
     assert fields == {"model": "stage_0", "step": 3, "weights_sha256": weights, "alias": ALIAS,
-                      "checkpoint": fields["checkpoint"], "source": str(checkpoint)}
+                      "checkpoint": fields["checkpoint"], "source": str(checkpoint), "kept_at": fields["kept_at"]}
+    assert records[1]["time"] - 5 < fields["kept_at"] <= records[1]["time"]
     kept = Path(fields["checkpoint"])
     assert kept.parent == run.fallback_path.parent / "artifacts" / run.local_id
     own = sorted(f for f in (*FILES, *OPTIONAL_FILES) if (checkpoint / f).is_file())
@@ -335,6 +336,42 @@ def test_the_kept_copy_is_registered_once_however_often_it_is_replayed(tmp_path,
     assert "reserved" in record["rejected"]
     result.moved_to.rename(fallback)  # marked: a later sync skips it without asking MLflow again
     assert sync_file(fallback, uri, register=replay_registration).skipped == 1
+
+
+def test_a_late_replay_does_not_move_the_alias_off_a_newer_champion(tmp_path, monkeypatch):
+    """A registration kept while the store was down, replayed after a later evaluate registered
+    other weights: the kept one becomes a version, and champion stays on the newer weights."""
+    import torch
+
+    from sunfish.data.tokenizer import TextTokenizer
+    from sunfish.training.checkpoint import save_checkpoint
+    from tests.ckpt_fixtures import staged_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ckpts = build_checkpoints(tmp_path / "models")
+    old = ckpts["staged"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sunfish", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    fallback = tmp_path / "state" / "mlflow_fallback" / "evaluate.jsonl"
+    run = StageRun(None, run_id, fallback, uri=uri)
+    run.keep_registration(model="stage_0", step=3, weights_sha256=checkpoint_weights_id(old)[1], checkpoint=old,
+                          files=FILES, alias=ALIAS)
+    run.close(status=None)
+
+    new = tmp_path / "models" / "newer"
+    model = staged_model(TextTokenizer.load(ckpts["tokenizer"]).vocab_size)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save_checkpoint(new, model, model_name="stage_0", step=9, tokenizer_file=ckpts["tokenizer"])
+    newer = register_best(client, run_id=run_id, model="stage_0", weights_sha256=checkpoint_weights_id(new)[1],
+                          step=9, checkpoint=new)
+
+    assert sync_file(fallback, uri, register=replay_registration).registrations == 1
+    versions = client.search_model_versions(f"name='{registered_name('stage_0')}'")
+    assert sorted(v.tags[WEIGHTS_TAG] for v in versions) == sorted(checkpoint_weights_id(c)[1] for c in (old, new))
+    assert str(_champion(client, "stage_0").version) == newer, "a late replay moved champion back to older weights"
 
 
 def test_sync_without_a_register_handler_puts_everything_back(tmp_path, monkeypatch):

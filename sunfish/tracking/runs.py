@@ -171,7 +171,8 @@ class StageRun:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         record = self._record(register={"model": model, "step": int(step), "weights_sha256": weights_sha256,
-                                        "alias": alias, "checkpoint": str(folder), "source": str(checkpoint)})
+                                        "alias": alias, "checkpoint": str(folder), "source": str(checkpoint),
+                                        "kept_at": time.time()})
         with self._file_lock:
             try:
                 append_records(self.fallback_path, [record])
