@@ -7,7 +7,9 @@ repository root, found from ``DVC_ROOT`` or git, never from the current director
 
 Opening a client (:func:`open_client`) bounds MLflow's HTTP retries and serialises the creation of a
 new SQLite store; :func:`with_retry` retries a call on SQLite lock contention (two experiments
-writing one store at once). Nothing here imports mlflow until a client is opened.
+writing one store at once), with the classification and backoff (:func:`is_lock_contention`,
+:func:`lock_retry_pause`) that the asynchronous logger of :mod:`sunfish.tracking.runs` shares.
+Nothing here imports mlflow until a client is opened.
 """
 
 from __future__ import annotations
@@ -123,29 +125,38 @@ def is_rejection(exc: BaseException) -> bool:
     return getattr(exc, "error_code", None) in REJECTED_CODES
 
 
-def _is_lock_contention(exc: BaseException) -> bool:
+def is_lock_contention(exc: BaseException) -> bool:
+    """SQLite refused the write because another writer holds the database: worth sending again."""
     text = str(exc).lower()
     return "locked" in text or "busy" in text
 
 
+
 # Lock contention met by this process: {"retries": n, "seconds": waited}; reported when a stage ends.
 LOCK_WAITS = {"retries": 0, "seconds": 0.0}
+LOCK_RETRY_ATTEMPTS = 8  # tries of one call in all, the first included
 
 
-def with_retry(fn, *args, attempts: int = 8, **kwargs):
+def lock_retry_pause(attempt: int) -> float:
+    """Seconds to wait before try ``attempt + 1`` (0-based ``attempt`` just failed): 0.1 s doubling up
+    to 2 s, plus up to as much again at random so that two writers do not retry in step; counted in
+    :data:`LOCK_WAITS`."""
+    delay = min(0.1 * 2**attempt, 2.0)
+    pause = delay + random.random() * delay
+    LOCK_WAITS["retries"] += 1
+    LOCK_WAITS["seconds"] += pause
+    return pause
+
+
+def with_retry(fn, *args, attempts: int = LOCK_RETRY_ATTEMPTS, **kwargs):
     """Retry on SQLite lock contention (two experiments writing one store at once)."""
-    delay = 0.1
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # mlflow wraps sqlite errors in MlflowException
-            if attempt == attempts - 1 or not _is_lock_contention(exc):
+            if attempt == attempts - 1 or not is_lock_contention(exc):
                 raise
-            pause = delay + random.random() * delay
-            LOCK_WAITS["retries"] += 1
-            LOCK_WAITS["seconds"] += pause
-            time.sleep(pause)
-            delay = min(delay * 2, 2.0)
+            time.sleep(lock_retry_pause(attempt))
     return None
 
 
