@@ -1,5 +1,10 @@
 """Asynchronous MLflow logging: never blocks training, survives a dead server, loses no metric.
 
+StageRun hands its records to MLflow's own asynchronous logging (``log_batch(synchronous=False)``).
+The stand-in clients below keep that contract (records go to a thread, the outcome to a future);
+the tests marked "real" use a SQLite store in tmp_path whose ``log_batch`` is slowed or broken at
+the store level, so MLflow's queue, thread pools and futures are what StageRun really goes through.
+
 Keep the top-level imports light: the two-process test re-imports this module in spawned children.
 """
 
@@ -45,16 +50,27 @@ def store_steps(uri: str, run_id: str, key: str) -> list[int]:
 
 
 class RecordingClient:
-    """Stands in for MlflowClient; ``release`` gates log_batch, ``entered`` says a call started."""
+    """Stands in for MlflowClient; ``release`` gates log_batch, ``entered`` says a call started.
+
+    As MLflow does, ``synchronous=False`` runs the call on another thread and returns a
+    ``RunOperations`` whose future holds the outcome; ``executor.shutdown()`` waits for it."""
 
     def __init__(self, block: bool = False):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.entered = threading.Event()
         self.release = threading.Event()
         if not block:
             self.release.set()
         self.calls: list[tuple[str, object]] = []
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="fake-mlflow")
 
-    def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=True):
+        if not synchronous:
+            from mlflow.utils.async_logging.run_operations import RunOperations
+
+            future = self.executor.submit(self.log_batch, run_id, metrics, params, tags, True)
+            return RunOperations([future])
         self.entered.set()
         self.release.wait(60)
         if metrics:
@@ -91,7 +107,7 @@ def _run_together(procs, timeout: float = 180) -> None:
             if p.is_alive():
                 p.kill()
 
-def test_log_metrics_returns_while_the_worker_is_blocked(tmp_path):
+def test_log_metrics_returns_while_mlflow_is_blocked(tmp_path):
     client = RecordingClient(block=True)  # no log_batch can complete until release is set
     run = StageRun(client, "rid", tmp_path / "fb.jsonl", flush_every=5)
     returned = threading.Event()
@@ -107,7 +123,7 @@ def test_log_metrics_returns_while_the_worker_is_blocked(tmp_path):
 
     threading.Thread(target=train, daemon=True).start()
     try:
-        assert client.entered.wait(30), "the worker never sent a batch"
+        assert client.entered.wait(30), "no batch was handed to MLflow"
         assert returned.wait(30), "log_metrics waited for the blocked log_batch"
         assert not client.release.is_set()  # so every call above returned while the store was stuck
     finally:
@@ -154,19 +170,278 @@ def test_close_gives_up_on_a_stuck_store_and_keeps_everything(tmp_path, caplog):
         assert client.entered.wait(30)
         run.log_metrics({"x": 2.0}, 2)
         run.set_tags({"t": "v"})
-        run.close(timeout=0.2)  # the worker is stuck in log_batch: give up and keep it all locally
+        run.close(timeout=0.2)  # MLflow is stuck in log_batch: give up and keep it all locally
         lines_at_close = path.read_text()
     finally:
         client.release.set()
-    run._worker.join(30)
-    assert not run._worker.is_alive()
-    assert path.read_text() == lines_at_close  # the woken worker wrote nothing twice
+    client.executor.shutdown(wait=True)  # the stuck batch completes, and its callback runs
+    assert path.read_text() == lines_at_close  # its late outcome wrote nothing twice
     records = read_jsonl(path)
     assert fallback_steps(path) == [1, 2]  # the batch in flight and the queued one
     assert {"t": "v"} in [r.get("tags") for r in records]
     assert records[-1]["status"] == "FINISHED"
     assert "did not take the records" in caplog.text
     assert f"2 {SUMMARY} http://stuck" in caplog.text
+
+
+# -- MLflow's own asynchronous logging, on a real store -----------------------------------------------
+class StoreGate:
+    """Sits in ``SqlAlchemyStore.log_batch`` of one store, where MLflow's worker threads call it:
+    holds each call while ``hold`` is set (until ``release``), raises what ``fail`` returns, and
+    records (thread, metrics, params, tags) of every call."""
+
+    def __init__(self):
+        self.hold, self.release, self.entered = threading.Event(), threading.Event(), threading.Event()
+        self.fail = None  # (metrics, params, tags) -> an exception to raise, or None
+        self.calls: list[tuple[str, int, int, int]] = []
+
+
+@pytest.fixture
+def real_store(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from sunfish.tracking import open_client
+
+    gate, uri = StoreGate(), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    real = SqlAlchemyStore.log_batch
+
+    def log_batch(self, run_id, metrics, params, tags):
+        if getattr(self, "db_uri", None) == uri:
+            gate.calls.append((threading.current_thread().name, len(metrics), len(params), len(tags)))
+            gate.entered.set()
+            if gate.hold.is_set():
+                gate.release.wait(60)
+            error = gate.fail(metrics, params, tags) if gate.fail else None
+            if error is not None:
+                raise error
+        return real(self, run_id, metrics, params, tags)
+
+    # patched before the store exists: MLflow's queue binds the store's log_batch when it is made
+    monkeypatch.setattr(SqlAlchemyStore, "log_batch", log_batch)
+    client = open_client(uri)
+    run_id = client.create_run(client.create_experiment("sunfish")).info.run_id
+    yield SimpleNamespace(uri=uri, client=client, run_id=run_id, gate=gate,
+                          fallback=tmp_path / "state" / "mlflow_fallback" / "train_stage_0.jsonl")
+    gate.release.set()
+    client._tracking_client.store.shut_down_async_logging()  # nothing of this test runs into the next
+
+
+def _history(store, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in store.client.get_metric_history(store.run_id, key)}
+
+
+def test_log_metrics_hands_records_to_mlflows_queue_and_never_waits(real_store, tmp_path):
+    """(real) Every record goes through log_batch(synchronous=False); while MLflow's worker is held
+    inside the store, logging goes on; what was logged meanwhile follows as one batch, in order."""
+    from concurrent.futures import Future
+
+    from mlflow.utils.async_logging.run_operations import RunOperations
+
+    store, gate = real_store, real_store.gate
+    handed = []
+    log_batch = store.client.log_batch
+
+    def spy(*args, **kwargs):
+        result = log_batch(*args, **kwargs)
+        handed.append((kwargs.get("synchronous", True), result))
+        return result
+
+    store.client.log_batch = spy
+    gate.hold.set()
+    run = StageRun(store.client, store.run_id, store.fallback, uri=store.uri)
+    run.log_metrics({"train/loss": 1.0}, 0)
+    assert gate.entered.wait(30), "no batch reached the store"
+    started = time.perf_counter()
+    for step in range(1, 300):
+        run.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
+    run.set_tags({"phase": "done"})
+    took = time.perf_counter() - started
+    assert not gate.release.is_set()  # so all of the above returned while the store held the first batch
+    assert took < 5, f"300 log calls took {took:.1f} s while the store was held"
+    assert not run.flush(0.2)  # nothing is confirmed yet
+    gate.release.set()
+    assert run.flush(30)
+    run.close()
+
+    assert handed and all(sync is False for sync, _ in handed)
+    assert all(isinstance(r, RunOperations) and r._operation_futures
+               and all(isinstance(f, Future) for f in r._operation_futures) for _, r in handed)
+    assert [c[1:] for c in gate.calls] == [(1, 0, 0), (299, 0, 0), (0, 0, 1)]
+    assert all(c[0].startswith("MLflowBatchLoggingWorkerPool") for c in gate.calls)  # MLflow's threads
+    assert _history(store, "train/loss") == {s: 1.0 / (s + 1) for s in range(300)}
+    got = store.client.get_run(store.run_id)
+    assert got.data.tags["phase"] == "done" and got.info.status == "FINISHED"
+    assert not store.fallback.exists() and run.lost_to_fallback == 0
+
+
+def test_a_store_failing_mid_run_keeps_the_rest_in_order_and_sync_replays_it(real_store, caplog):
+    """(real) The store breaks inside MLflow's worker thread: one warning; from that record on,
+    everything is in the fallback file in the order it was logged, none of it in the store; once
+    the store works again, `sunfish tracking sync` puts every value where it belongs."""
+    from mlflow.exceptions import MlflowException
+
+    from sunfish.tracking import sync_file
+
+    store = real_store
+    run = StageRun(store.client, store.run_id, store.fallback, uri=store.uri, stage="train_stage_0")
+    for step in range(50):
+        run.log_metrics({"train/loss": 10.0 / (step + 1)}, step)
+    assert run.flush(30) and not run.offline
+    store.gate.fail = lambda *_: MlflowException("(sqlite3.OperationalError) disk I/O error")
+    for step in range(50, 100):
+        run.log_metrics({"train/loss": 10.0 / (step + 1)}, step)
+        if step == 70:
+            run.set_tags({"phase": "late"})
+            run.log_params({"late.param": 7})
+    run.close()
+
+    assert run.offline
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and r.name.startswith("sunfish")]
+    assert sum("MLflow logging failed" in w for w in warnings) == 1
+    assert store.uri in warnings[0] and str(store.fallback) in warnings[0] and "disk I/O error" in warnings[0]
+    assert f"50 {SUMMARY} {store.uri}; kept in {store.fallback}" in caplog.text
+    order = []
+    for record in read_jsonl(store.fallback):
+        assert record["run_id"] == store.run_id
+        order += [m[2] for m in record.get("metrics", ())]
+        order += [name for name in ("tags", "params", "status") if name in record]
+    assert order == [*range(50, 71), "tags", "params", *range(71, 100), "status"]
+    assert sorted(_history(store, "train/loss")) == list(range(50))  # nothing kept locally is in the store
+
+    store.gate.fail = None  # the store works again
+    result = sync_file(store.fallback)  # to the URI each record names
+    assert result.metrics == 50 and not store.fallback.exists()
+    assert _history(store, "train/loss") == {s: 10.0 / (s + 1) for s in range(100)}
+    got = store.client.get_run(store.run_id)
+    assert got.data.params["late.param"] == "7" and got.data.tags["phase"] == "late"
+    assert got.info.status == "FINISHED"
+
+
+def test_lock_contention_inside_mlflows_queue_is_sent_again(real_store):
+    """(real) 'database is locked' raised in MLflow's worker comes back through the future: the
+    batch is handed to MLflow again after a backoff, and nothing goes to the fallback file."""
+    from mlflow.exceptions import MlflowException
+
+    from sunfish.tracking import LOCK_WAITS
+    from sunfish.tracking.mlflow_async import QUEUE_LOGGER
+
+    store, locked = real_store, [2]
+
+    def fail(*_):
+        if locked[0]:
+            locked[0] -= 1
+            return MlflowException("(sqlite3.OperationalError) database is locked")
+        return None
+
+    store.gate.fail = fail
+    retries = LOCK_WAITS["retries"]
+    mlflow_log = logging.getLogger(QUEUE_LOGGER)  # MLflow's own logger: it does not propagate to caplog
+    lines: list[str] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    mlflow_log.addHandler(handler)
+    try:
+        run = StageRun(store.client, store.run_id, store.fallback, uri=store.uri)
+        for step in range(20):
+            run.log_metrics({"x": float(step)}, step)
+        mlflow_log.error("Run Id someone-else: Failed to log run data: Exception: x")
+        run.close()
+    finally:
+        mlflow_log.removeHandler(handler)
+    assert _history(store, "x") == {s: float(s) for s in range(20)}
+    assert not run.offline and not store.fallback.exists()
+    assert LOCK_WAITS["retries"] == retries + 2
+    assert all(c[0].startswith("MLflowBatchLoggingWorkerPool") for c in store.gate.calls)
+    # MLflow's ERROR line for each failed try is dropped for our run (nothing was lost), not for others
+    assert lines == ["Run Id someone-else: Failed to log run data: Exception: x"]
+
+
+def test_a_record_mlflow_rejects_is_kept_and_logging_goes_on(real_store, caplog):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    store = real_store
+    store.gate.fail = lambda metrics, params, tags: (
+        MlflowException("a made-up invalid param", error_code=INVALID_PARAMETER_VALUE) if params else None)
+    run = StageRun(store.client, store.run_id, store.fallback, uri=store.uri)
+    run.log_metrics({"x": 0.0}, 0)
+    run.log_params({"p": 1})
+    run.log_metrics({"x": 1.0}, 1)
+    run.close()
+    assert not run.offline and run.rejected == 1
+    (record,) = read_jsonl(store.fallback)
+    assert record["params"] == {"p": "1"} and "a made-up invalid param" in record["rejected"]
+    assert _history(store, "x") == {0: 0.0, 1: 1.0}
+    assert "rejected params" in caplog.text and SUMMARY not in caplog.text
+
+
+def test_a_batch_the_store_takes_after_close_gave_up_is_not_doubled_by_the_replay(real_store):
+    """(real) close() keeps what MLflow has not confirmed; the held batch may still land later.
+    The replay then adds the rest and leaves the late one single (MLflow keeps a metric once)."""
+    from sunfish.tracking import sync_file
+
+    store = real_store
+    store.gate.hold.set()
+    run = StageRun(store.client, store.run_id, store.fallback, uri=store.uri)
+    run.log_metrics({"x": 1.0}, 1)
+    assert store.gate.entered.wait(30)
+    run.log_metrics({"x": 2.0}, 2)
+    run.close(timeout=0.2)
+    assert fallback_steps(store.fallback) == [1, 2]
+    store.gate.release.set()  # the held batch now reaches the store after all
+    deadline = time.monotonic() + 30
+    while not _history(store, "x") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _history(store, "x") == {1: 1.0}
+    sync_file(store.fallback)
+    assert sorted((m.step, m.value) for m in store.client.get_metric_history(store.run_id, "x")) == \
+        [(1, 1.0), (2, 2.0)]
+
+
+def test_closing_the_last_run_of_a_store_stops_mlflows_queue(real_store):
+    """MLflow keeps one queue (a thread and two pools) per store object, shared by the process:
+    it is shut down when the last open run of that store closes, not while another still logs."""
+    store = real_store
+    queue = store.client._tracking_client.store._async_logging_queue
+    first = StageRun(store.client, store.run_id, store.fallback, uri=store.uri)
+    second = StageRun(store.client, store.run_id, store.fallback, uri=store.uri)
+    first.log_metrics({"x": 1.0}, 1)
+    second.log_metrics({"y": 1.0}, 1)
+    assert queue.is_active()
+    first.close(status=None)
+    assert queue.is_active()
+    second.log_metrics({"y": 2.0}, 2)
+    second.close(status=None)
+    assert queue.is_idle() and not queue._batch_logging_thread.is_alive()
+    assert _history(store, "x") == {1: 1.0} and _history(store, "y") == {1: 1.0, 2: 2.0}
+
+
+def test_interpreter_exit_sends_what_an_unclosed_run_logged(tmp_path):
+    """A run never closed (no stage_run around it) is closed at exit while MLflow's thread pools
+    still take work: its records reach the store, none is left to the fallback file."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("sunfish")).info.run_id
+    fallback = tmp_path / "fb.jsonl"
+    script = (
+        "from sunfish.tracking import StageRun, open_client\n"
+        f"run = StageRun(open_client({uri!r}), {run_id!r}, {str(fallback)!r}, uri={uri!r})\n"
+        "run.log_params({'p': 1})\n"
+        "for step in range(2000):\n"
+        "    run.log_metrics({'x': float(step)}, step)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert store_steps(uri, run_id, "x") == list(range(2000)), done.stderr[-3000:]
+    assert client.get_run(run_id).data.params == {"p": "1"}
+    assert not fallback.exists()
+    assert client.get_run(run_id).info.status == "RUNNING"  # exit closes with status None
 
 
 # -- failures: one warning, a local record, a summary --------------------------------------------

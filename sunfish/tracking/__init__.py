@@ -9,8 +9,11 @@ only when a store is opened):
   on SQLite lock contention;
 - :mod:`sunfish.tracking.offline`: the local fallback file (``state/mlflow_fallback/<stage>.jsonl``)
   that keeps the records a store could not take, and its replay (``sunfish tracking sync``);
-- :mod:`sunfish.tracking.runs`: :class:`StageRun`, one MLflow run logged from a background thread,
-  so logging never slows or stops training (on failure, one warning and the fallback file);
+- :mod:`sunfish.tracking.mlflow_async`: what StageRun relies on in MLflow's asynchronous logging
+  beyond its public call (the futures of a batch, a store's queue, the order of exit hooks);
+- :mod:`sunfish.tracking.runs`: :class:`StageRun`, one MLflow run logged through MLflow's own
+  asynchronous logging, so logging never slows or stops training (a failed batch, seen in its
+  future: one warning, and the run's records from there on go to the fallback file, in order);
 - :mod:`sunfish.tracking.stage`: :func:`stage_run`, the run of one pipeline stage, grouped under
   a parent run per execution (DVC experiment or ``workspace@<commit>``).
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 from sunfish.tracking.offline import (
     FALLBACK_DIR,
+    FallbackWriter,
     RegisterHandler,
     SyncError,
     SyncResult,
@@ -46,6 +50,7 @@ from sunfish.tracking.store import (
     artifact_location,
     bound_http_retries,
     git_commit,
+    is_lock_contention,
     is_rejection,
     local_store,
     main_repo_of,
@@ -60,9 +65,9 @@ from sunfish.tracking.store import (
 )
 
 __all__ = [
-    "EXPERIMENT_TAG", "FALLBACK_DIR", "HTTP_DEFAULTS", "LOCK_WAITS", "MAX_METRICS_PER_CALL", "PARENT_ID_TAG",
+    "EXPERIMENT_TAG", "FALLBACK_DIR", "FallbackWriter", "HTTP_DEFAULTS", "LOCK_WAITS", "MAX_METRICS_PER_CALL", "PARENT_ID_TAG",
     "PARENT_TAG", "QUEUE_WORKSPACE_MARKER", "RegisterHandler", "StageRun", "SyncError", "SyncResult", "append_records",
     "artifact_location", "bound_http_retries", "experiment_label", "fallback_files", "find_parents",
-    "git_commit", "is_rejection", "local_store", "main_repo_of", "missing_store", "open_client", "params_hash", "project_root", "repo_root", "side_file_lock",
+    "git_commit", "is_lock_contention", "is_rejection", "local_store", "main_repo_of", "missing_store", "open_client", "params_hash", "project_root", "repo_root", "side_file_lock",
     "stage_run", "store_init_lock", "sync_fallback", "sync_file", "tracking_uri", "with_retry",
 ]

@@ -1,7 +1,8 @@
 """The local fallback of MLflow logging: its JSONL format, safe appends, and replay (`sunfish tracking sync`).
 
 When the tracking store cannot be reached, :class:`sunfish.tracking.runs.StageRun` appends every record
-to ``<repo>/state/mlflow_fallback/<stage>.jsonl``, one JSON object per line::
+(through :class:`FallbackWriter`) to ``<repo>/state/mlflow_fallback/<stage>.jsonl``, one JSON object
+per line::
 
     {"run_id": "...", "time": 1700000000.0, "uri": "http://...", "stage": "train_stage_0",
      "experiment": "sunfish", "metrics": [["train/loss", 2.31, 120, 1700000000123], ...]}
@@ -30,7 +31,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +86,134 @@ def append_records(path: Path, records: Iterable[dict[str, Any]]) -> None:
         finally:
             os.close(fd)  # also releases the lock
     raise OSError(f"could not append to {path}: it keeps being replaced")
+
+
+class FallbackWriter:
+    """Appends the records of one run to its fallback file, in the format above, and counts them.
+
+    Records come as :class:`sunfish.tracking.runs.StageRun` holds them, ``(kind, payload)``:
+    ``metrics`` [(key, value, timestamp_ms, step), ...] (consecutive ones become one record),
+    ``params`` / ``tags`` (dicts), ``parent_metrics`` (parent run id, metrics: written under the
+    parent's id), ``artifact`` (path, artifact_path: a copy is kept next to the file), ``end``
+    (status, end_time). Callers hold :attr:`lock` around :meth:`write`, so that records claimed
+    first are written first.
+    """
+
+    def __init__(self, path: Path, *, run_id: str | None, uri: str, stage: str,
+                 experiment: str | None = None, local_id: str | None = None):
+        self.path = Path(path)
+        self.run_id, self.uri, self.stage = run_id, uri, stage
+        self.experiment, self.local_id = experiment, local_id
+        self.lock = threading.Lock()
+        self.records = 0  # JSONL records written
+        self.metrics = 0  # metric values among them (rejected ones aside)
+        self.rejected = 0  # records MLflow refused as invalid
+
+    def write(self, ops: list[tuple[str, Any]], rejected: str | None = None) -> None:
+        """Append ``ops`` (marked ``rejected`` with MLflow's reason when given). Never raises: a
+        file that cannot be written is logged as an error with the records it would have held."""
+        records: list[dict[str, Any]] = []
+        metrics: list[list[Any]] = []
+        n_metrics = 0
+        for op in ops:
+            if op[0] == "metrics":
+                metrics.extend([k, v, step, ts] for (k, v, ts, step) in op[1])
+                continue
+            if metrics:
+                records.append(self.record(metrics=metrics))
+                n_metrics, metrics = n_metrics + len(metrics), []
+            records.append(self.record(**self._fields(op)))
+            if op[0] == "parent_metrics":
+                n_metrics += len(op[1][1])
+        if metrics:
+            records.append(self.record(metrics=metrics))
+            n_metrics += len(metrics)
+        if not records:
+            return
+        if rejected:
+            for r in records:
+                r["rejected"] = rejected
+        try:
+            append_records(self.path, records)
+        except OSError as exc:  # the last resort failed too: say so loudly, never raise into training
+            log.error("could not keep %d MLflow records in %s (%s); they are lost: %s",
+                      len(records), self.path, exc, records)
+            return
+        self.records += len(records)
+        if rejected:
+            self.rejected += len(records)
+        else:
+            self.metrics += n_metrics
+
+    def keep_registration(self, *, model: str, step: int, weights_sha256: str, checkpoint: Path,
+                          files: Iterable[str], alias: str) -> Path:
+        """Link (or copy) the checkpoint's ``files`` into :meth:`kept_folder` and append a ``register``
+        record naming that copy (see :meth:`sunfish.tracking.runs.StageRun.keep_registration`)."""
+        folder = self.kept_folder() / f"{uuid.uuid4().hex[:8]}-{model}-{checkpoint.name}"
+        try:
+            folder.mkdir(parents=True)
+            for name in files:
+                if (checkpoint / name).is_file():
+                    try:
+                        os.link(checkpoint / name, folder / name)
+                    except OSError:
+                        shutil.copy2(checkpoint / name, folder / name)
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        record = self.record(register={"model": model, "step": int(step), "weights_sha256": weights_sha256,
+                                       "alias": alias, "checkpoint": str(folder), "source": str(checkpoint),
+                                       "kept_at": time.time()})
+        with self.lock:
+            try:
+                append_records(self.path, [record])
+            except OSError:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            self.records += 1
+        return folder
+
+    def record(self, **fields: Any) -> dict[str, Any]:
+        record: dict[str, Any] = {"run_id": self.run_id, "time": time.time(), "uri": self.uri, "stage": self.stage}
+        if self.experiment:
+            record["experiment"] = self.experiment
+        if self.local_id:
+            record["local_id"] = self.local_id
+        record.update(fields)
+        return record
+
+    def _fields(self, op: tuple[str, Any]) -> dict[str, Any]:
+        kind, payload = op
+        if kind == "params":
+            return {"params": payload}
+        if kind == "tags":
+            return {"tags": payload}
+        if kind == "end":
+            return {"status": payload[0], "end_time": payload[1]}
+        if kind == "parent_metrics":  # replayed into the parent run by `sunfish tracking sync`
+            parent, items = payload
+            return {"run_id": parent, "metrics": [[k, v, step, ts] for (k, v, ts, step) in items]}
+        path, artifact_path = payload
+        return {"artifact": self._keep_artifact(Path(path)), "source": path, "artifact_path": artifact_path}
+
+    def _keep_artifact(self, path: Path) -> str:
+        """Copy an artifact next to the fallback file: its original may live in a DVC queue
+        workspace that is deleted when the experiment ends."""
+        dest = self.kept_folder() / f"{uuid.uuid4().hex[:8]}-{path.name}"
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                shutil.copytree(path, dest)
+            else:
+                shutil.copy2(path, dest)
+        except OSError as exc:
+            log.warning("could not keep a copy of artifact %s (%s); recording its path only", path, exc)
+            return str(path)
+        return str(dest)
+
+    def kept_folder(self) -> Path:
+        """Where copies of this run's artifacts and checkpoints are kept for the replay."""
+        return self.path.parent / "artifacts" / (self.run_id or self.local_id)
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -1,54 +1,74 @@
-"""One MLflow run per executed stage, logged from a background thread: :class:`StageRun`.
+"""One MLflow run per executed stage, logged through MLflow's own asynchronous logging: :class:`StageRun`.
 
-Logging must never slow or stop training, so it is asynchronous: :meth:`StageRun.log_metrics` only
-puts the values on a queue and returns. One daemon thread per run sends them with ``log_batch``
-(at most 1000 metrics a call, when ~50 are pending or every ~2 s); params, tags, artifacts and the
-run's end go through the same thread, in order. A SQLite store locked by another experiment is
-retried with backoff. Any other failure (server down, timeout, HTTP 5xx after MLflow's own, here
+Logging must never slow or stop training, so :meth:`StageRun.log_metrics` (and params, tags) hands
+the records to ``MlflowClient.log_batch(..., synchronous=False)`` and returns: MLflow's queue and
+threads do the sending, and the run has no thread of its own. MLflow reports a failed batch only
+through the futures of the ``RunOperations`` it returns, so a run keeps what it handed over until a
+done-callback on those futures says how it went (:mod:`sunfish.tracking.mlflow_async`). One batch
+of a run is in flight at a time; what is logged meanwhile waits and goes next, merged up to 1000
+metrics, handed over by that callback. So MLflow receives a run's records in order although its
+worker pool has ten threads, batches grow with the logging rate instead of by a timer, and the
+records a failure sends to the fallback file are exactly those MLflow did not take.
+
+Outcomes, judged in the callback: SQLite lock contention (another experiment writing the store) is
+handed over again after a backoff; a record MLflow refuses as invalid is kept, marked ``rejected``,
+and logging goes on; any other failure (server down, timeout, HTTP 5xx after MLflow's own, here
 bounded, retries) logs one warning naming the URI and the fallback file, and from then on every
-record of the run is appended to ``<repo>/state/mlflow_fallback/<stage>.jsonl``
-(:mod:`sunfish.tracking.offline`); training goes on. Closing a run waits at most ``close_timeout``
-(60 s) for the queue to drain, then writes what is left to the fallback file. A model registration
-the store could not take is kept there too (:meth:`StageRun.keep_registration`), for the sync to
-register later.
+record of the run is appended, in order, to ``<repo>/state/mlflow_fallback/<stage>.jsonl``
+(:mod:`sunfish.tracking.offline`, replayed by ``sunfish tracking sync``); training goes on.
+
+Artifacts and the run's end are not on the training path: they are sent synchronously by
+:meth:`StageRun.flush` / :meth:`StageRun.close`, after the records logged before them. Closing a
+run waits at most ``close_timeout`` (60 s) for MLflow to confirm; what it has not confirmed by then
+is written to the fallback file. Should the store take a batch later after all, the replay adds
+nothing twice: MLflow keeps a metric (key, step, timestamp, value) once, and params and tags are set
+to the values they already have. MLflow's queue belongs to the store object, which MLflow shares
+per URI across the process: the last open run of a store shuts it down at close, and runs still
+open when the interpreter exits are closed before MLflow's threads stop, so their records still
+reach the store. A model registration the store could not take is kept in the fallback file too
+(:meth:`StageRun.keep_registration`).
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import math
 import numbers
-import os
-import queue
-import shutil
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sunfish.tracking.offline import append_records
-from sunfish.tracking.store import is_rejection, with_retry
+from sunfish.tracking.mlflow_async import first_error, futures_of, install_process_hooks, shut_down_queue, store_of
+from sunfish.tracking.offline import FallbackWriter
+from sunfish.tracking.store import (
+    LOCK_RETRY_ATTEMPTS,
+    is_lock_contention,
+    is_rejection,
+    lock_retry_pause,
+    with_retry,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
-_CONTROL = ("flush", "stop")
-# Runs not closed by stage_run (direct StageRun use): drained at interpreter exit.
-_OPEN: weakref.WeakSet[StageRun] = weakref.WeakSet()
+_ASYNC = ("metrics", "params", "tags", "parent_metrics")  # handed to MLflow's queue; artifacts are not
+# Runs not closed yet: closed at interpreter exit (held here, so that none is collected with records unsent).
+_OPEN: set[StageRun] = set()
 
 
 class StageRun:
-    """One MLflow run for one executed pipeline stage, logged from a background thread.
+    """One MLflow run for one executed pipeline stage, logged through MLflow's asynchronous logging.
 
-    ``log_*`` only enqueue (metrics get their timestamp here); the worker batches and sends. On the
-    first failure that is not lock contention the worker warns once and writes this and every later
-    record to ``fallback_path`` (JSONL). ``client=None`` means the run could not be opened: records
-    go straight to the fallback file under ``local_id``. ``enabled=False`` makes every call a no-op.
+    ``log_*`` never wait on the store (metrics get their timestamp here). On the first failure that
+    is neither lock contention nor a rejection, one warning, and this and every later record goes to
+    ``fallback_path`` (JSONL); there ``flush_every`` metric values, or ``flush_interval`` seconds,
+    are gathered into one record before it is appended. ``client=None`` means the run could not be
+    opened: records go straight to the fallback file under ``local_id``. ``enabled=False`` makes
+    every call a no-op.
     """
 
     def __init__(
@@ -76,23 +96,41 @@ class StageRun:
         self.enabled = enabled
         self.parent_id = parent_id
         self.local_id = None if run_id else uuid.uuid4().hex
-        self.lost_to_fallback = 0  # JSONL records written to the fallback file
-        self.metrics_to_fallback = 0  # metric values among them
-        self.rejected = 0  # records MLflow refused as invalid (kept in the fallback file too)
+        self._fallback = FallbackWriter(self.fallback_path, run_id=run_id, uri=self.uri, stage=self.stage,
+                                        experiment=experiment, local_id=self.local_id)
         self._failed = client is None
-        self._lock = threading.Lock()  # guards _held, _closed, _abandoned and the queue hand-off
-        self._file_lock = threading.Lock()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._held: list[tuple[str, Any]] = []  # taken from the queue, not yet sent or written
-        self._held_since = 0.0
+        # _lock guards the state below; _file_lock orders appends: it is taken while _lock is held,
+        # so records claimed first are written first
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._file_lock = self._fallback.lock
+        self._buffer: list[tuple[str, Any]] = []  # logged, not yet handed to MLflow (offline: not yet written)
+        self._buffer_since = 0.0
+        self._inflight: list[tuple[str, Any]] | None = None  # handed to MLflow, outcome not known yet
+        self._attempt = 0  # lock-contention retries of the batch in flight
+        self._deferred: list[tuple[str, Any]] = []  # artifacts, sent by flush() or close()
+        self._handed_over = False  # MLflow's queue was used (so close may shut it down)
         self._closed = False
-        self._abandoned = False
+        self._abandoned = False  # close() stopped waiting: what MLflow still holds is in the fallback file
         self._late = False  # warned about logging after close
-        self._worker: threading.Thread | None = None
         if enabled:
-            self._worker = threading.Thread(target=self._work, name=f"mlflow-{self.stage}", daemon=True)
-            self._worker.start()
             _OPEN.add(self)
+            install_process_hooks(_close_open_runs, _open_run_ids)
+
+    @property
+    def lost_to_fallback(self) -> int:
+        """JSONL records written to the fallback file."""
+        return self._fallback.records
+
+    @property
+    def metrics_to_fallback(self) -> int:
+        """Metric values among them (rejected ones aside)."""
+        return self._fallback.metrics
+
+    @property
+    def rejected(self) -> int:
+        """Records MLflow refused as invalid (kept in the fallback file too, not replayed)."""
+        return self._fallback.rejected
 
     # -- public API (never waits on the store) ----------------------------------------------------
     def log_params(self, flat: Mapping[str, Any]) -> None:
@@ -134,6 +172,7 @@ class StageRun:
             self._submit(("tags", items))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file or folder at the next :meth:`flush` or at :meth:`close` (it must exist until then)."""
         if Path(path).exists():
             self._submit(("artifact", (str(path), artifact_path)))
 
@@ -146,7 +185,7 @@ class StageRun:
                           files: Iterable[str], alias: str) -> Path | None:
         """Keep a model registration the store could not take, for `sunfish tracking sync`.
 
-        The run's queue is flushed first, so the record lands after what was logged before it. The
+        The run is flushed first, so the record lands after what was logged before it. The
         checkpoint's ``files`` (those present) are hard-linked, or copied where linking fails, into
         a folder next to the fallback file (``artifacts/<run id>/``): the checkpoint folder itself
         may be replaced by a later ``dvc repro`` before the sync, while its files are never
@@ -157,73 +196,48 @@ class StageRun:
         if not self.enabled:
             return None
         self.flush()
-        checkpoint = Path(checkpoint)
-        folder = self._kept_folder() / f"{uuid.uuid4().hex[:8]}-{model}-{checkpoint.name}"
-        try:
-            folder.mkdir(parents=True)
-            for name in files:
-                if (checkpoint / name).is_file():
-                    try:
-                        os.link(checkpoint / name, folder / name)
-                    except OSError:
-                        shutil.copy2(checkpoint / name, folder / name)
-        except OSError:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        record = self._record(register={"model": model, "step": int(step), "weights_sha256": weights_sha256,
-                                        "alias": alias, "checkpoint": str(folder), "source": str(checkpoint),
-                                        "kept_at": time.time()})
-        with self._file_lock:
-            try:
-                append_records(self.fallback_path, [record])
-            except OSError:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
-            self.lost_to_fallback += 1
-        return folder
+        return self._fallback.keep_registration(model=model, step=step, weights_sha256=weights_sha256,
+                                                checkpoint=Path(checkpoint), files=files, alias=alias)
 
     def flush(self, timeout: float | None = 30.0) -> bool:
-        """Send everything logged so far; False if that did not finish within ``timeout`` seconds."""
+        """Wait until MLflow has confirmed everything logged so far (offline: until it is in the
+        fallback file), then upload the artifacts logged so far; False if the records were not
+        confirmed within ``timeout`` seconds."""
         if not self.enabled:
             return True
-        done = threading.Event()
         with self._lock:
             if self._closed:
-                return not self._worker.is_alive()
-            self._queue.put(("flush", done))
-        return done.wait(timeout)
+                return self._inflight is None and not self._buffer
+        self._pump(force=True)
+        if not self._wait_idle(timeout):
+            return False
+        self._pump(force=True)  # offline: what was logged while we waited
+        self._send_deferred()
+        return True
 
     def close(self, status: str | None = "FINISHED", timeout: float = 60.0) -> None:
-        """End the run (``status``; None leaves it as it is): drain for at most ``timeout`` seconds,
-        then keep whatever is left in the fallback file, and warn if anything is only there."""
+        """End the run (``status``; None leaves it as it is): wait at most ``timeout`` seconds for
+        MLflow to confirm the records, keep what it has not in the fallback file, upload the
+        artifacts, and warn if anything is only in the fallback file."""
         if not self.enabled:
             return
         with self._lock:
             if self._closed:
                 return
-            if status is not None:
-                self._queue.put(("end", (status, int(time.time() * 1000))))
-            self._queue.put(("stop", None))
             self._closed = True
+        drained = False
         try:
-            self._worker.join(timeout)
+            self._pump(force=True)
+            drained = self._wait_idle(timeout)
         finally:  # also on Ctrl-C during the wait: keep what is left, then let the interrupt go on
-            if self._worker.is_alive():
+            if not drained:
                 self._give_up(timeout)
+            self._pump(force=True)
+            end = [("end", (status, int(time.time() * 1000)))] if status is not None else []
+            self._send_deferred(end)
             _OPEN.discard(self)
             self._report()
-
-    def _give_up(self, timeout: float) -> None:
-        with self._lock:
-            self._abandoned = True
-            left = self._held + _drain(self._queue)
-            self._held = []
-        left = [op for op in left if op[0] not in _CONTROL]
-        log.warning(
-            "MLflow at %s did not take the records of run %s within %g s; the %d records left are kept in %s",
-            self.uri, self.run_id, timeout, len(left), self.fallback_path,
-        )
-        self._write_fallback(left)
+            self._release_queue()
 
     # -- caller side ------------------------------------------------------------------------------
     def _submit(self, op: tuple[str, Any]) -> None:
@@ -231,13 +245,29 @@ class StageRun:
             return
         with self._lock:
             if not self._closed:
-                self._queue.put(op)
-                return
+                if op[0] not in _ASYNC:
+                    self._deferred.append(op)
+                    return
+                if not self._buffer:
+                    self._buffer_since = time.monotonic()
+                self._buffer.append(op)
+                late = False
+            else:
+                late = True
+        if not late:
+            self._pump()
+            return
         if not self._late:
             self._late = True
             log.warning("%s logged to run %s after it was closed; kept in %s",
                         op[0], self.run_id, self.fallback_path)
-        self._write_fallback([op])
+        self._keep([op])
+
+    def _wait_idle(self, timeout: float | None) -> bool:
+        with self._idle:
+            return self._idle.wait_for(
+                lambda: self._abandoned or (self._inflight is None and (self._failed or not self._buffer)),
+                timeout)
 
     def _report(self) -> None:
         if self.metrics_to_fallback:
@@ -253,200 +283,212 @@ class StageRun:
                 self.lost_to_fallback - self.rejected, self.uri, self.fallback_path,
             )
 
-    # -- worker thread ----------------------------------------------------------------------------
-    def _work(self) -> None:
+    # -- handing records to MLflow ----------------------------------------------------------------
+    def _pump(self, force: bool = False) -> None:
+        """Hand the oldest waiting records to MLflow unless a batch of this run is in flight (its
+        done-callback pumps again); offline, append them to the fallback file when enough have
+        gathered, or now when ``force``. Runs in the logging thread or in MLflow's, never blocks
+        on the store."""
         while True:
             with self._lock:
-                wait = None
-                if self._held:
-                    wait = max(0.0, self._held_since + self.flush_interval - time.monotonic())
+                if self._inflight is not None or self._abandoned:
+                    return
+                if not self._buffer:
+                    self._idle.notify_all()
+                    return
+                offline = self._failed
+                if offline:
+                    if not (force or self._offline_due()):
+                        return
+                    ops, self._buffer = self._buffer, []
+                    self._file_lock.acquire()
+                else:
+                    ops = _next_unit(self._buffer)
+                    del self._buffer[: len(ops)]
+                    self._inflight, self._attempt = ops, 0
+            if offline:
+                try:
+                    self._fallback.write(ops)
+                finally:
+                    self._file_lock.release()
+                continue
+            if not self._hand_over(ops):
+                return
+
+    def _offline_due(self) -> bool:
+        metrics = sum(len(op[1]) for op in self._buffer if op[0] == "metrics")
+        return (metrics >= self.flush_every or any(op[0] != "metrics" for op in self._buffer)
+                or time.monotonic() - self._buffer_since >= self.flush_interval)
+
+    def _hand_over(self, unit: list[tuple[str, Any]]) -> bool:
+        """Give ``unit`` to MLflow's queue. True when its outcome is already settled (the caller goes
+        on pumping); False when a done-callback will settle it, or a retry is scheduled."""
+        try:
+            operations = self._send_async(unit)
+            self._handed_over = True
+            futures = futures_of(operations)
+        except Exception as exc:  # refused before queueing (a client that logs synchronously, shutdown)
+            return self._settle(unit, exc)
+        if all(f.done() for f in futures):
+            return self._settle(unit, first_error(futures))
+        left = [len(futures)]
+        count_lock = threading.Lock()
+
+        def done(_future) -> None:  # in MLflow's status-check thread (or here, if it just finished)
+            with count_lock:
+                left[0] -= 1
+                if left[0]:
+                    return
             try:
-                op = self._queue.get(timeout=wait)
-            except queue.Empty:
-                self._send_held()
-                if self._abandoned:
-                    return
-                continue
-            kind = op[0]
-            with self._lock:
-                orphan = self._abandoned
-                if not orphan and kind not in _CONTROL:
-                    if not self._held:
-                        self._held_since = time.monotonic()
-                    self._held.append(op)
-            if orphan:  # close() gave up on us while we were taking this one
-                if kind == "flush":
-                    op[1].set()
-                elif kind != "stop":
-                    self._write_fallback([op])
-                return
-            if kind != "metrics" or self._held_metrics() >= self.flush_every:
-                self._send_held()
-            if self._abandoned:  # close() took over what was left while we were stuck in a call
-                return
-            if kind == "flush":
-                op[1].set()
-            elif kind == "stop":
-                return
+                if self._settle(unit, first_error(futures)):
+                    self._pump()
+            except Exception:  # never into MLflow's thread pool, where it would only be printed
+                log.exception("MLflow logging of run %s: unexpected error", self.run_id)
 
-    def _held_metrics(self) -> int:
-        with self._lock:
-            return sum(len(op[1]) for op in self._held if op[0] == "metrics")
+        for future in futures:
+            future.add_done_callback(done)
+        return False
 
-    def _send_held(self) -> None:
-        """Send the held ops in order: runs of metric ops merged up to 1000 values, others one by one."""
-        while True:
-            with self._lock:
-                if self._abandoned or not self._held:
-                    return
-                unit = _next_unit(self._held)
-                failed = self._failed
-                if failed:  # claim before writing, so close() cannot write them a second time
-                    del self._held[: len(unit)]
-            if failed:
-                self._write_fallback(unit)
-                continue
-            error = None
-            try:
-                self._send(unit)
-            except Exception as exc:
-                error = exc
-            with self._lock:
-                if self._abandoned:  # close() has written them to the fallback file already
-                    return
-                del self._held[: len(unit)]
-            if error is None:
-                continue
-            if is_rejection(error):  # the record is refused, the store is fine: keep logging to it
-                log.warning("MLflow at %s rejected %s of run %s (%s); the record is kept in %s",
-                            self.uri, unit[0][0], self.run_id, error, self.fallback_path)
-                self._write_fallback(unit, rejected=str(error))
-                continue
-            self._failed = True
-            log.warning(
-                "MLflow logging failed at %s (%s: %s); training goes on, and this and every later record "
-                "of run %s is kept in %s",
-                self.uri, type(error).__name__, error, self.run_id, self.fallback_path,
-            )
-            self._write_fallback(unit)
+    def _send_async(self, unit: list[tuple[str, Any]]):
+        from mlflow.entities import Metric, Param, RunTag
 
-    def _send(self, unit: list[tuple[str, Any]]) -> None:
-        kind = unit[0][0]
-        client, run_id = self.client, self.run_id
+        kind, client = unit[0][0], self.client
         if kind == "metrics":
-            from mlflow.entities import Metric
-
             metrics = [Metric(k, v, ts, step) for op in unit for (k, v, ts, step) in op[1]]
-            for i in range(0, len(metrics), MAX_METRICS_PER_CALL):
-                chunk = metrics[i : i + MAX_METRICS_PER_CALL]
-                with_retry(client.log_batch, run_id, metrics=chunk, synchronous=True)
-            return
+            return client.log_batch(self.run_id, metrics=metrics, synchronous=False)
         payload = unit[0][1]
         if kind == "params":
-            from mlflow.entities import Param
+            return client.log_batch(self.run_id, params=[Param(k, v) for k, v in payload.items()],
+                                    synchronous=False)
+        if kind == "tags":
+            return client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in payload.items()],
+                                    synchronous=False)
+        parent, items = payload  # parent_metrics
+        return client.log_batch(parent, metrics=[Metric(k, v, ts, step) for (k, v, ts, step) in items],
+                                synchronous=False)
 
-            params = [Param(k, v) for k, v in payload.items()]
-            with_retry(client.log_batch, run_id, params=params, synchronous=True)
-        elif kind == "tags":
-            from mlflow.entities import RunTag
+    def _settle(self, unit: list[tuple[str, Any]], error: BaseException | None) -> bool:
+        """The outcome of the batch in flight. True when it is done with (taken, kept as rejected,
+        or kept in the fallback file with everything after it)."""
+        with self._lock:
+            if self._abandoned or self._inflight is not unit:  # close() kept it in the fallback file
+                return False
+            if error is None:
+                self._inflight = None
+                return True
+            if is_lock_contention(error) and self._attempt < LOCK_RETRY_ATTEMPTS - 1:
+                timer = threading.Timer(lock_retry_pause(self._attempt), self._retry, (unit,))
+                timer.daemon = True
+                self._attempt += 1
+                timer.start()
+                return False
+            self._inflight = None
+            rejected = is_rejection(error)
+            if rejected:
+                ops = unit
+            else:
+                first = not self._failed
+                self._failed = True
+                ops, self._buffer = unit + self._buffer, []
+            self._file_lock.acquire()
+        try:
+            if rejected:  # the record is refused, the store is fine: keep logging to it
+                log.warning("MLflow at %s rejected %s of run %s (%s); the record is kept in %s",
+                            self.uri, unit[0][0], self.run_id, error, self.fallback_path)
+                self._fallback.write(ops, rejected=str(error))
+            else:
+                if first:
+                    log.warning(
+                        "MLflow logging failed at %s (%s: %s); training goes on, and this and every later "
+                        "record of run %s is kept in %s",
+                        self.uri, type(error).__name__, error, self.run_id, self.fallback_path,
+                    )
+                self._fallback.write(ops)
+        finally:
+            self._file_lock.release()
+        return True
 
-            tags = [RunTag(k, v) for k, v in payload.items()]
-            with_retry(client.log_batch, run_id, tags=tags, synchronous=True)
-        elif kind == "artifact":
+    def _retry(self, unit: list[tuple[str, Any]]) -> None:
+        with self._lock:
+            if self._abandoned or self._inflight is not unit:
+                return
+        try:
+            if self._hand_over(unit):
+                self._pump()
+        except Exception:
+            log.exception("MLflow logging of run %s: unexpected error", self.run_id)
+
+    def _give_up(self, timeout: float) -> None:
+        with self._lock:
+            self._abandoned = self._failed = True
+            left = (self._inflight or []) + self._buffer
+            self._inflight, self._buffer = None, []
+            self._idle.notify_all()
+            self._file_lock.acquire()
+        try:
+            if left:
+                log.warning(
+                    "MLflow at %s did not take the records of run %s within %g s; the %d records left are "
+                    "kept in %s", self.uri, self.run_id, timeout, len(left), self.fallback_path,
+                )
+            self._fallback.write(left)
+        finally:
+            self._file_lock.release()
+
+    # -- artifacts and the run's end (synchronous, after the records) -----------------------------
+    def _send_deferred(self, extra: list[tuple[str, Any]] = ()) -> None:
+        with self._lock:
+            ops, self._deferred = self._deferred + list(extra), []
+        for i, op in enumerate(ops):
+            if self._failed:
+                self._keep(ops[i:])
+                return
+            try:
+                self._send_sync(op)
+            except Exception as exc:
+                if is_rejection(exc):
+                    log.warning("MLflow at %s rejected %s of run %s (%s); the record is kept in %s",
+                                self.uri, op[0], self.run_id, exc, self.fallback_path)
+                    self._keep([op], rejected=str(exc))
+                    continue
+                with self._lock:
+                    first, self._failed = not self._failed, True
+                if first:
+                    log.warning(
+                        "MLflow logging failed at %s (%s: %s); training goes on, and this and every later "
+                        "record of run %s is kept in %s",
+                        self.uri, type(exc).__name__, exc, self.run_id, self.fallback_path,
+                    )
+                self._pump(force=True)  # records logged meanwhile go first
+                self._keep(ops[i:])
+                return
+
+    def _send_sync(self, op: tuple[str, Any]) -> None:
+        kind, payload = op
+        if kind == "artifact":
             path, artifact_path = payload
-            method = client.log_artifacts if Path(path).is_dir() else client.log_artifact
-            with_retry(method, run_id, path, artifact_path)
+            method = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
+            with_retry(method, self.run_id, path, artifact_path)
         elif kind == "end":
             status, end_time = payload
-            with_retry(client.set_terminated, run_id, status, end_time)
-        elif kind == "parent_metrics":
-            from mlflow.entities import Metric
+            with_retry(self.client.set_terminated, self.run_id, status, end_time)
 
-            parent, items = payload
-            metrics = [Metric(k, v, ts, step) for (k, v, ts, step) in items]
-            with_retry(client.log_batch, parent, metrics=metrics, synchronous=True)
+    def _release_queue(self) -> None:
+        """Shut MLflow's queue of this store down when no other open run of this process uses it."""
+        if not self._handed_over or self._abandoned:
+            return  # nothing started, or a batch is stuck in it: shutting it down would wait for that
+        store = store_of(self.client)
+        if store is not None and not any(other is not self and store_of(other.client) is store
+                                         for other in list(_OPEN)):
+            shut_down_queue(store)
 
-    # -- fallback file ----------------------------------------------------------------------------
-    def _write_fallback(self, ops: list[tuple[str, Any]], rejected: str | None = None) -> None:
-        records: list[dict[str, Any]] = []
-        metrics: list[list[Any]] = []
-        n_metrics = 0
-        for op in ops:
-            if op[0] == "metrics":
-                metrics.extend([k, v, step, ts] for (k, v, ts, step) in op[1])
-                continue
-            if metrics:
-                records.append(self._record(metrics=metrics))
-                n_metrics, metrics = n_metrics + len(metrics), []
-            records.append(self._record(**self._fields(op)))
-            if op[0] == "parent_metrics":
-                n_metrics += len(op[1][1])
-        if metrics:
-            records.append(self._record(metrics=metrics))
-            n_metrics += len(metrics)
-        if not records:
-            return
-        if rejected:
-            for r in records:
-                r["rejected"] = rejected
+    def _keep(self, ops: list[tuple[str, Any]], rejected: str | None = None) -> None:
         with self._file_lock:
-            try:
-                append_records(self.fallback_path, records)
-            except OSError as exc:  # the last resort failed too: say so loudly, never raise into training
-                log.error("could not keep %d MLflow records in %s (%s); they are lost: %s",
-                          len(records), self.fallback_path, exc, records)
-                return
-            self.lost_to_fallback += len(records)
-            if rejected:
-                self.rejected += len(records)
-            else:
-                self.metrics_to_fallback += n_metrics
-
-    def _record(self, **fields: Any) -> dict[str, Any]:
-        record: dict[str, Any] = {
-            "run_id": self.run_id, "time": time.time(), "uri": self.uri, "stage": self.stage,
-        }
-        if self.experiment:
-            record["experiment"] = self.experiment
-        if self.local_id:
-            record["local_id"] = self.local_id
-        record.update(fields)
-        return record
-
-    def _fields(self, op: tuple[str, Any]) -> dict[str, Any]:
-        kind, payload = op
-        if kind == "params":
-            return {"params": payload}
-        if kind == "tags":
-            return {"tags": payload}
-        if kind == "end":
-            return {"status": payload[0], "end_time": payload[1]}
-        if kind == "parent_metrics":  # replayed into the parent run by `sunfish tracking sync`
-            parent, items = payload
-            return {"run_id": parent, "metrics": [[k, v, step, ts] for (k, v, ts, step) in items]}
-        path, artifact_path = payload
-        return {"artifact": self._keep_artifact(Path(path)), "source": path, "artifact_path": artifact_path}
-
-    def _keep_artifact(self, path: Path) -> str:
-        """Copy an artifact next to the fallback file: its original may live in a DVC queue
-        workspace that is deleted when the experiment ends."""
-        dest = self._kept_folder() / f"{uuid.uuid4().hex[:8]}-{path.name}"
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if path.is_dir():
-                shutil.copytree(path, dest)
-            else:
-                shutil.copy2(path, dest)
-        except OSError as exc:
-            log.warning("could not keep a copy of artifact %s (%s); recording its path only", path, exc)
-            return str(path)
-        return str(dest)
-
-    def _kept_folder(self) -> Path:
-        return self.fallback_path.parent / "artifacts" / (self.run_id or self.local_id)
+            self._fallback.write(ops, rejected)
 
 
 def _next_unit(held: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The next batch: a run of metric ops merged up to 1000 values, or one other op."""
     if held[0][0] != "metrics":
         return held[:1]
     unit, count = [], 0
@@ -458,22 +500,16 @@ def _next_unit(held: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return unit
 
 
-def _drain(q: queue.SimpleQueue) -> list[tuple[str, Any]]:
-    out = []
-    while True:
-        try:
-            op = q.get_nowait()
-        except queue.Empty:
-            return out
-        if op[0] == "flush":
-            op[1].set()
-        out.append(op)
-
-
-@atexit.register
 def _close_open_runs() -> None:
     for handle in list(_OPEN):
-        handle.close(status=None, timeout=10.0)
+        try:
+            handle.close(status=None, timeout=10.0)
+        except Exception:  # at exit: the other runs still get closed
+            log.exception("could not close MLflow run %s at exit", handle.run_id)
+
+
+def _open_run_ids() -> set[str]:
+    return {i for handle in list(_OPEN) for i in (handle.run_id, handle.parent_id) if i}
 
 
 def param_value(value: Any) -> str:
