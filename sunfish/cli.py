@@ -440,9 +440,11 @@ def tracking_sync(files: tuple[Path, ...], uri: str | None) -> None:
     """Replay fallback files into MLflow (default: state/mlflow_fallback/*.jsonl of this project).
 
     Each file sent completely is renamed to <name>.synced-<time>; records that could not be sent stay
-    in the file, so the command can simply be run again. Model registrations that evaluate could not
-    make while the store was down are replayed too (a version of sunfish-<model>, alias champion);
-    weights already registered reuse their version.
+    in the file, so the command can simply be run again. Records MLflow refuses as invalid are marked
+    rejected in the renamed file and skipped; the artifact and checkpoint copies kept for the records
+    sent are deleted. Model registrations that evaluate could not make while the store was down are
+    replayed too (a version of sunfish-<model>, alias champion); weights already registered reuse
+    their version.
     """
     from sunfish.model_registry import replay_registration
     from sunfish.tracking import SyncError, fallback_files, repo_root, sync_file
@@ -464,8 +466,10 @@ def tracking_sync(files: tuple[Path, ...], uri: str | None) -> None:
         skipped = f", {result.skipped} skipped (see warnings)" if result.skipped else ""
         n = result.registrations
         registered = f", {n} model registration{'s' * (n != 1)}" if n else ""
+        freed = (f"; {result.kept_removed} kept cop{'y' if result.kept_removed == 1 else 'ies'} removed "
+                 f"({result.freed_bytes / 1e6:.1f} MB freed)" if result.kept_removed else "")
         click.echo(f"{path}: {result.records} records ({result.metrics} metric values{registered}) sent to {where}"
-                   f"{skipped}; file moved to {result.moved_to.name}")
+                   f"{skipped}; file moved to {result.moved_to.name}{freed}")
     if problems:
         raise UsageProblem("\n".join(problems))
 

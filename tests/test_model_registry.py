@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -208,12 +209,14 @@ def _champion(client: MlflowClient, model: str):
         return None
 
 
-def _evaluate_with_the_store_down(root: Path, checkpoint: Path, caplog) -> StageRun:
+def _evaluate_with_the_store_down(root: Path, checkpoint: Path, caplog, artifact: Path | None = None) -> StageRun:
     """What the evaluate stage does (stage_run, then register_models) with an unreachable store."""
     (root / "not-a-dir").write_text("a file where the store's folder should be")
     bad = f"sqlite:///{root / 'not-a-dir' / 'x' / 'mlflow.db'}"
     with caplog.at_level(logging.WARNING), stage_run("evaluate", root=root, configured_uri=bad) as run:
         assert run.client is None and run.offline
+        if artifact is not None:
+            run.log_artifact(artifact)
         register_models(run, {"stage_0": {"best": {"step": 3, "checkpoint": str(checkpoint.relative_to(root))}},
                               "control_1": {"is_control": True}}, root)
     return run
@@ -227,6 +230,8 @@ def check_the_missed_registration_is_replayed(tmp_path: Path, monkeypatch, caplo
     checkpoint = build_checkpoints(root / "models")["staged"]
     weights = checkpoint_weights_id(checkpoint)[1]
     run = _evaluate_with_the_store_down(root, checkpoint, caplog)
+    kept_root = run.fallback_path.parent / "artifacts"
+    kept_files = {p: p.read_bytes() for p in kept_root.rglob("*") if p.is_file()}  # the sync removes them
 
     good = f"sqlite:///{root / 'mlflow.db'}"
     monkeypatch.setenv("DVC_ROOT", str(root))
@@ -251,10 +256,11 @@ def check_the_missed_registration_is_replayed(tmp_path: Path, monkeypatch, caplo
                       "checkpoint": fields["checkpoint"], "source": str(checkpoint), "kept_at": fields["kept_at"]}
     assert records[1]["time"] - 5 < fields["kept_at"] <= records[1]["time"]
     kept = Path(fields["checkpoint"])
-    assert kept.parent == run.fallback_path.parent / "artifacts" / run.local_id
+    assert kept.parent == kept_root / run.local_id
     own = sorted(f for f in (*FILES, *OPTIONAL_FILES) if (checkpoint / f).is_file())
-    assert sorted(p.name for p in kept.iterdir()) == own
-    assert all((kept / f).read_bytes() == (checkpoint / f).read_bytes() for f in own)
+    assert sorted(p.name for p in kept_files if p.parent == kept) == own
+    assert all(kept_files[kept / f] == (checkpoint / f).read_bytes() for f in own)
+    assert not kept.parent.exists(), "the sync is done with the kept copy: it is removed"
 
 
 def test_a_registration_the_store_missed_is_replayed_by_sync(tmp_path, monkeypatch, caplog):
@@ -311,8 +317,11 @@ def test_the_kept_copy_is_registered_once_however_often_it_is_replayed(tmp_path,
     save_checkpoint(checkpoint, model, model_name="stage_0", step=9, tokenizer_file=ckpts["tokenizer"])
     assert checkpoint_weights_id(checkpoint)[1] != weights  # `dvc repro` replaced the checkpoint
 
+    kept_root = fallback.parent / "artifacts"
+    shutil.copytree(kept_root, tmp_path / "kept-before-sync")  # the sync removes the copies it sent
     result = sync_file(fallback, uri, register=replay_registration)
     assert (result.records, result.registrations, result.skipped) == (2, 2, 0)
+    assert not any(kept_root.iterdir())
     version = _champion(client, "stage_0")
     assert version.tags[WEIGHTS_TAG] == weights and version.run_id == run_id
     folder = fetch_checkpoint(f"models:/{registered_name('stage_0')}@{ALIAS}", uri=uri, cache_dir=tmp_path / "cache")
@@ -320,7 +329,9 @@ def test_the_kept_copy_is_registered_once_however_often_it_is_replayed(tmp_path,
     assert len(client.search_model_versions(f"name='{registered_name('stage_0')}'")) == 1
     assert len(client.search_logged_models([experiment])) == 1
 
-    result.moved_to.rename(fallback)  # the same file replayed again
+    result.moved_to.rename(fallback)  # the same file replayed again, with its copies (a sync that failed late)
+    shutil.rmtree(kept_root)
+    shutil.copytree(tmp_path / "kept-before-sync", kept_root)
     assert sync_file(fallback, uri, register=replay_registration).registrations == 2
     assert len(client.search_model_versions(f"name='{registered_name('stage_0')}'")) == 1
     assert len(client.search_logged_models([experiment])) == 1
@@ -334,6 +345,7 @@ def test_the_kept_copy_is_registered_once_however_often_it_is_replayed(tmp_path,
     assert (result.records, result.registrations, result.skipped) == (0, 0, 1) and not fallback.exists()
     (record,) = read_jsonl(result.moved_to)
     assert "reserved" in record["rejected"]
+    assert not any(kept_root.iterdir()), "a registration refused for good needs its copy no more"
     result.moved_to.rename(fallback)  # marked: a later sync skips it without asking MLflow again
     assert sync_file(fallback, uri, register=replay_registration).skipped == 1
 
@@ -396,6 +408,74 @@ def test_sync_without_a_register_handler_puts_everything_back(tmp_path, monkeypa
     assert [p.name for p in fallback.parent.iterdir() if p.name.startswith("evaluate.jsonl.")] == []
     assert not (tmp_path / "mlflow.db").exists()
     assert Path(before[1]["register"]["checkpoint"]).is_dir()
+
+
+def test_a_synced_registration_frees_its_kept_copies_and_the_model_still_loads(tmp_path, monkeypatch, caplog):
+    """(f) The store is down at evaluate, which logs a report and registers a checkpoint: both are
+    copied under state/mlflow_fallback/artifacts/<run>/. Once the sync has sent them the copies and
+    their run folder are gone (the originals stay), and the registered model loads from MLflow."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "proj"
+    checkpoint = build_checkpoints(root / "models")["staged"]
+    report = root / "report.md"
+    report.write_text("# results\n")
+    run = _evaluate_with_the_store_down(root, checkpoint, caplog, artifact=report)
+    kept = run.fallback_path.parent / "artifacts" / run.local_id
+    assert len(list(kept.iterdir())) == 2, "the report's copy and the checkpoint's"
+
+    good = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    result = CliRunner().invoke(main, ["tracking", "sync", "--uri", good])
+    assert result.exit_code == 0, result.output
+    assert "1 model registration)" in result.output and "2 kept copies removed" in result.output
+    assert not kept.exists()
+    assert report.read_text() == "# results\n" and all((checkpoint / f).is_file() for f in FILES)
+    client = MlflowClient(good)
+    (replayed,) = client.search_runs([client.get_experiment_by_name("sunfish").experiment_id])
+    assert [a.path for a in client.list_artifacts(replayed.info.run_id) if a.path.endswith("report.md")]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", good)
+    model = mlflow.pyfunc.load_model(f"models:/{registered_name('stage_0')}@{ALIAS}")
+    (text,) = model.predict(["Once upon a time"], params={"max_new_tokens": 3, "temperature": 0.0})
+    assert text.startswith("Once upon a time")
+
+
+def test_a_failed_sync_keeps_the_copies_its_records_still_need(tmp_path, monkeypatch, caplog):
+    """(g) The store fails at the registration, after the report was sent: the registration goes
+    back into the file with its kept checkpoint (the report's copy, sent, is removed), and the next
+    sync registers it from that copy and removes it."""
+    import sunfish.model_registry as registry
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "proj"
+    checkpoint = build_checkpoints(root / "models")["staged"]
+    report = root / "report.md"
+    report.write_text("# results\n")
+    run = _evaluate_with_the_store_down(root, checkpoint, caplog, artifact=report)
+    kept = run.fallback_path.parent / "artifacts" / run.local_id
+
+    def store_goes_away(*args, **kwargs):
+        raise ConnectionError("the store went away")
+
+    real = registry.log_checkpoint_model
+    monkeypatch.setattr(registry, "log_checkpoint_model", store_goes_away)
+    good = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    result = CliRunner().invoke(main, ["tracking", "sync", "--uri", good])
+    assert result.exit_code == 2 and "the store went away" in result.output, result.output
+    back = read_jsonl(run.fallback_path)
+    assert [next(k for k in ("register", "status") if k in r) for r in back] == ["register", "status"]
+    copy = Path(back[0]["register"]["checkpoint"])
+    assert list(kept.iterdir()) == [copy], "only the copy of the record sent is removed"
+    own = sorted(f for f in (*FILES, *OPTIONAL_FILES) if (checkpoint / f).is_file())
+    assert sorted(p.name for p in copy.iterdir()) == own
+
+    monkeypatch.setattr(registry, "log_checkpoint_model", real)
+    result = CliRunner().invoke(main, ["tracking", "sync", "--uri", good])
+    assert result.exit_code == 0, result.output
+    assert "1 model registration)" in result.output and "1 kept copy removed" in result.output
+    version = _champion(MlflowClient(good), "stage_0")
+    assert version is not None and version.tags[WEIGHTS_TAG] == checkpoint_weights_id(checkpoint)[1]
+    assert not kept.exists()
 
 
 def test_bad_predict_inputs_are_named():

@@ -527,6 +527,7 @@ def test_store_down_from_the_start_replays_into_a_new_run(tmp_path, caplog):
     assert replayed.info.status == "FINISHED"
     assert [a.path for a in client.list_artifacts(replayed.info.run_id)][0].endswith("artifact.txt")
     assert not run.fallback_path.exists()
+    assert not (run.fallback_path.parent / "artifacts" / run.local_id).exists(), "the kept copy is removed"
 
 
 def test_failed_sync_puts_records_back(tmp_path):
@@ -574,6 +575,136 @@ def test_interrupted_replay_resumes_into_the_same_new_run(tmp_path, monkeypatch)
     assert store_steps(uri, replayed.info.run_id, "x") == [0, 1, 2]
     assert replayed.info.status == "FINISHED"
     assert len(list(path.parent.glob("prepare.jsonl.synced-*"))) == 2
+
+
+def _store_with_a_run(tmp_path):
+    from sunfish.tracking import open_client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = open_client(uri)
+    experiment = client.create_experiment("sunfish", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    return uri, client, client.create_run(experiment).info.run_id
+
+
+def test_a_param_mlflow_rejects_at_sync_is_marked_and_never_blocks_a_later_sync(tmp_path, caplog):
+    """A kept param whose value differs from the one the run holds (MLflow refuses to change it): the
+    sync sends the metrics after it, marks the param rejected in the archive, and the next sync of a
+    new file is not blocked by it (before: SyncError, the param put back, every later sync failing)."""
+    from sunfish.tracking import sync_file
+
+    uri, client, run_id = _store_with_a_run(tmp_path)
+    client.log_param(run_id, "lr", "0.1")
+    fallback = tmp_path / "state" / "mlflow_fallback" / "train_stage_0.jsonl"
+    run = StageRun(None, run_id, fallback, uri=uri, flush_every=1)
+    run.log_params({"lr": 0.2})
+    for step in (1, 2):
+        run.log_metrics({"loss": 1.0 / step}, step)
+        run.flush()
+    run.close()
+
+    result = sync_file(fallback)
+    assert (result.records, result.metrics, result.skipped) == (3, 2, 1)  # two metric records, the end
+    assert store_steps(uri, run_id, "loss") == [1, 2] and client.get_run(run_id).data.params == {"lr": "0.1"}
+    (refused,) = [r for r in read_jsonl(result.moved_to) if "rejected" in r]
+    assert refused["params"] == {"lr": "0.2"} and "params lr" in refused["rejected"]
+    assert "Changing param values is not allowed" in refused["rejected"]
+    assert "MLflow rejected params lr of run" in caplog.text
+
+    run = StageRun(None, run_id, fallback, uri=uri)  # the next sync: a new file
+    run.log_metrics({"loss": 0.25}, 3)
+    run.close(status=None)
+    result = sync_file(fallback)
+    assert (result.records, result.skipped) == (1, 0) and store_steps(uri, run_id, "loss") == [1, 2, 3]
+
+
+def test_only_the_refused_part_of_a_record_is_marked(tmp_path):
+    """One record holding metrics and params, one param of which MLflow refuses: the metrics and the
+    other param are sent, and the refused param is moved into a record of its own, marked rejected,
+    which a replay of the archive skips without asking MLflow again."""
+    from sunfish.tracking import append_records, sync_file
+
+    uri, client, run_id = _store_with_a_run(tmp_path)
+    client.log_param(run_id, "lr", "0.1")
+    fallback = tmp_path / "state" / "mlflow_fallback" / "train_stage_0.jsonl"
+    record = {"run_id": run_id, "time": 1.0, "uri": uri, "stage": "train_stage_0",
+              "params": {"lr": "0.3", "batch": "8"}, "metrics": [["acc", 0.5, 1, 1000], ["loss", 2.0, 1, 1000]]}
+    append_records(fallback, [record])
+
+    result = sync_file(fallback)
+    assert (result.records, result.metrics, result.skipped) == (1, 2, 1)
+    got = client.get_run(run_id).data
+    assert got.params == {"lr": "0.1", "batch": "8"} and got.metrics == {"acc": 0.5, "loss": 2.0}
+    sent, refused = read_jsonl(result.moved_to)
+    assert sent == {**record, "params": {"batch": "8"}}
+    assert refused["params"] == {"lr": "0.3"} and "metrics" not in refused and refused["run_id"] == run_id
+    assert "params lr" in refused["rejected"]
+
+    result.moved_to.rename(fallback)  # the archive replayed: the refused part is not sent again
+    result = sync_file(fallback)
+    assert (result.records, result.skipped) == (1, 1)
+
+
+def test_a_store_failing_at_sync_is_no_rejection_and_keeps_everything(real_store):
+    """(real) MLflow fails with an error that is not a refusal (disk I/O): the sync stops with
+    SyncError and every record goes back with its kept copy, nothing marked; once the store works,
+    the next sync sends it all and removes the copy."""
+    from mlflow.exceptions import MlflowException
+
+    from sunfish.tracking import sync_file
+
+    store = real_store
+    experiment = store.client.create_experiment("kept", artifact_location=(store.fallback.parents[2] / "a").as_uri())
+    run_id = store.client.create_run(experiment).info.run_id
+    (store.fallback.parents[2] / "notes.txt").write_text("notes")
+    run = StageRun(None, run_id, store.fallback, uri=store.uri, flush_every=1)
+    run.log_metrics({"x": 1.0}, 1)
+    run.log_params({"p": 1})
+    run.log_artifact(store.fallback.parents[2] / "notes.txt")
+    run.close()
+    before = read_jsonl(store.fallback)
+    (copy,) = (store.fallback.parent / "artifacts" / run_id).iterdir()
+
+    store.gate.fail = lambda *_: MlflowException("(sqlite3.OperationalError) disk I/O error")
+    with pytest.raises(SyncError, match="disk I/O error"):
+        sync_file(store.fallback)
+    assert read_jsonl(store.fallback) == before and copy.read_text() == "notes"
+
+    store.gate.fail = None
+    result = sync_file(store.fallback)
+    assert (result.records, result.skipped, result.kept_removed) == (4, 0, 1) and not copy.parent.exists()
+    assert store.client.get_run(run_id).data.params == {"p": "1"}
+
+
+def test_sync_removes_the_copies_it_is_done_with_and_nothing_else(tmp_path, caplog):
+    """The copy kept for an artifact is removed once sent, with its emptied run folder, and the
+    bytes freed are logged; a record naming the user's own file (no copy could be made), a run
+    folder itself, or a path leaving the kept folder, and another run's copies, are left alone."""
+    from sunfish.tracking import append_records, sync_file
+
+    uri, client, run_id = _store_with_a_run(tmp_path)
+    fallback = tmp_path / "state" / "mlflow_fallback" / "train_stage_0.jsonl"
+    (tmp_path / "weights.bin").write_bytes(b"w" * 200_000)
+    run = StageRun(None, run_id, fallback, uri=uri)
+    run.log_artifact(tmp_path / "weights.bin")
+    run.close(status=None)
+    kept_root = fallback.parent / "artifacts"
+    (copy,) = (kept_root / run_id).iterdir()
+    other = kept_root / "other-run" / "1234-notes.txt"
+    other.parent.mkdir()
+    other.write_text("another run's")
+    (tmp_path / "mine.txt").write_text("the user's")
+    base = {"run_id": run_id, "time": 1.0, "uri": uri}
+    append_records(fallback, [{**base, "artifact": str(tmp_path / "mine.txt")},
+                              {**base, "artifact": str(other.parent)},
+                              {**base, "artifact": str(kept_root / run_id / ".." / ".." / ".." / ".." / "mine.txt")}])
+
+    with caplog.at_level(logging.INFO, logger="sunfish.tracking"):
+        result = sync_file(fallback)
+    assert (result.records, result.kept_removed, result.freed_bytes) == (4, 1, 200_000)
+    assert not copy.exists() and not copy.parent.exists()
+    assert (tmp_path / "weights.bin").stat().st_size == 200_000 and (tmp_path / "mine.txt").read_text() == "the user's"
+    assert other.read_text() == "another run's"
+    assert "removed 1 kept copy of synced records, 0.2 MB freed" in caplog.text
 
 
 def test_cli_sync(tmp_path, monkeypatch):

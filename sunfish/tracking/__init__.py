@@ -7,6 +7,8 @@ only when a store is opened):
   else ``tracking.uri`` of params.yaml, else a SQLite file at the repository root found from
   ``DVC_ROOT`` or git, also from a ``dvc exp run --queue`` workspace), opening a client, retrying
   on SQLite lock contention;
+- :mod:`sunfish.tracking.kept`: the copies of artifacts and checkpoints kept for a replay, and
+  their removal once it is done with them;
 - :mod:`sunfish.tracking.offline`: the local fallback file (``state/mlflow_fallback/<stage>.jsonl``)
   that keeps the records a store could not take, and its replay (``sunfish tracking sync``);
 - :mod:`sunfish.tracking.mlflow_async`: what StageRun relies on in MLflow's asynchronous logging

@@ -14,8 +14,10 @@ with ``end_time`` (the run's end) or ``register``: a model registration the stor
 (``model``, ``step``, ``weights_sha256``, ``alias``, and ``checkpoint``, a copy of the checkpoint's
 files kept next to the file; see :meth:`sunfish.tracking.runs.StageRun.keep_registration`). A run
 that could not even be created has ``run_id: null`` and a ``local_id``; :func:`sync_fallback`
-creates one run per local id. Records that MLflow refused as invalid (``rejected``) are kept for
-reference and not replayed.
+creates one run per local id. Records that MLflow refused as invalid (``rejected``, with its reason;
+when a run logs them, or at a sync: then only the refused part) are kept for reference and not
+replayed. Once a sync is done with a record, the copy it kept is deleted
+(:func:`sunfish.tracking.kept.remove_kept_copies`).
 
 Registering is the model registry's business (:mod:`sunfish.model_registry`, which imports this
 package), so the replay of ``register`` records is a handler passed in: ``sync_file(path,
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sunfish.tracking.kept import KEPT_DIR, remove_kept_copies
 from sunfish.tracking.store import (
     artifact_location,
     bound_http_retries,
@@ -213,7 +216,7 @@ class FallbackWriter:
 
     def kept_folder(self) -> Path:
         """Where copies of this run's artifacts and checkpoints are kept for the replay."""
-        return self.path.parent / "artifacts" / (self.run_id or self.local_id)
+        return self.path.parent / KEPT_DIR / (self.run_id or self.local_id)
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -242,8 +245,10 @@ class SyncResult:
     path: Path
     records: int = 0  # JSONL records sent
     metrics: int = 0  # metric values among them
-    skipped: int = 0  # rejected (before or now), unreadable, or artifact or kept checkpoint gone
+    skipped: int = 0  # rejected (before or now; a refused part counts too), unreadable, or copy gone
     registrations: int = 0  # "register" records among those sent: model versions registered
+    kept_removed: int = 0  # kept artifact and checkpoint copies deleted once their records were done
+    freed_bytes: int = 0  # disk space that freed (hard links to files still in place aside)
     uris: set[str] = field(default_factory=set)
     moved_to: Path | None = None
 
@@ -253,8 +258,10 @@ def sync_fallback(path: str | Path, uri: str | None = None, register: RegisterHa
 
     ``uri`` overrides the tracking URI recorded with each record. ``register`` replays the file's
     model registrations (see :data:`RegisterHandler`); a file that holds one needs it. On success
-    the file is renamed to ``<name>.synced-<timestamp>``. On failure the records not yet sent go
-    back into ``path`` and :class:`SyncError` is raised; running it again resumes.
+    the file is renamed to ``<name>.synced-<timestamp>``. What MLflow refuses as invalid is marked
+    ``rejected`` there and skipped (see :meth:`_Replayer.replay`); a store that fails stops the sync:
+    the records not yet sent go back into ``path`` with their kept copies and :class:`SyncError` is
+    raised; running it again resumes. The copies kept for the records archived are deleted.
     """
     return sync_file(Path(path), uri, register=register).records
 
@@ -286,6 +293,7 @@ def sync_file(path: Path, uri: str | None = None, register: RegisterHandler | No
         )
     bound_http_retries()
     replayer = _Replayer(uri, path, register)
+    done: list[dict[str, Any]] = []  # the archive's records: sent, refused (marked) or skipped for good
     for i, record in enumerate(records):
         try:
             sent = replayer.replay(record)
@@ -294,24 +302,30 @@ def sync_file(path: Path, uri: str | None = None, register: RegisterHandler | No
             append_records(path, records[i:])
             where = ""
             if i:
-                _rewrite(work, records[:i])
+                _rewrite(work, done)
                 where = f"; the {i} sent are in {_archive(work, path, stamp)}"
+                remove_kept_copies(path, done, pending=records[i:])
             else:
                 work.unlink()
             raise SyncError(
                 f"{path}: sent {i} of {len(records)} records to {replayer.last_uri}, then failed: {exc}. "
                 f"The rest are back in {path}{where}; run `sunfish tracking sync` again when the store is up"
             ) from exc
+        done.append(record)
         if sent:
             result.records += 1
             result.metrics += len(record.get("metrics") or ())
             result.registrations += bool(record.get("register"))
         else:
             result.skipped += 1
+        if replayer.refused is not None:  # the part MLflow refused, after the part it took
+            done.append(replayer.refused)
+            result.skipped += 1
     if replayer.rejected:  # the archive says which were refused, as the run's own file does
-        _rewrite(work, records)
+        _rewrite(work, done)
     result.uris = replayer.uris
     result.moved_to = _archive(work, path, stamp)
+    result.kept_removed, result.freed_bytes = remove_kept_copies(path, done)
     return result
 
 
@@ -342,12 +356,29 @@ def _archive(work: Path, path: Path, stamp: str) -> Path:
     return target
 
 
+# the fields of a record that make up one part of it, sent (or refused) as a whole
+_FIELDS = {"artifact": ("artifact", "source", "artifact_path"), "status": ("status", "end_time"),
+           "register": ("register",)}
+# MLflow's limits of one log_batch call (mlflow.utils.validation): values per call, by kind
+_BATCH = {"metrics": 1000, "params": 100, "tags": 100}
+
+
+def _send(client, run_id: str, kind: str, items: list[Any]) -> None:
+    for i in range(0, len(items), _BATCH[kind]):
+        with_retry(client.log_batch, run_id, **{kind: items[i : i + _BATCH[kind]]}, synchronous=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+
+
 class _Replayer:
     def __init__(self, uri: str | None, path: Path, register: RegisterHandler | None = None):
         self.uri = uri
         self.path = path
         self.register = register
-        self.rejected = 0  # records MLflow refused during this sync (marked "rejected")
+        self.rejected = 0  # records MLflow refused (some of) during this sync (marked "rejected")
+        self.refused: dict[str, Any] | None = None  # the refused part of the record just replayed, if not all
         self.clients: dict[str, Any] = {}
         self.created: dict[tuple[str, str], str] = {}  # (uri, local_id) -> run id made by this sync
         self.uris: set[str] = set()
@@ -366,9 +397,20 @@ class _Replayer:
         return tracking_uri(project_root(self.path))
 
     def replay(self, record: dict[str, Any]) -> bool:
-        """Send one record; False when it is not to be sent (rejected before, artifact gone)."""
+        """Send one record; False when nothing of it was sent (refused now or before, artifact gone).
+
+        Each kind of data in the record (metrics, params, tags, artifact, end, registration) is sent
+        on its own, and a batch MLflow refuses as invalid is sent again key by key: a refusal is
+        about one key (a param whose value changed, a bad name), and its neighbours must not be lost
+        with it. Only what MLflow refused is marked ``rejected``: the whole record when nothing of it
+        was taken, else the refused part is moved into a record of its own (:attr:`refused`, kept
+        after this one in the archive), so the archive says exactly what never reached MLflow. The
+        record is changed only once everything was tried: when the store fails midway, it goes back
+        whole, and sending its accepted part again adds nothing.
+        """
         from mlflow.entities import Metric, Param, RunTag
 
+        self.refused = None
         if record.get("rejected"):
             return False
         uri = self.last_uri = self.target_uri(record)
@@ -379,32 +421,99 @@ class _Replayer:
         client = self.client(uri)
         run_id = record.get("run_id") or self._created_run(client, uri, record)
         self.uris.add(uri)
-        if record.get("metrics"):
-            default_ts = int(float(record.get("time") or time.time()) * 1000)
-            metrics = [
-                Metric(m[0], float(m[1]), int(m[3]) if len(m) > 3 else default_ts, int(m[2]))
-                for m in record["metrics"]
-            ]
-            for i in range(0, len(metrics), 1000):
-                with_retry(client.log_batch, run_id, metrics=metrics[i : i + 1000], synchronous=True)
-        if record.get("params"):
-            params = [Param(k, str(v)) for k, v in record["params"].items()]
-            with_retry(client.log_batch, run_id, params=params, synchronous=True)
-        if record.get("tags"):
-            tags = [RunTag(k, str(v)) for k, v in record["tags"].items()]
-            with_retry(client.log_batch, run_id, tags=tags, synchronous=True)
+        refused: dict[str, set[str]] = {}  # kind -> refused keys (empty: the whole part)
+        reasons: dict[str, list[str]] = {}  # MLflow's reason -> what it refused
+        sent = False
+        default_ts = int(float(record.get("time") or time.time()) * 1000)
+        batches = (
+            ("metrics", [Metric(m[0], float(m[1]), int(m[3]) if len(m) > 3 else default_ts, int(m[2]))
+                         for m in record.get("metrics") or ()]),
+            ("params", [Param(k, str(v)) for k, v in (record.get("params") or {}).items()]),
+            ("tags", [RunTag(k, str(v)) for k, v in (record.get("tags") or {}).items()]),
+        )
+        for kind, items in batches:
+            if items:
+                keys = self._log_batch(client, run_id, kind, items, reasons)
+                if keys:
+                    refused[kind] = keys
+                sent |= len(keys) < len({i.key for i in items})
         if record.get("artifact"):
             local = Path(record["artifact"])
             if not local.exists():
                 log.warning("%s: artifact %s no longer exists; skipped", self.path, local)
-                return False
-            method = client.log_artifacts if local.is_dir() else client.log_artifact
-            with_retry(method, run_id, str(local), record.get("artifact_path"))
+            else:
+                method = client.log_artifacts if local.is_dir() else client.log_artifact
+                sent |= self._whole("artifact", refused, reasons, with_retry, method, run_id, str(local),
+                                    record.get("artifact_path"))
         if record.get("status"):
-            with_retry(client.set_terminated, run_id, record["status"], record.get("end_time"))
+            sent |= self._whole("status", refused, reasons, with_retry, client.set_terminated, run_id,
+                                record["status"], record.get("end_time"))
         if record.get("register"):
-            return self._register(client, run_id, record)
-        return True
+            sent |= self._whole("register", refused, reasons, self._register, client, run_id, record,
+                                label=f"the registration of model {record['register'].get('model')}")
+        if refused:
+            self._mark_refused(record, run_id, refused, reasons, whole=not sent)
+        return sent
+
+    def _log_batch(self, client, run_id: str, kind: str, items: list[Any], reasons: dict[str, list[str]]) -> set[str]:
+        """Log ``items`` (metrics, params or tags); returns the keys MLflow refused as invalid."""
+        try:
+            _send(client, run_id, kind, items)
+            return set()
+        except Exception as exc:
+            if not is_rejection(exc):
+                raise
+        by_key: dict[str, list[Any]] = {}
+        for item in items:
+            by_key.setdefault(item.key, []).append(item)
+        refused = set()
+        for key, group in by_key.items():
+            try:
+                _send(client, run_id, kind, group)
+            except Exception as exc:
+                if not is_rejection(exc):
+                    raise
+                refused.add(key)
+                reasons.setdefault(_first_line(exc), []).append(f"{kind} {key}")
+        return refused
+
+    @staticmethod
+    def _whole(kind: str, refused: dict[str, set[str]], reasons: dict[str, list[str]], fn, *args,
+               label: str | None = None) -> bool:
+        """``fn(*args)``; False when it returns False (skipped) or MLflow refuses it as invalid."""
+        try:
+            return fn(*args) is not False
+        except Exception as exc:
+            if not is_rejection(exc):
+                raise
+            refused[kind] = set()
+            reasons.setdefault(_first_line(exc), []).append(label or kind)
+            return False
+
+    def _mark_refused(self, record: dict[str, Any], run_id: str, refused: dict[str, set[str]],
+                      reasons: dict[str, list[str]], whole: bool) -> None:
+        """Refused as invalid: sending it again cannot succeed, so it must not block every later sync."""
+        reason = "; ".join(f"{text} ({', '.join(what)})" for text, what in reasons.items())
+        self.rejected += 1
+        log.warning("%s: MLflow rejected %s of run %s (%s); skipped, kept in the archive", self.path,
+                    ", ".join(w for what in reasons.values() for w in what), run_id, reason)
+        if whole:
+            record["rejected"] = reason
+            return
+        part = {k: record[k] for k in ("time", "uri", "stage", "experiment", "local_id") if k in record}
+        part.update(run_id=run_id, rejected=reason)
+        for kind, keys in refused.items():
+            if kind == "metrics":
+                part[kind] = [m for m in record[kind] if m[0] in keys]
+                record[kind] = [m for m in record[kind] if m[0] not in keys]
+            elif kind in ("params", "tags"):
+                part[kind] = {k: v for k, v in record[kind].items() if k in keys}
+                record[kind] = {k: v for k, v in record[kind].items() if k not in keys}
+            else:
+                for name in _FIELDS[kind]:
+                    if name in record:
+                        part[name] = record.pop(name)
+        self.refused = part
 
     def _register(self, client, run_id: str, record: dict[str, Any]) -> bool:
         fields = record["register"]
@@ -414,18 +523,7 @@ class _Replayer:
             return False
         if self.register is None:  # sync_file checks first; a caller of replay() alone may not have
             raise SyncError(f"{self.path}: a model registration needs a register handler to be replayed")
-        try:
-            version = self.register(client, run_id, fields)
-        except Exception as exc:
-            if not is_rejection(exc):
-                raise
-            # refused as invalid: sending it again cannot succeed, so it must not block every later sync
-            record["rejected"] = str(exc)
-            self.rejected += 1
-            log.warning("%s: MLflow rejected the registration of model %s (%s); skipped, kept in the archive",
-                        self.path, fields.get("model"), exc)
-            return False
-        return version is not None
+        return self.register(client, run_id, fields) is not None
 
     def name_created_runs(self, records: list[dict[str, Any]]) -> None:
         for record in records:
