@@ -81,6 +81,7 @@ def test_unreachable_store_keeps_records_locally(tmp_path, caplog):
     steps = [m[2] for line in lines for m in line["metrics"]]
     assert steps == [1, 2, 3]
     assert "MLflow logging failed" in caplog.text
+    run.close()  # not left for the interpreter's exit, which would report it on the test run's output
 
 
 # -- grouping: one parent run per pipeline execution ------------------------------------------------
