@@ -410,17 +410,23 @@ def test_sync_without_a_register_handler_puts_everything_back(tmp_path, monkeypa
     assert Path(before[1]["register"]["checkpoint"]).is_dir()
 
 
-def test_a_synced_registration_frees_its_kept_copies_and_the_model_still_loads(tmp_path, monkeypatch, caplog):
-    """(f) The store is down at evaluate, which logs a report and registers a checkpoint: both are
-    copied under state/mlflow_fallback/artifacts/<run>/. Once the sync has sent them the copies and
-    their run folder are gone (the originals stay), and the registered model loads from MLflow."""
+def _report_and_registration_kept(tmp_path, monkeypatch, caplog):
+    """A project whose evaluate ran with the store down: a report and a registration kept offline.
+    Returns the project root, the checkpoint, the report, the run and the folder of the kept copies."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "proj"
     checkpoint = build_checkpoints(root / "models")["staged"]
     report = root / "report.md"
     report.write_text("# results\n")
     run = _evaluate_with_the_store_down(root, checkpoint, caplog, artifact=report)
-    kept = run.fallback_path.parent / "artifacts" / run.local_id
+    return root, checkpoint, report, run, run.fallback_path.parent / "artifacts" / run.local_id
+
+
+def test_a_synced_registration_frees_its_kept_copies_and_the_model_still_loads(tmp_path, monkeypatch, caplog):
+    """(f) The store is down at evaluate, which logs a report and registers a checkpoint: both are
+    copied under state/mlflow_fallback/artifacts/<run>/. Once the sync has sent them the copies and
+    their run folder are gone (the originals stay), and the registered model loads from MLflow."""
+    root, checkpoint, report, run, kept = _report_and_registration_kept(tmp_path, monkeypatch, caplog)
     assert len(list(kept.iterdir())) == 2, "the report's copy and the checkpoint's"
 
     good = f"sqlite:///{root / 'mlflow.db'}"
@@ -445,13 +451,7 @@ def test_a_failed_sync_keeps_the_copies_its_records_still_need(tmp_path, monkeyp
     sync registers it from that copy and removes it."""
     import sunfish.model_registry as registry
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    root = tmp_path / "proj"
-    checkpoint = build_checkpoints(root / "models")["staged"]
-    report = root / "report.md"
-    report.write_text("# results\n")
-    run = _evaluate_with_the_store_down(root, checkpoint, caplog, artifact=report)
-    kept = run.fallback_path.parent / "artifacts" / run.local_id
+    root, checkpoint, report, run, kept = _report_and_registration_kept(tmp_path, monkeypatch, caplog)
 
     def store_goes_away(*args, **kwargs):
         raise ConnectionError("the store went away")
