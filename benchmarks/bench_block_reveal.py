@@ -7,8 +7,14 @@ evaluate_fluency prints for a row: fluent and on topic, on topic, fluent (the in
 judge), tokens/s, network rows per sample, and the tokens/s ratio to stage 0's AR samples drawn the
 same way (one batch, the same nucleus). Tokens per pass is 64 tokens / rows per sample.
 
+One sample a prompt is too noisy to choose a setting by (64 prompts: about +-12 points), so
+``--samples-per-prompt K`` pools K draws of every prompt (seeds eval.seed + 1000 j) into each row.
+Each row is followed by its on-topic share split by how many training pairs have the prompt's word
+as their target: off-topic samples follow words the model has rarely or never seen as a topic.
+
     python benchmarks/bench_block_reveal.py                                # this repo's run, dev prompts
     python benchmarks/bench_block_reveal.py --repo DIR --confidence none 0.9 0.7 --guidance 1 1.5
+    python benchmarks/bench_block_reveal.py --confidence none --guidance 1 2 --samples-per-prompt 4
 """
 
 from __future__ import annotations
@@ -29,6 +35,28 @@ def _confidence(text: str) -> float | None:
     return None if text.lower() in ("none", "null") else float(text)
 
 
+# Buckets of "training pairs whose target is the prompt's word" for the on-topic split.
+TARGET_COUNT_BUCKETS = ((0, 0), (1, 4), (5, 19), (20, None))
+
+
+def on_topic_by_target_count(words: list[str], on_topic: list[bool],
+                             pair_counts: dict[str, int]) -> list[dict]:
+    """On-topic share of the samples whose word ``words[i]`` is the target of so many training pairs.
+
+    ``pair_counts``: training pairs per target word (its first form). Empty buckets are left out.
+    """
+    if len(words) != len(on_topic):
+        raise ValueError(f"{len(words)} words but {len(on_topic)} on-topic flags")
+    rows = []
+    for lo, hi in TARGET_COUNT_BUCKETS:
+        inside = [lo <= pair_counts.get(w, 0) and (hi is None or pair_counts.get(w, 0) <= hi) for w in words]
+        hits = [ok for ok, here in zip(on_topic, inside) if here]
+        if hits:
+            label = f"{lo}" if lo == hi else (f"{lo}+" if hi is None else f"{lo}-{hi}")
+            rows.append({"pairs": label, "samples": len(hits), "on_topic": sum(hits) / len(hits)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     from sunfish.evaluation.fluency_sampling import RowCounter, ar_texts
     from sunfish.evaluation.fluency_sampling import decode as _decode
@@ -36,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     from sunfish.evaluation.fluency_sampling import unique as _unique
     from sunfish.config import load_params
     from sunfish.data.dataset import load_pairs
+    from sunfish.data.prompts import adherent
     from sunfish.data.prompt_sets import implied_prompts, prompt_sets, word_set
     from sunfish.data.tokenizer import TextTokenizer
     from sunfish.diffusion.sample import sample
@@ -51,8 +80,12 @@ def main(argv: list[str] | None = None) -> dict:
                     help="parallel_confidence values; 'none' = one scheduled reveal a step")
     ap.add_argument("--guidance", nargs="+", type=float, default=None, help="default: cfg.guidance_scale")
     ap.add_argument("--num-steps", type=int, default=None, help="denoising steps in all; default: cfg.num_steps")
+    ap.add_argument("--samples-per-prompt", type=int, default=1,
+                    help="draws of every prompt pooled into each row (seeds eval.seed + 1000 j)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    if args.samples_per_prompt < 1:
+        ap.error(f"--samples-per-prompt must be at least 1, got {args.samples_per_prompt}")
     torch.set_num_threads(args.threads)
 
     repo = args.repo.resolve()
@@ -60,7 +93,11 @@ def main(argv: list[str] | None = None) -> dict:
     ev, fl = p.eval, p.eval.fluency
     prepared = repo / "data" / "prepared"
     tok = TextTokenizer.load(prepared / "tokenizer.json")
-    train_texts = _unique(r["text"] for r in load_pairs(prepared / "pairs_train.jsonl"))
+    train_pairs = load_pairs(prepared / "pairs_train.jsonl")
+    train_texts = _unique(r["text"] for r in train_pairs)
+    pair_counts: dict[str, int] = {}
+    for r in train_pairs:
+        pair_counts[r["target"][0]] = pair_counts.get(r["target"][0], 0) + 1
     val = load_pairs(prepared / "pairs_val.jsonl")
     sets = prompt_sets(val, train_texts, seed=ev.seed, n_dev=fl.dev_prompts, n_test=fl.test_prompts)
     sets["implied_dev"] = implied_prompts(word_set(train_texts), ev.seed, which="dev")
@@ -78,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
                                            seed=ev.seed)
     ar_row = score_row("AR stage 0", texts, targets, judge, cal, role="reference", prompt_set=args.prompt_set,
                        seconds=seconds, forward_rows=rows, tokens=n_tok, prompts=prompts)
-    print(f"{len(records)} {args.prompt_set} prompts, {ev.cfg_seq_len} tokens, top_p {p.cfg.top_p}, "
+    k = args.samples_per_prompt
+    print(f"{len(records)} {args.prompt_set} prompts x {k} samples, {ev.cfg_seq_len} tokens, top_p {p.cfg.top_p}, "
           f"num_steps {steps}, {args.threads} threads")
     print(f"{'row':<28} {'fluent&topic':>12} {'on topic':>9} {'fluent':>7} {'tok/s':>7} {'x AR':>6} {'rows/sample':>11}")
     print(f"{'AR stage 0':<28} {'':>12} {'':>9} {100 * ar_row['fluent']:>6.0f}% {ar_row['tokens_per_s']:>7.0f} "
@@ -88,23 +126,32 @@ def main(argv: list[str] | None = None) -> dict:
     for w in args.guidance or [p.cfg.guidance_scale]:
         for confidence in args.confidence:
             counter = RowCounter(_network(model))
-            start = time.perf_counter()
+            seconds, texts, n_tok = 0.0, [], 0
             try:
-                drawn = sample(model, ids, num_samples=len(ids), seq_len=ev.cfg_seq_len, num_steps=steps,
-                               guidance_scale=w, scheduler=p.cfg.scheduler, top_p=p.cfg.top_p,
-                               generator=torch.Generator().manual_seed(ev.seed), parallel_confidence=confidence)
+                for j in range(k):
+                    start = time.perf_counter()
+                    drawn = sample(model, ids, num_samples=len(ids), seq_len=ev.cfg_seq_len, num_steps=steps,
+                                   guidance_scale=w, scheduler=p.cfg.scheduler, top_p=p.cfg.top_p,
+                                   generator=torch.Generator().manual_seed(ev.seed + 1000 * j),
+                                   parallel_confidence=confidence)
+                    seconds += time.perf_counter() - start
+                    texts += [_decode(tok, r) for r in drawn.tolist()]
+                    n_tok += drawn.numel()
             finally:
                 counter.close()
-            seconds = time.perf_counter() - start
-            row = score_row("diffusion", [_decode(tok, r) for r in drawn.tolist()], targets, judge, cal, role="model",
+            row = score_row("diffusion", texts, targets * k, judge, cal, role="model",
                             prompt_set=args.prompt_set, guidance_scale=w, seconds=seconds, forward_rows=counter.rows,
-                            tokens=drawn.numel(), prompts=prompts)
+                            tokens=n_tok, prompts=prompts * k)
             row["parallel_confidence"] = confidence
+            row["on_topic_by_target_count"] = on_topic_by_target_count(
+                [t[0] for t in targets] * k, [adherent(x, list(t)) for x, t in zip(texts, targets * k)], pair_counts)
             out["rows"].append(row)
             name = f"w={w:g} confidence={confidence}"
             print(f"{name:<28} {100 * row['fluent_on_topic']:>11.0f}% {100 * row['on_topic']:>8.0f}% "
                   f"{100 * row['fluent']:>6.0f}% {row['tokens_per_s']:>7.0f} "
                   f"{row['tokens_per_s'] / ar_row['tokens_per_s']:>6.2f} {row['forward_rows_per_sample']:>11.1f}")
+            print("    on topic by training pairs about the word: " + ", ".join(
+                f"{b['pairs']}: {100 * b['on_topic']:.0f}% of {b['samples']}" for b in row["on_topic_by_target_count"]))
     return out
 
 

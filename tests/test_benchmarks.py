@@ -78,3 +78,18 @@ def test_shakespeare_benchmark_trains_and_scores_in_bits_per_byte(tmp_path, caps
     assert report["config"]["stage"] == 0
     printed = capsys.readouterr().out
     assert "bits per byte" in printed and "nanoGPT" in printed and "2.71" in printed
+
+
+def test_block_reveal_splits_on_topic_by_how_often_the_word_is_a_training_target():
+    bench = next(load_benchmark("bench_block_reveal"))
+    counts = {"dog": 30, "cat": 7, "crop": 2}
+    words = ["dog", "dog", "cat", "crop", "crop", "needle"]
+    hits = [True, True, True, False, True, False]
+    rows = bench.on_topic_by_target_count(words, hits, counts)
+    assert rows == [{"pairs": "0", "samples": 1, "on_topic": 0.0},
+                    {"pairs": "1-4", "samples": 2, "on_topic": 0.5},
+                    {"pairs": "5-19", "samples": 1, "on_topic": 1.0},
+                    {"pairs": "20+", "samples": 2, "on_topic": 1.0}]
+    assert sum(r["samples"] for r in bench.on_topic_by_target_count(words, hits, {})) == len(words)
+    with pytest.raises(ValueError, match="6 words but 5"):
+        bench.on_topic_by_target_count(words, hits[:5], counts)

@@ -292,15 +292,20 @@ def test_block_reveal_benchmark_prints_speed_beside_quality(repo, capsys):
     from tests.bench_loader import load_benchmark
 
     bench = next(load_benchmark("bench_block_reveal"))
-    out = bench.main(["--repo", str(repo), "--confidence", "none", "1e-6", "--num-steps", "32", "--threads", "1"])
+    out = bench.main(["--repo", str(repo), "--confidence", "none", "1e-6", "--num-steps", "32", "--threads", "1",
+                      "--samples-per-prompt", "2"])
     one, every = out["rows"]
     assert one["parallel_confidence"] is None and every["parallel_confidence"] == 1e-6
+    dev = json.loads((repo / "reports" / "fluency.json").read_text())["prompt_sets"]["dev"]
+    assert one["n"] == every["n"] == 2 * dev  # two draws of every dev prompt pooled into a row
+    assert sum(b["samples"] for b in one["on_topic_by_target_count"]) == one["n"]
     # every draw passes a threshold of 1e-6: a whole block is revealed in its first pass, so a sample
     # costs the prompt's pass and one pass a block; one token a step costs block_size passes a block
     size = yaml.safe_load((repo / "params.yaml").read_text())["cfg"]["block_size"]
     blocks = -(-32 // size)  # eval.cfg_seq_len of the tiny profile
     assert every["forward_rows_per_sample"] == blocks + 1 < one["forward_rows_per_sample"] == blocks * size + 1
-    assert out["ar"]["tokens_per_s"] > 0 and "x AR" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert out["ar"]["tokens_per_s"] > 0 and "x AR" in printed and "on topic by training pairs" in printed
 
 
 def test_guidance_change_reruns_only_evaluate_and_report(repo):
