@@ -150,7 +150,7 @@ def test_lock_contention_is_retried_not_sent_to_fallback(tmp_path):
             if self.failures:
                 self.failures -= 1
                 raise RuntimeError("(sqlite3.OperationalError) database is locked")
-            super().log_batch(*a, **k)
+            return super().log_batch(*a, **k)  # its RunOperations: close() must wait for them
 
     client = LockedTwice()
     run = StageRun(client, "rid", tmp_path / "fb.jsonl", flush_every=2)
