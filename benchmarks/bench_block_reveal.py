@@ -20,6 +20,7 @@ as their target: off-topic samples follow words the model has rarely or never se
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--num-steps", type=int, default=None, help="denoising steps in all; default: cfg.num_steps")
     ap.add_argument("--samples-per-prompt", type=int, default=1,
                     help="draws of every prompt pooled into each row (seeds eval.seed + 1000 j)")
+    ap.add_argument("--top-p", nargs="+", type=float, default=None,
+                    help="nucleus masses of the diffusion rows; default: cfg.top_p (the AR row keeps cfg.top_p)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if args.samples_per_prompt < 1:
@@ -123,35 +126,35 @@ def main(argv: list[str] | None = None) -> dict:
           f"{1.0:>6.2f} {ar_row['forward_rows_per_sample']:>11.1f}")
     out = {"ar": ar_row, "rows": []}
     ids = [tok.encode_prompt(q)[: model.config.max_prompt_tokens] for q in prompts]
-    for w in args.guidance or [p.cfg.guidance_scale]:
-        for confidence in args.confidence:
-            counter = RowCounter(_network(model))
-            seconds, texts, n_tok = 0.0, [], 0
-            try:
-                for j in range(k):
-                    start = time.perf_counter()
-                    drawn = sample(model, ids, num_samples=len(ids), seq_len=ev.cfg_seq_len, num_steps=steps,
-                                   guidance_scale=w, scheduler=p.cfg.scheduler, top_p=p.cfg.top_p,
-                                   generator=torch.Generator().manual_seed(ev.seed + 1000 * j),
-                                   parallel_confidence=confidence)
-                    seconds += time.perf_counter() - start
-                    texts += [_decode(tok, r) for r in drawn.tolist()]
-                    n_tok += drawn.numel()
-            finally:
-                counter.close()
-            row = score_row("diffusion", texts, targets * k, judge, cal, role="model",
-                            prompt_set=args.prompt_set, guidance_scale=w, seconds=seconds, forward_rows=counter.rows,
-                            tokens=n_tok, prompts=prompts * k)
-            row["parallel_confidence"] = confidence
-            row["on_topic_by_target_count"] = on_topic_by_target_count(
-                [t[0] for t in targets] * k, [adherent(x, list(t)) for x, t in zip(texts, targets * k)], pair_counts)
-            out["rows"].append(row)
-            name = f"w={w:g} confidence={confidence}"
-            print(f"{name:<28} {100 * row['fluent_on_topic']:>11.0f}% {100 * row['on_topic']:>8.0f}% "
-                  f"{100 * row['fluent']:>6.0f}% {row['tokens_per_s']:>7.0f} "
-                  f"{row['tokens_per_s'] / ar_row['tokens_per_s']:>6.2f} {row['forward_rows_per_sample']:>11.1f}")
-            print("    on topic by training pairs about the word: " + ", ".join(
-                f"{b['pairs']}: {100 * b['on_topic']:.0f}% of {b['samples']}" for b in row["on_topic_by_target_count"]))
+    for w, top_p, confidence in itertools.product(args.guidance or [p.cfg.guidance_scale],
+                                                  args.top_p or [p.cfg.top_p], args.confidence):
+        counter = RowCounter(_network(model))
+        seconds, texts, n_tok = 0.0, [], 0
+        try:
+            for j in range(k):
+                start = time.perf_counter()
+                drawn = sample(model, ids, num_samples=len(ids), seq_len=ev.cfg_seq_len, num_steps=steps,
+                               guidance_scale=w, scheduler=p.cfg.scheduler, top_p=top_p,
+                               generator=torch.Generator().manual_seed(ev.seed + 1000 * j),
+                               parallel_confidence=confidence)
+                seconds += time.perf_counter() - start
+                texts += [_decode(tok, r) for r in drawn.tolist()]
+                n_tok += drawn.numel()
+        finally:
+            counter.close()
+        row = score_row("diffusion", texts, targets * k, judge, cal, role="model",
+                        prompt_set=args.prompt_set, guidance_scale=w, seconds=seconds, forward_rows=counter.rows,
+                        tokens=n_tok, prompts=prompts * k)
+        row["parallel_confidence"], row["top_p"] = confidence, top_p
+        row["on_topic_by_target_count"] = on_topic_by_target_count(
+            [t[0] for t in targets] * k, [adherent(x, list(t)) for x, t in zip(texts, targets * k)], pair_counts)
+        out["rows"].append(row)
+        name = f"w={w:g} p={top_p:g} conf={confidence}"
+        print(f"{name:<28} {100 * row['fluent_on_topic']:>11.1f}% {100 * row['on_topic']:>8.1f}% "
+              f"{100 * row['fluent']:>6.1f}% {row['tokens_per_s']:>7.0f} "
+              f"{row['tokens_per_s'] / ar_row['tokens_per_s']:>6.2f} {row['forward_rows_per_sample']:>11.1f}")
+        print("    on topic by training pairs about the word: " + ", ".join(
+            f"{b['pairs']}: {100 * b['on_topic']:.0f}% of {b['samples']}" for b in row["on_topic_by_target_count"]))
     return out
 
 

@@ -301,7 +301,9 @@ def test_block_reveal_benchmark_prints_speed_beside_quality(repo, capsys):
     assert sum(b["samples"] for b in one["on_topic_by_target_count"]) == one["n"]
     # every draw passes a threshold of 1e-6: a whole block is revealed in its first pass, so a sample
     # costs the prompt's pass and one pass a block; one token a step costs block_size passes a block
-    size = yaml.safe_load((repo / "params.yaml").read_text())["cfg"]["block_size"]
+    cfg = yaml.safe_load((repo / "params.yaml").read_text())["cfg"]
+    assert one["top_p"] == every["top_p"] == cfg["top_p"]  # without --top-p the rows sample at cfg.top_p
+    size = cfg["block_size"]
     blocks = -(-32 // size)  # eval.cfg_seq_len of the tiny profile
     assert every["forward_rows_per_sample"] == blocks + 1 < one["forward_rows_per_sample"] == blocks * size + 1
     printed = capsys.readouterr().out
