@@ -32,6 +32,15 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: import sunfish f
     sys.path.insert(0, str(ROOT))
 
 
+def distinct_2(texts: list[str], max_words: int) -> float:
+    """Distinct word bigrams over the first ``max_words`` words of every text (what the judge reads):
+    the check that a smaller nucleus did not buy its fluency with samples that all say the same.
+    Compare it only between sets of as many texts (the share falls as texts are added)."""
+    from sunfish.evaluation.text_quality import distinct_n, words
+
+    return distinct_n([" ".join(words(t)[:max_words]) for t in texts], 2)
+
+
 def _confidence(text: str) -> float | None:
     return None if text.lower() in ("none", "null") else float(text)
 
@@ -121,10 +130,14 @@ def main(argv: list[str] | None = None) -> dict:
     k = args.samples_per_prompt
     print(f"{len(records)} {args.prompt_set} prompts x {k} samples, {ev.cfg_seq_len} tokens, top_p {p.cfg.top_p}, "
           f"num_steps {steps}, {args.threads} threads")
-    print(f"{'row':<28} {'fluent&topic':>12} {'on topic':>9} {'fluent':>7} {'tok/s':>7} {'x AR':>6} {'rows/sample':>11}")
-    print(f"{'AR stage 0':<28} {'':>12} {'':>9} {100 * ar_row['fluent']:>6.0f}% {ar_row['tokens_per_s']:>7.0f} "
-          f"{1.0:>6.2f} {ar_row['forward_rows_per_sample']:>11.1f}")
-    out = {"ar": ar_row, "rows": []}
+    ar_row["distinct_2"] = distinct_2(texts, fl.max_words)
+    real_distinct = distinct_2([r["text"] for r in records], fl.max_words)
+    print(f"{'row':<28} {'fluent&topic':>12} {'on topic':>9} {'fluent':>7} {'distinct-2':>10} {'tok/s':>7} {'x AR':>6} "
+          f"{'rows/sample':>11}")
+    print(f"{'real text':<28} {'':>12} {'':>9} {'':>7} {real_distinct:>10.3f}")
+    print(f"{'AR stage 0':<28} {'':>12} {'':>9} {100 * ar_row['fluent']:>6.1f}% {ar_row['distinct_2']:>10.3f} "
+          f"{ar_row['tokens_per_s']:>7.0f} {1.0:>6.2f} {ar_row['forward_rows_per_sample']:>11.1f}")
+    out = {"ar": ar_row, "real_distinct_2": real_distinct, "rows": []}
     ids = [tok.encode_prompt(q)[: model.config.max_prompt_tokens] for q in prompts]
     for w, top_p, confidence in itertools.product(args.guidance or [p.cfg.guidance_scale],
                                                   args.top_p or [p.cfg.top_p], args.confidence):
@@ -146,12 +159,15 @@ def main(argv: list[str] | None = None) -> dict:
                         prompt_set=args.prompt_set, guidance_scale=w, seconds=seconds, forward_rows=counter.rows,
                         tokens=n_tok, prompts=prompts * k)
         row["parallel_confidence"], row["top_p"] = confidence, top_p
+        # per draw (one sample a prompt, as many texts as the real and AR rows), then averaged
+        m = len(records)
+        row["distinct_2"] = sum(distinct_2(texts[j * m:(j + 1) * m], fl.max_words) for j in range(k)) / k
         row["on_topic_by_target_count"] = on_topic_by_target_count(
             [t[0] for t in targets] * k, [adherent(x, list(t)) for x, t in zip(texts, targets * k)], pair_counts)
         out["rows"].append(row)
         name = f"w={w:g} p={top_p:g} conf={confidence}"
         print(f"{name:<28} {100 * row['fluent_on_topic']:>11.1f}% {100 * row['on_topic']:>8.1f}% "
-              f"{100 * row['fluent']:>6.1f}% {row['tokens_per_s']:>7.0f} "
+              f"{100 * row['fluent']:>6.1f}% {row['distinct_2']:>10.3f} {row['tokens_per_s']:>7.0f} "
               f"{row['tokens_per_s'] / ar_row['tokens_per_s']:>6.2f} {row['forward_rows_per_sample']:>11.1f}")
         print("    on topic by training pairs about the word: " + ", ".join(
             f"{b['pairs']}: {100 * b['on_topic']:.0f}% of {b['samples']}" for b in row["on_topic_by_target_count"]))

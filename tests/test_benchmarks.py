@@ -93,3 +93,14 @@ def test_block_reveal_splits_on_topic_by_how_often_the_word_is_a_training_target
     assert sum(r["samples"] for r in bench.on_topic_by_target_count(words, hits, {})) == len(words)
     with pytest.raises(ValueError, match="6 words but 5"):
         bench.on_topic_by_target_count(words, hits[:5], counts)
+
+
+def test_block_reveal_distinct_2_reads_what_the_judge_reads_and_falls_for_samples_that_say_the_same():
+    bench = next(load_benchmark("bench_block_reveal"))
+    varied = ["the dog ran to the park", "a cat sat on a warm mat"]
+    same = ["the dog ran to the park", "the dog ran to the park"]
+    assert bench.distinct_2(varied, max_words=40) == 1.0
+    assert bench.distinct_2(same, max_words=40) == 0.5
+    # only the first max_words words count: the tails differ, the judged openings do not
+    tails = ["the dog ran home", "the dog ran away"]
+    assert bench.distinct_2(tails, max_words=3) == 0.5 < bench.distinct_2(tails, max_words=4)
