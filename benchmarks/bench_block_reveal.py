@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     from sunfish.data.prompt_sets import implied_prompts, prompt_sets, word_set
     from sunfish.data.tokenizer import TextTokenizer
     from sunfish.diffusion.sample import sample
+    from sunfish.evaluation.best_of_k import block_best_of_k, diffusion_best_of_k
     from sunfish.evaluation.fluency import score_row
     from sunfish.evaluation.ngram_judge import NGramJudge, calibrate
     from sunfish.training.checkpoint import load_checkpoint
@@ -94,10 +95,20 @@ def main(argv: list[str] | None = None) -> dict:
                     help="draws of every prompt pooled into each row (seeds eval.seed + 1000 j)")
     ap.add_argument("--top-p", nargs="+", type=float, default=None,
                     help="nucleus masses of the diffusion rows; default: cfg.top_p (the AR row keeps cfg.top_p)")
+    ap.add_argument("--best-of", type=int, default=1,
+                    help="each sample the most likely of this many (by the sampler's own log-probabilities; "
+                         "k x the cost); needs --confidence none")
+    ap.add_argument("--rank", choices=["sampler", "elbo"], default="sampler",
+                    help="with --best-of: the sampler's own log-probabilities (free) or the conditional ELBO "
+                         "per token (evaluate's best-of-k row; costs extra passes)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if args.samples_per_prompt < 1:
         ap.error(f"--samples-per-prompt must be at least 1, got {args.samples_per_prompt}")
+    if args.best_of < 1 or (args.best_of > 1 and args.confidence != [None]):
+        ap.error(f"--best-of must be at least 1, and above 1 only with --confidence none (got {args.best_of})")
+    if args.rank == "elbo" and args.guidance not in (None, [1.0]):
+        ap.error("--rank elbo keeps the most likely of k samples drawn at w = 1: use --guidance 1")
     torch.set_num_threads(args.threads)
 
     repo = args.repo.resolve()
@@ -146,10 +157,18 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             for j in range(k):
                 start = time.perf_counter()
-                drawn = sample(model, ids, num_samples=len(ids), seq_len=ev.cfg_seq_len, num_steps=steps,
-                               guidance_scale=w, scheduler=p.cfg.scheduler, top_p=top_p,
-                               generator=torch.Generator().manual_seed(ev.seed + 1000 * j),
-                               parallel_confidence=confidence)
+                gen = torch.Generator().manual_seed(ev.seed + 1000 * j)
+                if args.best_of > 1 and args.rank == "elbo":
+                    drawn = diffusion_best_of_k(model, ids, k=args.best_of, seq_len=ev.cfg_seq_len, num_steps=steps,
+                                                exact_counts=p.cfg.scheduler == "ddim", top_p=top_p, generator=gen)
+                elif args.best_of > 1:
+                    drawn = block_best_of_k(model, ids, k=args.best_of, seq_len=ev.cfg_seq_len, num_steps=steps,
+                                            exact_counts=p.cfg.scheduler == "ddim", top_p=top_p, guidance_scale=w,
+                                            eos_id=tok.eos_id, generator=gen)
+                else:
+                    drawn = sample(model, ids, num_samples=len(ids), seq_len=ev.cfg_seq_len, num_steps=steps,
+                                   guidance_scale=w, scheduler=p.cfg.scheduler, top_p=top_p, generator=gen,
+                                   parallel_confidence=confidence)
                 seconds += time.perf_counter() - start
                 texts += [_decode(tok, r) for r in drawn.tolist()]
                 n_tok += drawn.numel()
@@ -159,13 +178,15 @@ def main(argv: list[str] | None = None) -> dict:
                         prompt_set=args.prompt_set, guidance_scale=w, seconds=seconds, forward_rows=counter.rows,
                         tokens=n_tok, prompts=prompts * k)
         row["parallel_confidence"], row["top_p"] = confidence, top_p
+        row["best_of"], row["rank"] = args.best_of, args.rank if args.best_of > 1 else None
         # per draw (one sample a prompt, as many texts as the real and AR rows), then averaged
         m = len(records)
         row["distinct_2"] = sum(distinct_2(texts[j * m:(j + 1) * m], fl.max_words) for j in range(k)) / k
         row["on_topic_by_target_count"] = on_topic_by_target_count(
             [t[0] for t in targets] * k, [adherent(x, list(t)) for x, t in zip(texts, targets * k)], pair_counts)
         out["rows"].append(row)
-        name = f"w={w:g} p={top_p:g} conf={confidence}"
+        name = f"w={w:g} p={top_p:g} conf={confidence}" + (
+            f" best of {args.best_of} ({args.rank})" if args.best_of > 1 else "")
         print(f"{name:<28} {100 * row['fluent_on_topic']:>11.1f}% {100 * row['on_topic']:>8.1f}% "
               f"{100 * row['fluent']:>6.1f}% {row['distinct_2']:>10.3f} {row['tokens_per_s']:>7.0f} "
               f"{row['tokens_per_s'] / ar_row['tokens_per_s']:>6.2f} {row['forward_rows_per_sample']:>11.1f}")

@@ -312,3 +312,44 @@ def test_parallel_confidence_is_checked():
     with pytest.raises(ValueError, match="left_to_right"):
         bd.sample(model, None, None, num_samples=1, seq_len=8, num_steps=8, guidance_scale=0.0,
                   parallel_confidence=0.9, order="random")
+
+
+def test_sampler_token_log_probs_are_the_drawn_tokens_log_likelihood_before_the_nucleus_cut():
+    """With B = 1 the block model is the AR model, so the log-probability the sampler writes for each
+    drawn token must be the AR model's, teacher-forced on "prompt <eos> sample", over the full
+    vocabulary (top_p < 1 renormalises the draw, not the score)."""
+    ar = ar_model()
+    model = block_model(ar, 1)
+    prompt = [5, 9, 12]
+    ids, mask = model.pad_prompt_ids([prompt, prompt])
+    log_probs = torch.zeros(2, 10, dtype=torch.float64)
+    drawn = bd.sample(model, ids, mask, num_samples=2, seq_len=10, num_steps=10, guidance_scale=1.0,
+                      exact_counts=True, top_p=0.8, generator=torch.Generator().manual_seed(3),
+                      token_log_probs=log_probs)
+    with torch.no_grad():
+        for row in range(2):
+            full = torch.cat((torch.tensor(prompt + [EOS]), drawn[row]))
+            logp = torch.log_softmax(ar(full[None, :-1])[0, len(prompt):].double(), dim=-1)
+            want = logp.gather(1, drawn[row][:, None]).squeeze(1)
+            torch.testing.assert_close(log_probs[row], want, atol=1e-4, rtol=1e-4)
+    assert bool((log_probs < 0).all())
+
+
+def test_block_best_of_k_keeps_the_candidate_the_model_finds_most_likely():
+    """The kept sample of each prompt is, among the k the same seed draws, the one with the highest
+    mean log-probability per token under the AR model it equals at B = 1 (an independent scorer)."""
+    from sunfish.evaluation.best_of_k import ar_log_likelihood, block_best_of_k
+
+    ar = ar_model()
+    model = block_model(ar, 1)
+    prompts, k = [[5, 9, 12], [7, 3]], 5
+    kw = dict(seq_len=8, num_steps=8, exact_counts=True, top_p=1.0)
+    kept = block_best_of_k(model, prompts, k=k, guidance_scale=1.0, eos_id=None,
+                           generator=torch.Generator().manual_seed(4), **kw)
+    ids, mask = model.pad_prompt_ids(prompts)
+    drawn = bd.sample(model, ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), num_samples=2 * k,
+                      guidance_scale=1.0, generator=torch.Generator().manual_seed(4), **kw).view(2, k, 8)
+    for i, prompt in enumerate(prompts):
+        scores = ar_log_likelihood(ar, drawn[i], prompt + [EOS], eos_id=None)
+        assert scores.max() > scores.min()  # the candidates differ, so the choice is a real one
+        assert torch.equal(kept[i], drawn[i, scores.argmax()])

@@ -245,6 +245,7 @@ def sample(
     order: str = "left_to_right",
     parallel_confidence: float | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    token_log_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``num_samples`` texts of ``seq_len`` tokens (without the leading <eos>), block by block.
 
@@ -265,6 +266,10 @@ def sample(
     remaining passes. None reveals only what the schedule says.
     ``on_step(done, total)`` is called after each step run, counted over all blocks (``total`` =
     blocks x steps per block; a block finished early skips ahead to the next block's count).
+    ``token_log_probs`` (float64 [num_samples, seq_len], on the model's device): when given, each drawn token's
+    log-probability under the (guided) model before the nucleus cut is written at its position (kept
+    infill tokens are left as they are). Left to right, one token a step, their sum is the sample's
+    exact log-likelihood in the order it was drawn: ranking samples by it costs no extra pass.
     """
     if order not in ("left_to_right", "random"):
         raise ValueError(f"order={order!r} must be 'left_to_right' or 'random'")
@@ -329,14 +334,22 @@ def sample(
                                              guidance_scale, counter, needed)
             draws = uniform(int(needed.sum()), generator, device).double()
             values = _sample_from(nucleus(log_probs, top_p), draws)
+            drawn_lp = log_probs.gather(1, values[:, None]).squeeze(1)
             if parallel_confidence is not None:
                 drawn = torch.full_like(targets, model.mask_id).masked_scatter(needed, values)
                 sure = torch.zeros_like(still)
-                sure[needed] = log_probs.gather(1, values[:, None]).squeeze(1).exp() >= parallel_confidence
+                sure[needed] = drawn_lp.exp() >= parallel_confidence
                 reveal = _extend_run(still, reveal, sure)
                 targets = torch.where(reveal, drawn, targets)
+                if token_log_probs is not None:
+                    lp = torch.zeros(targets.shape, dtype=torch.float64, device=device)
+                    lp = lp.masked_scatter(needed, drawn_lp.double())
+                    token_log_probs[:, anchor:end] = torch.where(reveal, lp, token_log_probs[:, anchor:end])
             else:
                 targets = targets.masked_scatter(reveal, values)
+                if token_log_probs is not None:
+                    done = token_log_probs[:, anchor:end]
+                    token_log_probs[:, anchor:end] = done.masked_scatter(reveal, drawn_lp.double())
             text[:, anchor + 1 : end + 1] = targets
             if on_step is not None:
                 on_step(g * steps + step + 1, n_blocks * steps)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pick_best", "ar_log_likelihood", "ar_best_of_k", "diffusion_best_of_k"]
+__all__ = ["pick_best", "ar_log_likelihood", "ar_best_of_k", "diffusion_best_of_k", "block_best_of_k"]
 
 
 def pick_best(candidates: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -80,3 +80,25 @@ def diffusion_best_of_k(model, prompt_ids: list[list[int]], *, k: int, seq_len: 
     cond, _, lengths = model_elbo_pair(model, drawn, ids_k, mask_k, generator=generator, with_null=False)
     per_token = -(cond / lengths.double())
     return pick_best(drawn.cpu().view(n, k, seq_len), per_token.view(n, k))
+
+
+@torch.no_grad()
+def block_best_of_k(model, prompt_ids: list[list[int]], *, k: int, seq_len: int, num_steps: int,
+                    exact_counts: bool, top_p: float, guidance_scale: float = 1.0, eos_id: int | None,
+                    generator: torch.Generator | None = None, counter: dict | None = None) -> torch.Tensor:
+    """One block-diffusion sample per prompt [N, seq_len]: of ``k`` drawn at ``guidance_scale``, the
+    one whose drawn tokens the sampler found most likely (mean log-probability per kept token, under
+    the guided model before the nucleus cut). The score is a by-product of sampling, so the row costs
+    exactly k samples; like the ELBO ranking it sees neither the target word nor the judge."""
+    from sunfish.diffusion import block
+
+    padded, mask = model.pad_prompt_ids(prompt_ids)
+    n = padded.shape[0]
+    ids_k, mask_k = padded.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
+    log_probs = torch.zeros(n * k, seq_len, dtype=torch.float64, device=model.device)
+    drawn = block.sample(model, ids_k, mask_k, num_samples=n * k, seq_len=seq_len, num_steps=num_steps,
+                         guidance_scale=guidance_scale, exact_counts=exact_counts, generator=generator,
+                         top_p=top_p, counter=counter, token_log_probs=log_probs)
+    kept = _kept(drawn, eos_id)
+    score = (log_probs * kept).sum(dim=1) / kept.sum(dim=1).clamp(min=1)
+    return pick_best(drawn.cpu().view(n, k, seq_len), score.cpu().view(n, k))
