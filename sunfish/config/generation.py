@@ -11,7 +11,7 @@ The file is a JSON object: ``format_version`` (1) and the fields of :class:`Gene
 named as the params keys they come from::
 
     {"format_version": 1, "guidance_scale": 1.0, "guidance": "token", "guidance_candidates": 4,
-     "num_steps": 64, "scheduler": "ddim", "eta": 0.0, "top_p": 0.7, "seq_len": 64}
+     "num_steps": 64, "scheduler": "ddim", "eta": 0.0, "top_p": 0.8, "seq_len": 64}
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ class CfgConfig(Section):
     prompt_encoder: str = Field("own", description="own | gpt2 | a local path or hub name of a GPT-2 model")
     prompt_encoder_layers: int = Field(0, ge=0, le=24, description="transformer layers over the prompt embeddings")
     max_prompt_tokens: int = Field(32, ge=1, le=1024)
-    top_p: float = Field(0.7, gt=0.0, le=1.0, description="masked sampler: nucleus mass per revealed token; 1 = exact")
+    top_p: float = Field(0.8, gt=0.0, le=1.0, description="masked sampler: nucleus mass per revealed token; 1 = exact")
     guidance: Literal["sequence", "token"] = Field(
         "token", description="sequence: resample whole conditional samples by their prompt information "
                                 "(block, or the masked objective); token: CFG on every position's prediction")
