@@ -164,10 +164,13 @@ def run_training(
             "milestones": result.milestones,
             "skipped_nonfinite_steps": result.skipped_nonfinite,
             "processes": dist.world_size,
+            # the float sums, and so the weights, depend on it: two runs compare bit for bit only at equal threads
+            "threads": result.threads,
             **(start_metrics or {}),
             **extra,
             "mlflow_run_id": run.run_id,
         }
+        run.set_tags({"sunfish.threads": result.threads})
         run.log_metrics({"final/val_loss": last_val.get("loss"), "final/val_bpb": last_val.get("bpb"),
                          "final/tokens_per_s": result.tokens_per_s, "final/train_seconds": result.train_seconds},
                         result.steps)

@@ -120,5 +120,5 @@ def test_a_training_stage_runs_under_torchrun_for_real(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "relaunching under torchrun" in proc.stderr
     metrics = json.loads((tmp_path / "reports" / "stages" / "stage_0.json").read_text())
-    assert metrics["steps"] == 4
+    assert metrics["steps"] == 4 and metrics["threads"] == 1
     assert (tmp_path / "models" / "stage_0" / "final").is_dir()

@@ -213,6 +213,7 @@ class TrainResult:
     first_loss: float | None = None
     optimizer_state: dict[str, dict] = field(default_factory=dict)
     resumed_from: int = 0
+    threads: int = 0  # intra-op threads this run used (train.threads 0 counts the free cores)
 
     _SAVED = ("train_seconds", "last_train_loss", "val", "train_curve", "milestones", "skipped_nonfinite",
               "first_loss")
@@ -356,14 +357,15 @@ def train(
     dist = init_from_env("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     device = pick_device(cfg.device, dist.local_rank)
     amp = autocast_dtype(cfg.precision, device)
-    set_threads(cfg.threads)
+    threads = set_threads(cfg.threads)
     torch.manual_seed(cfg.seed + dist.rank)
     model.to(device)
     model.train()
     optimizer = make_optimizer(model, cfg, device)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     milestones = set(cfg.milestones)
-    result = TrainResult(steps=0, train_seconds=0.0, tokens_per_s=0.0, last_train_loss=float("nan"))
+    result = TrainResult(steps=0, train_seconds=0.0, tokens_per_s=0.0, last_train_loss=float("nan"),
+                         threads=threads)
     start_step = 0
     if resume is not None:
         if checkpoints is None:

@@ -201,6 +201,7 @@ def test_mlflow_holds_one_run_per_training_stage(repo):
         assert {"train/loss", "val/loss", "val/ppl", "val/bpb"} <= set(r.data.metrics), stage
         assert r.data.params["train.lr"]
         assert r.data.tags.get("git.commit") and r.data.tags.get("params.hash")
+        assert int(r.data.tags["sunfish.threads"]) >= 1, stage  # the weights depend on the thread count
         assert r.info.status == "FINISHED"
         if stage == "train_stage@2":  # k1.mode log: one seed (no control to compare with), so no spread
             assert r.data.metrics["seeds/count"] == 1 and "seeds/val_bpb_std" not in r.data.metrics
