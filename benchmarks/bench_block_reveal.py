@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--top-p", nargs="+", type=float, default=None,
                     help="nucleus masses of the diffusion rows; default: cfg.top_p (the AR row keeps cfg.top_p)")
     ap.add_argument("--best-of", type=int, default=1,
-                    help="each sample the most likely of this many (by the sampler's own log-probabilities; "
-                         "k x the cost); needs --confidence none")
+                    help="each sample the most likely of this many, ranked as --rank says (k x the cost); "
+                         "needs --confidence none")
     ap.add_argument("--rank", choices=["sampler", "elbo"], default="sampler",
                     help="with --best-of: the sampler's own log-probabilities (free) or the conditional ELBO "
                          "per token (evaluate's best-of-k row; costs extra passes)")
