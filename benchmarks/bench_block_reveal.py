@@ -89,12 +89,12 @@ def main(argv: list[str] | None = None) -> dict:
                     help="implied_dev: other paraphrases of the implied topics, for choosing settings")
     ap.add_argument("--confidence", nargs="+", type=_confidence, default=[None, 0.9, 0.7],
                     help="parallel_confidence values; 'none' = one scheduled reveal a step")
-    ap.add_argument("--guidance", nargs="+", type=float, default=None, help="default: cfg.guidance_scale")
-    ap.add_argument("--num-steps", type=int, default=None, help="denoising steps in all; default: cfg.num_steps")
+    ap.add_argument("--guidance", nargs="+", type=float, default=None, help="default: sampling.guidance_scale")
+    ap.add_argument("--num-steps", type=int, default=None, help="denoising steps in all; default: sampling.num_steps")
     ap.add_argument("--samples-per-prompt", type=int, default=1,
                     help="draws of every prompt pooled into each row (seeds eval.seed + 1000 j)")
     ap.add_argument("--top-p", nargs="+", type=float, default=None,
-                    help="nucleus masses of the diffusion rows; default: cfg.top_p (the AR row keeps cfg.top_p)")
+                    help="nucleus masses of the diffusion rows; default: sampling.top_p (the AR row keeps sampling.top_p)")
     ap.add_argument("--best-of", type=int, default=1,
                     help="each sample the most likely of this many, ranked as --rank says (k x the cost); "
                          "needs --confidence none")
@@ -131,15 +131,15 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_checkpoint(repo / "models" / "cfg" / "final")[0]
     ar = load_checkpoint(repo / "models" / "stage_0" / "final", expect_kind="staged")[0]
     records = sets[args.prompt_set]
-    steps = args.num_steps or p.cfg.num_steps
+    steps = args.num_steps or p.sampling.num_steps
     prompts, targets = [r["prompt"] for r in records], [r["target"] for r in records]
 
-    texts, seconds, rows, n_tok = ar_texts(ar, tok, len(records), seq_len=ev.cfg_seq_len, top_p=p.cfg.top_p,
+    texts, seconds, rows, n_tok = ar_texts(ar, tok, len(records), seq_len=ev.cfg_seq_len, top_p=p.sampling.top_p,
                                            seed=ev.seed)
     ar_row = score_row("AR stage 0", texts, targets, judge, cal, role="reference", prompt_set=args.prompt_set,
                        seconds=seconds, forward_rows=rows, tokens=n_tok, prompts=prompts)
     k = args.samples_per_prompt
-    print(f"{len(records)} {args.prompt_set} prompts x {k} samples, {ev.cfg_seq_len} tokens, top_p {p.cfg.top_p}, "
+    print(f"{len(records)} {args.prompt_set} prompts x {k} samples, {ev.cfg_seq_len} tokens, top_p {p.sampling.top_p}, "
           f"num_steps {steps}, {args.threads} threads")
     ar_row["distinct_2"] = distinct_2(texts, fl.max_words)
     real_distinct = distinct_2([r["text"] for r in records], fl.max_words)
@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{ar_row['tokens_per_s']:>7.0f} {1.0:>6.2f} {ar_row['forward_rows_per_sample']:>11.1f}")
     out = {"ar": ar_row, "real_distinct_2": real_distinct, "rows": []}
     ids = [tok.encode_prompt(q)[: model.config.max_prompt_tokens] for q in prompts]
-    for w, top_p, confidence in itertools.product(args.guidance or [p.cfg.guidance_scale],
-                                                  args.top_p or [p.cfg.top_p], args.confidence):
+    for w, top_p, confidence in itertools.product(args.guidance or [p.sampling.guidance_scale],
+                                                  args.top_p or [p.sampling.top_p], args.confidence):
         counter = RowCounter(_network(model))
         seconds, texts, n_tok = 0.0, [], 0
         try:
@@ -160,14 +160,14 @@ def main(argv: list[str] | None = None) -> dict:
                 gen = torch.Generator().manual_seed(ev.seed + 1000 * j)
                 if args.best_of > 1 and args.rank == "elbo":
                     drawn = diffusion_best_of_k(model, ids, k=args.best_of, seq_len=ev.cfg_seq_len, num_steps=steps,
-                                                exact_counts=p.cfg.scheduler == "ddim", top_p=top_p, generator=gen)
+                                                exact_counts=p.sampling.scheduler == "ddim", top_p=top_p, generator=gen)
                 elif args.best_of > 1:
                     drawn = block_best_of_k(model, ids, k=args.best_of, seq_len=ev.cfg_seq_len, num_steps=steps,
-                                            exact_counts=p.cfg.scheduler == "ddim", top_p=top_p, guidance_scale=w,
+                                            exact_counts=p.sampling.scheduler == "ddim", top_p=top_p, guidance_scale=w,
                                             eos_id=tok.eos_id, generator=gen)
                 else:
                     drawn = sample(model, ids, num_samples=len(ids), seq_len=ev.cfg_seq_len, num_steps=steps,
-                                   guidance_scale=w, scheduler=p.cfg.scheduler, top_p=top_p, generator=gen,
+                                   guidance_scale=w, scheduler=p.sampling.scheduler, top_p=top_p, generator=gen,
                                    parallel_confidence=confidence)
                 seconds += time.perf_counter() - start
                 texts += [_decode(tok, r) for r in drawn.tolist()]

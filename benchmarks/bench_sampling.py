@@ -10,11 +10,11 @@ Prints figures; it checks nothing (no thresholds). See benchmarks/README.md for 
 Sections of one run:
 
 1. sampling: tokens/s of ``sunfish.diffusion.sample`` for each objective (masked, continuous) and
-   scheduler (ddim, ddpm) at ``cfg.num_steps`` and ``cfg.guidance_scale`` (w > 1 runs the
+   scheduler (ddim, ddpm) at ``sampling.num_steps`` and ``sampling.guidance_scale`` (w > 1 runs the
    conditional and unconditional branches as one batch of 2N), for one sample at a time (what
    ``sunfish sample`` does) and for ``--num-samples`` at once (what evaluate does); against
    KV-cached AR generation (``sunfish.generation.generate_batch``, the same float64 nucleus
-   ``cfg.top_p`` and draw) of a stage-0 StagedLM of the same width and depth, batched the same way
+   ``sampling.top_p`` and draw) of a stage-0 StagedLM of the same width and depth, batched the same way
    (an AR row per batch size: "vs AR" divides by the AR row of the same batch), for the same number
    of tokens. Without checkpoints the models are freshly initialised: the timing is the same, the
    text is noise.
@@ -208,7 +208,7 @@ def run_sampling(ctx, args, report: dict) -> None:
     for batch in batches:
         with bt.OtherLoad() as other:
             seconds, ids = time_ar(ar, p.eval, batch=batch, count=count, seq_len=seq_len, eos_id=ctx.eos_id,
-                                   top_p=p.cfg.top_p, repeats=args.repeats)
+                                   top_p=p.sampling.top_p, repeats=args.repeats)
         texts = [_decode(tok, r) for r in ids]
         ar_tps[batch] = count * seq_len / seconds
         rows.append({"name": f"ar/kv-cache/b{batch}", "objective": "autoregressive", "scheduler": "-", "batch": batch,
@@ -223,10 +223,10 @@ def run_sampling(ctx, args, report: dict) -> None:
             for batch in batches:
                 with bt.OtherLoad() as other:
                     seconds, ids = time_diffusion(model, prompts, batch=batch, count=count, seq_len=seq_len,
-                                                  num_steps=steps, w=w, scheduler=scheduler, eta=p.cfg.eta,
-                                                  repeats=args.repeats, top_p=p.cfg.top_p,
+                                                  num_steps=steps, w=w, scheduler=scheduler, eta=p.sampling.eta,
+                                                  repeats=args.repeats, top_p=p.sampling.top_p,
                                                   guidance=guidance_for(model, args.guidance),
-                                                  candidates=p.cfg.guidance_candidates)
+                                                  candidates=p.sampling.guidance_candidates)
                 texts = [_decode(tok, r) for r in ids]
                 tps = count * seq_len / seconds
                 rows.append({"name": f"{objective}/{scheduler}/b{batch}", "objective": objective,
@@ -235,10 +235,10 @@ def run_sampling(ctx, args, report: dict) -> None:
                              **judged(judge if trained else None, texts),
                              "example": texts[0][:120], "other_cores": other.cores})
     report["sampling"] = {"preset": preset, "seq_len": seq_len, "num_steps": steps, "guidance_scale": w,
-                          "guidance": args.guidance, "candidates": p.cfg.guidance_candidates,
+                          "guidance": args.guidance, "candidates": p.sampling.guidance_candidates,
                           "num_samples": count, "judge": "ngram" if judge else None, "rows": rows}
     print(f"\nsampling: preset {preset}, {count} samples x {seq_len} tokens, num_steps {steps}, guidance {w:g} "
-          f"({args.guidance}, {p.cfg.guidance_candidates} candidates where sequence), "
+          f"({args.guidance}, {p.sampling.guidance_candidates} candidates where sequence), "
           f"{torch.get_num_threads()} thread(s); vs AR: against the AR row of the same batch size")
     pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
     table_rows = [[r["name"], "yes" if r["trained"] else "no", f"{r['seconds']:.2f}", f"{r['tokens_per_s']:,.0f}",
@@ -278,10 +278,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="skip the n-gram judge of the trained rows (it is fitted on --data's prepared pairs)")
     ap.add_argument("--num-samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: eval.cfg_seq_len)")
-    ap.add_argument("--num-steps", type=int, default=None, help="default: cfg.num_steps")
-    ap.add_argument("--guidance-scale", type=float, default=None, help="default: cfg.guidance_scale")
+    ap.add_argument("--num-steps", type=int, default=None, help="default: sampling.num_steps")
+    ap.add_argument("--guidance-scale", type=float, default=None, help="default: sampling.guidance_scale")
     ap.add_argument("--guidance", choices=("sequence", "token"), default=None,
-                    help="default: cfg.guidance (sequence applies to the masked objective only)")
+                    help="default: sampling.guidance (sequence applies to the masked objective only)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1, help="timed repeats per row (the median is reported)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training section")
@@ -309,9 +309,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.preset not in p.presets:
         raise SystemExit(f"unknown preset {args.preset!r}; params.yaml has {sorted(p.presets)}")
     args.seq_len = args.seq_len or p.eval.cfg_seq_len
-    args.num_steps = args.num_steps or p.cfg.num_steps
-    args.guidance_scale = p.cfg.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    args.guidance = args.guidance or p.cfg.guidance
+    args.num_steps = args.num_steps or p.sampling.num_steps
+    args.guidance_scale = p.sampling.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    args.guidance = args.guidance or p.sampling.guidance
     args.train_batch_size = args.train_batch_size or p.train.batch_size
     args.train_seq_len = args.train_seq_len or p.train.seq_len
     threads_before = torch.get_num_threads()

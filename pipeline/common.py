@@ -82,18 +82,19 @@ def open_stage(name: str, params_path: str | Path | None = None) -> StageContext
     return StageContext(name=name, root=root, params=params)
 
 
-# The few figures a stage puts in its DVC metrics file (reports/metrics/<name>.json): numbers only,
-# so that `dvc exp show` and `dvc metrics diff` compare what matters. Everything a stage records is
-# in its JSON report reports/stages/<name>.json, which is not a metrics file.
-TRAINING_HEADLINE = ("val_bpb", "train_seconds")
-PREPARE_HEADLINE = ("tokens_train", "tokens_val")
+# The figure a training stage puts in its DVC metrics file (reports/metrics/<model>.json): one number
+# a model, so that `dvc exp show` and `dvc metrics diff` compare what matters in a table that fits.
+# Everything a stage records is in its JSON report reports/stages/<name>.json, which is not a metrics
+# file; the only other metrics file is evaluate_fluency's (the diffusion model's headline).
+TRAINING_HEADLINE = ("val_bpb",)
 
 
-def write_stage_record(reports: Path, name: str, record: dict, headline: tuple[str, ...]) -> None:
-    """reports/stages/<name>.json (the whole record) and reports/metrics/<name>.json (``headline``,
-    the numeric ones only)."""
+def write_stage_record(reports: Path, name: str, record: dict, headline: tuple[str, ...] = ()) -> None:
+    """reports/stages/<name>.json (the whole record) and, for a ``headline``, reports/metrics/<name>.json
+    (its numeric values only)."""
     write_json(reports / "stages" / f"{name}.json", record)
-    write_json(reports / "metrics" / f"{name}.json", numeric_subset(record, headline))
+    if headline:
+        write_json(reports / "metrics" / f"{name}.json", numeric_subset(record, headline))
 
 
 def numeric_subset(record: dict, keys) -> dict:

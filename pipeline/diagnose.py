@@ -75,9 +75,6 @@ def run() -> None:
         report = run_diagnostics(p, ctx.prepared)
         report["mlflow_run_id"] = run.run_id
         write_json(out, report)
-        counts = report.get("counts") or {}
-        write_json(ctx.reports / "metrics" / "diagnose.json",
-                   {"warnings": int(counts.get("warn", 0)), "failures": int(counts.get("fail", 0))})
         table = format_table(report)
         log.info("diagnose (%s):\n%s", ", ".join(report["models"]), table)
         run.log_metrics(report_metrics(report))

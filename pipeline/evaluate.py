@@ -5,7 +5,7 @@ milestone's test curve, the summary; sunfish.evaluation.checkpoint_figures: one 
 likelihood in dev/test halves, its samples and guidance rows). This stage wires them to the
 prepared data, the per-checkpoint cache (state/eval_cache: DVC deletes reports/ before a rerun, and a
 run that gained one milestone should evaluate that milestone only), the judge, the MLflow run and
-the registry, and writes milestones.json, the DVC metrics and plots.
+the registry, and writes milestones.json (with its figures under "metrics") and the DVC plots.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.common import log, numeric_subset, open_stage, write_json
+from pipeline.common import log, open_stage, write_json
 from pipeline.training import read_meta
 from sunfish.config import EVALUATED_MODELS, GENERATION_CONFIG
 from sunfish.evaluation.checkpoint_figures import EvalResources, checkpoint_figures, guidance_sweep
@@ -46,19 +46,10 @@ EVAL_SOURCES = (
 AR_SETTINGS = ("prompts", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
                "max_eval_tokens")
 CFG_SETTINGS = ("seed", "max_eval_tokens", "cfg_prompts", "cfg_seq_len")
-CFG_SAMPLING = ("num_steps", "scheduler", "eta", "top_p", "guidance", "guidance_candidates")
+SAMPLING = ("num_steps", "scheduler", "eta", "top_p", "guidance", "guidance_candidates")
 
 
 BEST_FILES = ("model.safetensors", "config.json", "tokenizer.json")
-
-
-def evaluate_headline(models: dict) -> tuple[str, ...]:
-    """The DVC metrics of evaluate: each model's best bits per byte, the diffusion model's prompt
-    figures and checklist, the judge's real-text share (the rest is in milestones.json)."""
-    keys = [f"{name}.best_val_bpb" for name in models]
-    keys += [f"{name}.{k}" for name, m in models.items() if m.get("kind") == "diffusion"
-             for k in ("fluent_on_topic", "fluent_on_topic_w0", "adherence", "checklist_passed")]
-    return (*keys, "judge.real_fluent_share")
 
 
 def _settings(ctx, data_id: str, code_id: str) -> Callable[[str], dict]:
@@ -71,9 +62,9 @@ def _settings(ctx, data_id: str, code_id: str) -> Callable[[str], dict]:
         if kind == "staged":
             return {**common, **{k: getattr(p.eval, k) for k in AR_SETTINGS}}
         return {**common, **{k: getattr(p.eval, k) for k in CFG_SETTINGS},
-                **{f"cfg.{k}": getattr(p.cfg, k) for k in CFG_SAMPLING},
+                **{f"sampling.{k}": getattr(p.sampling, k) for k in SAMPLING},
                 "prompt_sets": [p.eval.fluency.dev_prompts, p.eval.fluency.test_prompts],
-                "scales": progress_scales(p.cfg.guidance_scale)}
+                "scales": progress_scales(p.sampling.guidance_scale)}
 
     return settings_for
 
@@ -95,8 +86,7 @@ def run() -> None:
     code_id = source_digest(EVAL_SOURCES)
     cache = EvalCache(ctx.root / "state" / "eval_cache" if ev.cache else None)
 
-    flat = ctx.flat_params("eval")
-    flat.update({f"cfg.{k}": getattr(p.cfg, k) for k in ("guidance_scale", "num_steps", "scheduler", "eta", "top_p")})
+    flat = ctx.flat_params("eval", "sampling")
     with ctx.tracking(flat) as run:
         evaluated = evaluate_milestones(
             ctx.models, EVALUATED_MODELS, _settings(ctx, data_id, code_id), cache,
@@ -111,11 +101,11 @@ def run() -> None:
             vocabulary, bigrams = res.corpus
             directory = ctx.root / entry["checkpoint"]
             loaded = load_checkpoint(directory)
-            return guidance_sweep(loaded, tok, ev, p.cfg, res.prompts("test"), vocabulary, bigrams, missing,
+            return guidance_sweep(loaded, tok, ev, p.sampling, res.prompts("test"), vocabulary, bigrams, missing,
                                    res.drawn, f"{directory.resolve()}#test")
 
         for entries in evaluated.values():
-            show_chosen_scale(entries, p.cfg.guidance_scale)  # the best milestone depends on it
+            show_chosen_scale(entries, p.sampling.guidance_scale)  # the best milestone depends on it
         completed = complete_sweeps(evaluated, list(ev.guidance_scales), cache, whole_sweep)
         if completed:
             log.info("guidance curve over %s at the best milestone of %d diffusion model(s)",
@@ -177,7 +167,6 @@ def run() -> None:
         summary["mlflow_run_id"] = run.run_id
         summary["metrics"] = metrics  # every figure, under the names DVC and the parent run use
         write_json(ctx.reports / "milestones.json", summary)
-        write_json(ctx.reports / "metrics" / "evaluate.json", numeric_subset(metrics, evaluate_headline(models)))
         run.log_experiment_metrics(metrics)  # the headline figures on the experiment's parent run, DVC names
         write_json(ctx.reports / "plots" / "guidance.json", guidance_rows)
         write_json(ctx.reports / "plots" / "milestones.json", milestone_rows)

@@ -5,14 +5,14 @@ The headline of the report (sunfish.evaluation.fluency says why the measure look
    that give no test prompt;
 2. dev and test prompts come from disjoint held-out documents (sunfish.data.prompt_sets), plus the
    implied-topic family whose target word is not in the prompt;
-3. the diffusion model's final checkpoint samples every prompt at w = 0, 1 and cfg.guidance_scale
+3. the diffusion model's final checkpoint samples every prompt at w = 0, 1 and sampling.guidance_scale
    (test and implied), and at eval.fluency.dev_scales on dev: settings are chosen there;
 4. reference rows on the test prompts: the held-out text itself, the prompt echoed, its words
    shuffled, random words, stage 0's AR samples drawn the same way (batched, same nucleus), and
    with a copy head the diffusion model with the head off (what the prompt does through attention);
 5. best-of-k rows: the diffusion model at w = 1 and stage 0, each keeping its own most likely of k
    samples (sunfish.evaluation.best_of_k; neither criterion sees the target or the judge), at k times
-   the compute. k is eval.fluency.best_of_k, or cfg.guidance_candidates where sequence guidance keeps
+   the compute. k is eval.fluency.best_of_k, or sampling.guidance_candidates where sequence guidance keeps
    one of k samples, so that the gain of selection alone is a row of its own.
 """
 
@@ -24,7 +24,6 @@ from sunfish.evaluation.fluency_sampling import ar_texts, best_of_k_rows, diffus
 
 # The DVC metrics of the stage (the whole table and headline are in reports/fluency.json).
 FLUENCY_HEADLINE = ("fluency.fluent_on_topic", "fluency.fluent_on_topic_w0", "fluency.implied_fluent_on_topic",
-                    "fluency.best_of_k_fluent_on_topic",
                     "fluency.fluent", "fluency.ar_fluent", "fluency.speed_vs_ar", "likelihood.uncond_over_ar")
 ROW_FIELDS = ("fluent_on_topic", "on_topic", "fluent", "judge_ppl_median", "seconds_per_sample",
               "forward_rows_per_sample", "tokens_per_s")
@@ -55,14 +54,14 @@ def run() -> None:
 
     model = load_checkpoint(ctx.models / "cfg" / "final")[0]
     ar = load_checkpoint(ctx.models / "stage_0" / "final", expect_kind="staged")[0]
-    w_default = float(p.cfg.guidance_scale)
+    w_default = float(p.sampling.guidance_scale)
     rows: list[dict] = []
 
-    k = selection_k(model, p.cfg)
+    k = selection_k(model, p.sampling)
 
     def model_row(name: str, records: list[dict], w: float, set_name: str) -> None:
         prompts = [r["prompt"] for r in records]
-        texts, seconds, fwd, n_tok = diffusion_texts(model, tok, prompts, w=w, cfg=p.cfg, seq_len=ev.cfg_seq_len,
+        texts, seconds, fwd, n_tok = diffusion_texts(model, tok, prompts, w=w, sampling=p.sampling, seq_len=ev.cfg_seq_len,
                                                      seed=ev.seed)
         rows.append(score_row(name, texts, [r["target"] for r in records], judge, cal, role="model",
                               prompt_set=set_name, guidance_scale=w, seconds=seconds, forward_rows=fwd,
@@ -95,12 +94,12 @@ def run() -> None:
     }
     for name, texts in refs.items():
         rows.append(score_row(name, texts, targets, judge, cal, role="reference", prompt_set="test", prompts=prompts))
-    texts, seconds, fwd, n_tok = ar_texts(ar, tok, len(test), seq_len=ev.cfg_seq_len, top_p=p.cfg.top_p, seed=ev.seed)
+    texts, seconds, fwd, n_tok = ar_texts(ar, tok, len(test), seq_len=ev.cfg_seq_len, top_p=p.sampling.top_p, seed=ev.seed)
     rows.append(score_row("AR stage 0", texts, targets, judge, cal, role="reference", prompt_set="test",
                           seconds=seconds, forward_rows=fwd, tokens=n_tok, prompts=prompts))
     k_rows = k if k > 1 else fl.best_of_k
     if k_rows > 1 and model.config.objective == "masked":
-        rows += best_of_k_rows(model, ar, tok, test, k=k_rows, cfg=p.cfg, seq_len=ev.cfg_seq_len, seed=ev.seed,
+        rows += best_of_k_rows(model, ar, tok, test, k=k_rows, sampling=p.sampling, seq_len=ev.cfg_seq_len, seed=ev.seed,
                                judge=judge, cal=cal)
 
     likelihood = None
@@ -131,7 +130,7 @@ def run() -> None:
     }
     metrics = {f"fluency.{k}": v for k, v in head.items()}
     metrics.update({f"likelihood.{k}": v for k, v in (likelihood or {}).items() if isinstance(v, (int, float))})
-    with ctx.tracking(ctx.flat_params("eval")) as run:
+    with ctx.tracking(ctx.flat_params("eval", "sampling")) as run:
         for r in rows:
             tag = f"{r['set']}/{r['name'].replace(' ', '_').replace('(', '').replace(')', '')}"
             tag += f"_w{r['guidance_scale']:g}" if r["guidance_scale"] is not None else ""
@@ -139,7 +138,9 @@ def run() -> None:
         run.log_metrics({f"fluency/{k}": v for k, v in head.items() if isinstance(v, (int, float))}, 0)
         summary["mlflow_run_id"] = run.run_id
         write_json(ctx.reports / "fluency.json", summary)
-        write_json(ctx.reports / "metrics" / "fluency.json", numeric_subset(metrics, FLUENCY_HEADLINE))
+        shown = numeric_subset(metrics, FLUENCY_HEADLINE)
+        write_json(ctx.reports / "metrics" / "fluency.json", shown)
+        run.log_experiment_metrics(shown)  # on the experiment's parent run too, under the names DVC shows
         run.log_artifact(ctx.reports / "fluency.json")
     log.info("fluent and on topic on %d test prompts at w=%g: %s (w=0: %s); AR fluent %s, diffusion fluent %s",
              len(test), w_default, head["fluent_on_topic"], head["fluent_on_topic_w0"], head["ar_fluent"],

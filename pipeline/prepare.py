@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 
-from pipeline.common import PREPARE_HEADLINE, log, open_stage, write_json, write_stage_record
+from pipeline.common import log, open_stage, write_json, write_stage_record
 
 
 def run() -> None:
@@ -43,7 +43,7 @@ def run() -> None:
         }
         run.log_metrics(metrics)
         run.log_artifact(out / "meta.json")
-        write_stage_record(ctx.reports, "prepare", {**metrics, "mlflow_run_id": run.run_id}, PREPARE_HEADLINE)
+        write_stage_record(ctx.reports, "prepare", {**metrics, "mlflow_run_id": run.run_id})
         log.info(
             "prepared %s: %d/%d documents, %d/%d tokens (train/val), %d pairs, %.1fs",
             meta["source"], metrics["documents_train"], metrics["documents_val"],

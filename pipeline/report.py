@@ -141,11 +141,11 @@ def next_steps(summary: dict) -> list[str]:
             if best["fluent_on_topic"] > unguided["fluent_on_topic"]:
                 tips.append(f"Most samples fluent and on topic on the dev prompts ({best['fluent_on_topic']:.0%}) at "
                             f"guidance {best['scale']:g} (vs {unguided['fluent_on_topic']:.0%} at "
-                            f"{unguided['scale']:g}); try dvc exp run -S cfg.guidance_scale={best['scale']:g}.")
+                            f"{unguided['scale']:g}); try dvc exp run -S sampling.guidance_scale={best['scale']:g}.")
             else:
                 tips.append("No guidance scale made more samples fluent and on topic than the unguided ones yet: "
-                            "train the diffusion model longer (-S cfg.budget.max_steps=...) before tuning "
-                            "cfg.guidance_scale.")
+                            "train the diffusion model longer (-S ++cfg.budget.max_steps=...) before tuning "
+                            "sampling.guidance_scale.")
     if not tips:
         tips.append("Every checklist item passed: scale up with -S staged.preset=micro and a longer run.")
     return tips

@@ -52,7 +52,7 @@ def run() -> None:
     def val_batches():
         return itertools.islice(val_pairs.eval_batches(tcfg.batch_size), tcfg.eval_batches)
 
-    flat = {**ctx.flat_params("train", "cfg"),
+    flat = {**ctx.flat_params("train", "cfg", "sampling"),
             **{f"presets.{p.cfg.preset}.{k}": v for k, v in preset.model_dump().items()}}
     run_training(
         ctx, "cfg", model, tcfg,

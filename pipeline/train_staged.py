@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.common import log, open_stage, write_csv, write_json, write_stage_record
+from pipeline.common import TRAINING_HEADLINE, log, open_stage, write_csv, write_json, write_stage_record
 from pipeline.training import load_optimizer_state, read_meta, run_training
 
 DESCRIPTIONS = {
@@ -83,7 +83,8 @@ def _write_not_trained(ctx, name: str, same_as: str, because: str) -> None:
     shutil.rmtree(out_dir, ignore_errors=True)
     write_json(out_dir / NOT_TRAINED, {"model": name, "trained": False, "identical_to": same_as, "reason": reason})
     write_stage_record(ctx.reports, name, {"model": name, "description": f"not trained: {reason}", "trained": False,
-                                           "identical_to": same_as, "reason": reason, "steps": 0, "seeds": 0}, ())
+                                           "identical_to": same_as, "reason": reason, "steps": 0, "seeds": 0},
+                       TRAINING_HEADLINE)  # an empty metrics file: DVC declares it, and there is no figure
     curves = ctx.reports / "curves" / name  # DVC declares the folder: header-only tables
     write_csv(curves / "train.csv", [], ["step", "loss", "lr", "tokens_per_s", "grad_norm"])
     write_csv(curves / "val.csv", [], ["step", "loss", "ppl", "tokens", "bpb"])

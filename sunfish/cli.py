@@ -194,8 +194,8 @@ def sample(checkpoint: str, prompt, infill, max_new_tokens, temperature, top_k, 
     are refused (exit 2) for the other kind of checkpoint rather than silently ignored.
 
     A diffusion option left out takes "the checkpoint's" value: the checkpoint's
-    generation_config.json (written from params.yaml's cfg section when it was trained), or for a
-    checkpoint saved before that file existed, the default of the same cfg key in the schema. A
+    generation_config.json (written from params.yaml's sampling section when it was trained), or for a
+    checkpoint saved before that file existed, the default of the same sampling key in the schema. A
     params.yaml in the current directory is never read for them.
     """
     from sunfish.mlflow_checkpoints import fetch_checkpoint, is_mlflow_reference

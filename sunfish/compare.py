@@ -2,8 +2,8 @@
 
 Each pipeline execution (a DVC experiment, or a plain ``dvc repro`` of a commit) is one parent run
 in MLflow (see :mod:`sunfish.tracking`); its params are those of the stages that ran, named as in
-params.yaml, and its metrics the headline figures of the evaluate stage, named as in
-reports/metrics/evaluate.json. A sweep varies a few params, so the table shows only the params whose
+params.yaml, and its metrics the figures of the evaluate stage (named as in the ``metrics`` of
+reports/milestones.json) and evaluate_fluency's headline (as in reports/metrics/fluency.json). A sweep varies a few params, so the table shows only the params whose
 values differ between the experiments listed: that is what a reader compares.
 """
 

@@ -29,7 +29,7 @@ MAX_SAMPLER_ROWS = 256
 
 
 def default_guidance(model, configured: str | None = None) -> str:
-    """The guidance mode when none is asked for: ``configured`` (cfg.guidance: the checkpoint's, or
+    """The guidance mode when none is asked for: ``configured`` (sampling.guidance: the checkpoint's, or
     params.yaml's in evaluate) where it applies.
 
     Sequence guidance scores samples with the masked ELBO, so a continuous model gets token guidance.

@@ -35,3 +35,21 @@ def resolved_stages(root: Path, spec: dict | None = None) -> dict[str, dict]:
 def entry_path(entry) -> str:
     """The path of a deps/outs/metrics entry (``path`` or ``{path: {options}}``)."""
     return next(iter(entry)) if isinstance(entry, dict) else entry
+
+
+# `dvc exp show` has one column per params.yaml value (DVC reads the whole default params file), one
+# per metric key, one per dependency path of any stage, plus Experiment and Created. The issue asks
+# for a table a terminal can show: ecosystem checks hold it to EXP_SHOW_COLUMNS.
+EXP_SHOW_COLUMNS = 60
+
+
+def exp_show_columns(root: Path, metric_keys: int, params_raw: dict | None = None) -> dict[str, int]:
+    """The columns `dvc exp show` prints for ``root``'s dvc.yaml and params.yaml (or ``params_raw``),
+    given the number of distinct metric keys: {"base", "params", "metrics", "deps", "total"}."""
+    from sunfish.config import flatten
+
+    raw = params_raw if params_raw is not None else yaml.safe_load((root / "params.yaml").read_text())
+    deps = {entry_path(d).rstrip("/") for stage in resolved_stages(root).values() for d in stage.get("deps", [])}
+    counts = {"base": 2, "params": len(flatten(raw)), "metrics": metric_keys, "deps": len(deps)}
+    counts["total"] = sum(counts.values())
+    return counts

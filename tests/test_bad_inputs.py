@@ -28,7 +28,7 @@ from sunfish.cli import main
 from tests.ckpt_fixtures import build_checkpoints, make_format_0, tree_digest
 
 ROOT = Path(__file__).resolve().parents[1]
-RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
+RAW = yaml.safe_load((ROOT / "docs" / "params-reference.yaml").read_text())  # every key, to mutate one
 
 
 def _with(dotted: str, value) -> str:
@@ -81,10 +81,10 @@ PARAMS_CASES = [
     ("milestones not increasing", _with("train.milestones", [48, 24, 240]), "train.milestones"),
     ("warmup longer than the run", _with("train.warmup_steps", 3000), "train.warmup_steps"),
     ("stage warmup longer than the stage", _with("staged.stage_3.warmup_steps", 600), "staged.stage_3.warmup_steps"),
-    ("negative guidance scale", _with("cfg.guidance_scale", -1.0), "cfg.guidance_scale"),
+    ("negative guidance scale", _with("sampling.guidance_scale", -1.0), "sampling.guidance_scale"),
     ("negative guidance scale in eval", _with("eval.guidance_scales", [0.0, -3.0]), "eval.guidance_scales"),
-    ("num_steps above timesteps", _with("cfg.num_steps", 5000), "cfg.num_steps"),
-    ("unknown scheduler", _with("cfg.scheduler", "euler"), "cfg.scheduler"),
+    ("num_steps above timesteps", _with("sampling.num_steps", 5000), "sampling.num_steps"),
+    ("unknown scheduler", _with("sampling.scheduler", "euler"), "sampling.scheduler"),
     ("unknown preset", _with("staged.preset", "huge"), "staged.preset"),
     # files that are not a params mapping at all: the message names the file
     ("empty file", "", "params.yaml"),

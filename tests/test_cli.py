@@ -103,7 +103,7 @@ def test_eval_text_prints_json(checkpoint, tmp_path):
 def test_config_show_and_bad_params(tmp_path):
     root = Path(__file__).resolve().parents[1]
     ok = invoke("config", "show", "--params", str(root / "params.yaml"), "--format", "json")
-    assert ok.exit_code == 0 and json.loads(ok.output)["cfg"]["guidance_scale"] >= 0
+    assert ok.exit_code == 0 and json.loads(ok.output)["sampling"]["guidance_scale"] >= 0
     bad = tmp_path / "params.yaml"
     bad.write_text((root / "params.yaml").read_text().replace("  lr: 2.0e-3", "  lr: -1"))
     result = invoke("config", "show", "--params", str(bad))

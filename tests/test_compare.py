@@ -29,7 +29,7 @@ def _evaluate(root: Path, name: str, guidance: float, bpb0: float, bpb_cfg: floa
     try:
         with stage_run("train_stage_0", root=root, flat_params={"train.lr": 0.002, "train.seed": 1337}):
             pass
-        flat = {"eval.seed": 0, "cfg.guidance_scale": guidance}
+        flat = {"eval.seed": 0, "sampling.guidance_scale": guidance}
         with stage_run("evaluate", root=root, flat_params=flat) as run:
             run.log_experiment_metrics({
                 "stage_0.best_val_bpb": bpb0, "stage_0.checklist_passed": passed, "stage_0.checklist_measured": 5,
@@ -64,9 +64,9 @@ def test_rows_hold_the_swept_params_and_headline_metrics(store):
     root, uri = store
     rows = load_experiments(uri)
     assert [r.name for r in rows] == ["exp-w7", "exp-w1"]  # newest first
-    assert changed_params(rows) == ["cfg.guidance_scale"]
+    assert changed_params(rows) == ["sampling.guidance_scale"]
     w7 = rows[0]
-    assert w7.params["train.lr"] == "0.002" and w7.params["cfg.guidance_scale"] == "7.0"
+    assert w7.params["train.lr"] == "0.002" and w7.params["sampling.guidance_scale"] == "7.0"
     assert w7.best_bpb("stage_0") == 2.5 and w7.adherence == 0.75 and w7.checklist == (5, 7)
     assert set(w7.stage_runs) == {"train_stage_0", "evaluate"}
     assert w7.status == "FINISHED" and w7.commit is None  # tmp_path is no git repo
@@ -76,13 +76,13 @@ def test_table_csv_and_json(store):
     _, uri = store
     rows = load_experiments(uri)
     table = format_rows(rows, "table").splitlines()
-    assert table[0].split() == ["experiment", "cfg.guidance_scale", "bpb", "stage_0", "bpb", "cfg", "adherence",
+    assert table[0].split() == ["experiment", "sampling.guidance_scale", "bpb", "stage_0", "bpb", "cfg", "adherence",
                                 "checklist", "status", "run"]
     assert table[2].split()[:7] == ["exp-w7", "7.0", "2.5000", "3.1000", "0.7500", "5/7", "FINISHED"]
     assert table[3].split()[:7] == ["exp-w1", "1.0", "2.5000", "3.1000", "0.2500", "4/7", "FINISHED"]
     records = list(csv.DictReader(io.StringIO(format_rows(rows, "csv"))))
     assert records[1]["experiment"] == "exp-w1" and records[1]["cfg.adherence"] == "0.25"
-    assert records[1]["cfg.guidance_scale"] == "1.0" and records[1]["run_id"] == rows[1].run_id
+    assert records[1]["sampling.guidance_scale"] == "1.0" and records[1]["run_id"] == rows[1].run_id
     data = json.loads(format_rows(rows, "json", params=["train.lr"]))
     assert data[0]["changed_params"] == {"train.lr": "0.002"}
     assert data[0]["metrics"]["cfg.best_val_bpb"] == 3.1 and "stage_0.checklist" not in data[0]["metrics"]

@@ -1,9 +1,9 @@
-"""Every default has one home: params.yaml sets exactly the schema's defaults (sunfish.config.sections).
+"""Every default has one home: the schema (sunfish.config.sections), written out in docs/params-reference.yaml.
 
-params.yaml is the tuned, tested configuration; the pydantic defaults must say the same, so that a key
-left out of a params file, a section built in code (``TrainConfig()``) and the committed file never
-disagree. A setting that legitimately differs for one model is an override (staged.stage_N,
-cfg.budget), and its default is that override.
+The reference lists every setting with its default and params.yaml names a few of them; both must say
+what the schema says, so that a key left out of params.yaml, a section built in code (``TrainConfig()``)
+and the two files never disagree. A setting that legitimately differs for one model is an override
+(staged.stage_N, cfg.budget), and its default is that override.
 """
 
 from __future__ import annotations
@@ -42,20 +42,31 @@ def unlisted_settings(schema: type[BaseModel], raw: dict[str, Any], free: tuple[
     return sorted(k for k in flatten(schema()) if k not in given and not k.startswith(free))
 
 
+REFERENCE = ROOT / "docs" / "params-reference.yaml"
+
+
 @pytest.fixture(scope="module")
 def raw() -> dict:
-    return yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    return yaml.safe_load(REFERENCE.read_text(encoding="utf-8"))
 
 
-def test_params_yaml_sets_the_schema_defaults(raw):
-    problems = default_mismatches(Params, raw)
-    assert not problems, "params.yaml and the schema defaults disagree:\n" + "\n".join(problems)
+@pytest.mark.parametrize("path", [REFERENCE, ROOT / "params.yaml"], ids=["reference", "params.yaml"])
+def test_the_committed_files_set_the_schema_defaults(path):
+    problems = default_mismatches(Params, yaml.safe_load(path.read_text(encoding="utf-8")))
+    assert not problems, f"{path.name} and the schema defaults disagree:\n" + "\n".join(problems)
 
 
-def test_params_yaml_lists_every_setting(raw):
+def test_the_reference_lists_every_setting(raw):
     # presets: a shape may leave out vocab_size (null = the tokenizer's); every other key is written out
     missing = unlisted_settings(Params, raw, free=("presets.",))
-    assert not missing, f"settings params.yaml leaves out (add them with their default): {missing}"
+    assert not missing, f"settings docs/params-reference.yaml leaves out (add them with their default): {missing}"
+
+
+def test_params_yaml_means_the_reference():
+    """The few keys params.yaml names, and the defaults of the rest, are the whole reference file."""
+    slim = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    assert len(flatten(slim)) < len(flatten(Params())) / 4  # it names a few keys, not all of them
+    assert Params.model_validate(slim) == Params.model_validate(yaml.safe_load(REFERENCE.read_text(encoding="utf-8")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,8 +98,8 @@ def test_a_left_out_setting_is_reported():
 
 
 def test_a_committed_value_that_differs_from_the_schema_fails(raw):
-    """Mutation: params.yaml with one value changed (train.max_steps) is caught, by that key only."""
-    mutated = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    """Mutation: the reference with one value changed (train.max_steps) is caught, by that key only."""
+    mutated = yaml.safe_load(REFERENCE.read_text(encoding="utf-8"))
     mutated["train"]["max_steps"] = raw["train"]["max_steps"] + 60
     mutated["train"]["milestones"] = [*raw["train"]["milestones"][:-1], mutated["train"]["max_steps"]]
     problems = default_mismatches(Params, mutated)

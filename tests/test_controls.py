@@ -149,6 +149,8 @@ def test_k1_log_mode_control_2_is_not_trained(trained):
     metrics = _metrics(trained, "control_2")
     assert metrics["trained"] is False and "val_bpb" not in metrics and "val_bpb_seeds" not in metrics
     assert _curve(trained, "control_2") == ["step,loss,lr,tokens_per_s,grad_norm"]  # DVC's plots folder exists
+    # every output dvc.yaml declares is written, the metrics file too: with no figure in it
+    assert json.loads((trained / "reports" / "metrics" / "control_2.json").read_text()) == {}
     k1 = [r for r in component_deltas({}, read_runs(trained / "reports" / "stages")) if r["component"] == "K-1"]
     assert len(k1) == 1 and k1[0]["verdict"] == "attribution only (k1.mode: log)"
     assert "identical to its control by construction, not trained twice" in k1[0]["text"]

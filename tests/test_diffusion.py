@@ -499,7 +499,7 @@ def test_cli_guidance_mode_and_candidates(diffusion_checkpoint):
     seq = json.loads(_sample_cli(*args, "--guidance", "sequence", "--candidates", "3"))
     tok = json.loads(_sample_cli(*args, "--guidance", "token"))
     assert seq["guidance"] == "sequence" and tok["guidance"] == "token"
-    # the default: cfg.guidance of the project params.yaml (token since block diffusion became the default)
+    # the default: sampling.guidance of the project params.yaml (token since block diffusion became the default)
     assert json.loads(_sample_cli(*args))["guidance"] == "token"
     again = json.loads(_sample_cli(*args, "--guidance", "sequence", "--candidates", "3"))
     assert again["text"] == seq["text"]  # seeded

@@ -501,11 +501,11 @@ def test_summarise_checklist_uses_judge_and_metrics_are_flat():
             "guidance_test": [{**test_row, "scale": 0.0, "adherence": 0.25, "fluent_on_topic": 0.0},
                               {**test_row, "scale": 1.0, "adherence": 0.5, "fluent_on_topic": 0.1},
                               {**test_row, "scale": 7.0, "adherence": 0.75, "fluent_on_topic": 0.125}]}]
-    ctx.params = ctx.params.model_copy(update={"cfg": ctx.params.cfg.model_copy(update={"guidance_scale": 7.0})})
+    ctx.params = ctx.params.model_copy(update={"sampling": ctx.params.sampling.model_copy(update={"guidance_scale": 7.0})})
     models, metrics = summarise({"stage_0": ar, "cfg": cfg}, ctx.params, judge)
     coherent = next(i for i in models["stage_0"]["checklist"] if i["name"] == "coherent sentences")
     assert coherent["value"] == 2 / 3 and coherent["passed"] is True and "80%" in coherent["criterion"]
-    # the diffusion milestone's samples and quality are those of the dev rows at cfg.guidance_scale (7)
+    # the diffusion milestone's samples and quality are those of the dev rows at sampling.guidance_scale (7)
     assert models["cfg"]["milestones"][0]["adherence"] == 0.5 and models["cfg"]["milestones"][0]["adherence_scale"] == 7.0
     # flat, scalar keys for `dvc exp show`
     assert all(isinstance(v, (int, float, str, type(None))) for v in metrics.values())
@@ -562,7 +562,7 @@ def test_the_test_curve_is_sampled_at_the_best_milestone_only(tmp_path):
 def test_sequence_guided_scales_share_one_set_of_candidates(mode, monkeypatch):
     import sunfish.evaluation.checkpoint_figures as figures
     import sunfish.diffusion.sequence_guidance as sg
-    from sunfish.config import CfgConfig, EvalConfig
+    from sunfish.config import EvalConfig, SamplingConfig
     from sunfish.data.tokenizer import train_bpe
     from sunfish.models.denoiser import DiffusionConfig, DiffusionLM
 
@@ -590,9 +590,9 @@ def test_sequence_guided_scales_share_one_set_of_candidates(mode, monkeypatch):
 
     monkeypatch.setattr(sg, "draw_candidates", counted)
     monkeypatch.setattr(ds, "sample", sampled)
-    cfg = CfgConfig(guidance=mode, guidance_candidates=3, num_steps=4)
+    sampling = SamplingConfig(guidance=mode, guidance_candidates=3, num_steps=4)
     ev = EvalConfig(cfg_prompts=3, cfg_seq_len=8)
-    rows = figures.guidance_sweep((model, {}, None), tok, ev, cfg, records, set(), set(), [0.0, 1.0, 3.0, 7.0])
+    rows = figures.guidance_sweep((model, {}, None), tok, ev, sampling, records, set(), set(), [0.0, 1.0, 3.0, 7.0])
     assert [r["scale"] for r in rows] == [0.0, 1.0, 3.0, 7.0] and all(r["n"] == 3 for r in rows)
     assert [r["guidance"] for r in rows] == ["none", "none", mode, mode]
     # one draw of 3 candidates serves w = 1 and both guided scales; only w = 0 is sampled directly
@@ -601,10 +601,10 @@ def test_sequence_guided_scales_share_one_set_of_candidates(mode, monkeypatch):
 
     # the best milestone's whole curve (evaluate's second call) reuses the progress rows' candidates
     drawn: dict = {}
-    first = figures.guidance_sweep((model, {}, None), tok, ev, cfg, records, set(), set(), [0.0, 1.0, 7.0],
+    first = figures.guidance_sweep((model, {}, None), tok, ev, sampling, records, set(), set(), [0.0, 1.0, 7.0],
                                      drawn, "ckpt")
     calls.clear()
-    rest = figures.guidance_sweep((model, {}, None), tok, ev, cfg, records, set(), set(), [3.0], drawn, "ckpt")
+    rest = figures.guidance_sweep((model, {}, None), tok, ev, sampling, records, set(), set(), [3.0], drawn, "ckpt")
     assert calls == []
     by_scale = {r["scale"]: r for r in rows}
     for r in (*first, *rest):  # the same rows as the one-call sweep: the draw is seeded

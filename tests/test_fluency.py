@@ -153,10 +153,10 @@ def test_best_of_k_rows_come_with_sequence_guidance_and_cost_k(setup, docs):
                                         max_prompt_tokens=8, pad_id=tok.pad_id, eos_id=tok.eos_id)).eval()
     ar = StagedLM(StagedLMConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, d_ff=64,
                                  max_seq_len=32, eos_id=tok.eos_id)).eval()
-    cfg = SimpleNamespace(guidance="sequence", guidance_candidates=3, num_steps=4, scheduler="ddim", top_p=1.0)
-    assert selection_k(model, cfg) == 3
-    assert selection_k(model, SimpleNamespace(**{**vars(cfg), "guidance": "token"})) == 1
-    rows = best_of_k_rows(model, ar, tok, pairs[:4], k=3, cfg=cfg, seq_len=8, seed=0, judge=judge, cal=cal)
+    sampling = SimpleNamespace(guidance="sequence", guidance_candidates=3, num_steps=4, scheduler="ddim", top_p=1.0)
+    assert selection_k(model, sampling) == 3
+    assert selection_k(model, SimpleNamespace(**{**vars(sampling), "guidance": "token"})) == 1
+    rows = best_of_k_rows(model, ar, tok, pairs[:4], k=3, sampling=sampling, seq_len=8, seed=0, judge=judge, cal=cal)
     assert [r["name"] for r in rows] == ["diffusion, best of 3 by its own likelihood",
                                          "AR stage 0, best of 3 by its own likelihood"]
     for r in rows:

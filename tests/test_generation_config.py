@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from sunfish.cli import main
-from sunfish.config import GENERATION_CONFIG, CfgConfig, EvalConfig, GenerationConfig, load_params
+from sunfish.config import GENERATION_CONFIG, EvalConfig, GenerationConfig, SamplingConfig, load_params
 from sunfish.training.checkpoint import read_generation_config, save_checkpoint
 from tests.ckpt_fixtures import diffusion_model, make_tokenizer
 
@@ -37,10 +37,10 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def elsewhere(tmp_path, monkeypatch) -> Path:
-    """A current directory holding a params.yaml whose cfg sampling settings differ from everything."""
+    """A current directory holding a params.yaml whose sampling settings differ from everything."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    raw["cfg"].update(guidance_scale=9.0, num_steps=7, scheduler="ddim", top_p=0.5, guidance_candidates=5)
-    raw["eval"]["cfg_seq_len"] = 9
+    raw["sampling"].update(guidance_scale=9.0, num_steps=7, scheduler="ddim", top_p=0.5, guidance_candidates=5)
+    raw["eval"]["cfg_seq_len"] = 9  # params.yaml writes eval as {}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -85,7 +85,7 @@ def test_sample_uses_the_checkpoints_own_settings_not_the_cwd_params(checkpoints
 def test_a_checkpoint_without_the_file_samples_with_the_schema_defaults(checkpoints, elsewhere, sampler_calls):
     assert read_generation_config(checkpoints["old"]) == GenerationConfig()
     row = sample(str(checkpoints["old"]), "--prompt", "the dog")
-    cfg = CfgConfig()
+    cfg = SamplingConfig()
     assert (row["guidance_scale"], row["num_steps"], row["scheduler"]) == (
         cfg.guidance_scale, cfg.num_steps, cfg.scheduler)
     assert row["guidance_scale"] != 9.0  # the params.yaml of the current directory is not read
@@ -104,7 +104,7 @@ def test_generation_settings_have_one_home():
     """Each field is the params field it is named after: same default, same allowed range."""
     defaults = GenerationConfig()
     for key, value in defaults.model_dump().items():
-        source = EvalConfig.model_fields["cfg_seq_len"] if key == "seq_len" else CfgConfig.model_fields[key]
+        source = EvalConfig.model_fields["cfg_seq_len"] if key == "seq_len" else SamplingConfig.model_fields[key]
         assert value == source.default, key
         assert GenerationConfig.model_fields[key].metadata == source.metadata, key
     # the committed params.yaml writes the schema defaults into every new checkpoint

@@ -52,14 +52,14 @@ def test_team_server_receives_params_metrics_and_artifacts(server, tmp_path, mon
     (project / "note.txt").write_text("hello")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     monkeypatch.setenv("DVC_EXP_NAME", "team-exp")
-    with stage_run("evaluate", root=project, flat_params={"cfg.guidance_scale": 3.0}) as run:
+    with stage_run("evaluate", root=project, flat_params={"sampling.guidance_scale": 3.0}) as run:
         for step in range(1, 51):
             run.log_metrics({"cfg/val_bpb": 3.0 / step}, step)
         run.log_experiment_metrics({"cfg.best_val_bpb": 0.06})
         run.log_artifact(project / "note.txt", "checkpoints/cfg")
     store = MlflowClient(tracking_uri=f"sqlite:///{server.tmp / 'mlflow.db'}")
     got = store.get_run(run.run_id)
-    assert got.data.params == {"cfg.guidance_scale": "3.0"} and got.info.status == "FINISHED"
+    assert got.data.params == {"sampling.guidance_scale": "3.0"} and got.info.status == "FINISHED"
     assert len(store.get_metric_history(run.run_id, "cfg/val_bpb")) == 50
     assert store.get_run(got.data.tags["mlflow.parentRunId"]).data.metrics == {"cfg.best_val_bpb": 0.06}
     assert [p.read_text() for p in (server.tmp / "artifacts").rglob("note.txt")] == ["hello"]

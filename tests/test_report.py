@@ -410,7 +410,7 @@ def test_next_steps_follow_the_measurements(summary):
             g["fluent_on_topic"] = {0.0: 0.0, 1.0: 0.25, 3.0: 0.5, 7.0: 0.125}[g["scale"]]
         m["guidance_test"] = [{**g, "fluent_on_topic": 1.0 if g["scale"] == 7.0 else 0.0} for g in m["guidance"]]
     tips = " ".join(next_steps(summary))
-    assert "try dvc exp run -S cfg.guidance_scale=3" in tips and "(50%)" in tips  # chosen on dev, not test
+    assert "try dvc exp run -S sampling.guidance_scale=3" in tips and "(50%)" in tips  # chosen on dev, not test
     for m in summary["models"]["cfg"]["milestones"]:
         for g in m["guidance"]:
             g["fluent_on_topic"] = 0.0

@@ -103,10 +103,10 @@ def test_stage_runs_of_one_experiment_share_a_parent_with_their_params(tmp_path,
     monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
     with stage_run("train_stage_0", root=tmp_path, flat_params={"train.lr": 0.001}) as train:
         train.log_metrics({"train/loss": 1.0}, 1)
-    with stage_run("evaluate", root=tmp_path, flat_params={"cfg.guidance_scale": 3.0}) as ev:
+    with stage_run("evaluate", root=tmp_path, flat_params={"sampling.guidance_scale": 3.0}) as ev:
         ev.log_experiment_metrics({"cfg.best_val_bpb": 2.5, "cfg.adherence": 0.75, "cfg.checklist": "3/5"})
     monkeypatch.setenv("DVC_EXP_NAME", "exp-b")
-    with stage_run("evaluate", root=tmp_path, flat_params={"cfg.guidance_scale": 7.0}) as other:
+    with stage_run("evaluate", root=tmp_path, flat_params={"sampling.guidance_scale": 7.0}) as other:
         pass
 
     client = _client(tmp_path)
@@ -114,7 +114,7 @@ def test_stage_runs_of_one_experiment_share_a_parent_with_their_params(tmp_path,
     assert set(parents) == {"exp-a", "exp-b"}
     a = parents["exp-a"]
     assert a.info.run_name == "exp-a" and a.info.status == "FINISHED"
-    assert a.data.params == {"train.lr": "0.001", "cfg.guidance_scale": "3.0"}
+    assert a.data.params == {"train.lr": "0.001", "sampling.guidance_scale": "3.0"}
     assert a.data.metrics == {"cfg.best_val_bpb": 2.5, "cfg.adherence": 0.75}
     for child in (train, ev):
         tags = client.get_run(child.run_id).data.tags
@@ -127,13 +127,13 @@ def test_stage_runs_of_one_experiment_share_a_parent_with_their_params(tmp_path,
 def test_same_name_with_other_params_gets_a_new_parent_and_failure_shows(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
-    with stage_run("evaluate", root=tmp_path, flat_params={"cfg.guidance_scale": 3.0}):
+    with stage_run("evaluate", root=tmp_path, flat_params={"sampling.guidance_scale": 3.0}):
         pass
     with pytest.raises(RuntimeError):
-        with stage_run("evaluate", root=tmp_path, flat_params={"cfg.guidance_scale": 5.0}):
+        with stage_run("evaluate", root=tmp_path, flat_params={"sampling.guidance_scale": 5.0}):
             raise RuntimeError("boom")
     parents = _parents(tmp_path)  # newest first
-    assert [p.data.params["cfg.guidance_scale"] for p in parents] == ["5.0", "3.0"]
+    assert [p.data.params["sampling.guidance_scale"] for p in parents] == ["5.0", "3.0"]
     assert [p.info.status for p in parents] == ["FAILED", "FINISHED"]
 
 

@@ -884,7 +884,7 @@ def _open_stage(root: str, barrier, out: str, stage: str, count: int) -> None:
 
     sunfish.tracking.stage.find_parents = slow_search
     barrier.wait(120)
-    with stage_run(stage, root=Path(root), flat_params={"cfg.guidance_scale": 3.0}) as run:
+    with stage_run(stage, root=Path(root), flat_params={"sampling.guidance_scale": 3.0}) as run:
         for step in range(count):
             run.log_metrics({"val/bpb": 1.0 / (step + 1)}, step)
         run.log_experiment_metrics({f"{stage}.best_val_bpb": 1.0})

@@ -46,6 +46,7 @@ from sunfish.config.sections import (
     MUConfig,
     ReportConfig,
     ResolvedTraining,
+    SamplingConfig,
     StagedConfig,
     TemporalConfig,
     TokenizerConfig,
@@ -57,6 +58,6 @@ __all__ = [
     "CONTROL_NAMES", "DEFAULT_PRESETS", "EVALUATED_MODELS", "GENERATION_CONFIG", "MODEL_NAMES", "STAGED_MODELS",
     "STAGE_SEED_STRIDE", "Budget", "CfgConfig", "DataConfig", "DiagnoseConfig", "EvalConfig", "FluencyConfig",
     "GenerationConfig", "GraphConfig", "K1Config", "MUConfig", "ModelPreset", "Params", "ParamsError",
-    "ReportConfig", "ResolvedTraining", "Section", "StagedConfig", "TemporalConfig", "TokenizerConfig",
+    "ReportConfig", "ResolvedTraining", "SamplingConfig", "Section", "StagedConfig", "TemporalConfig", "TokenizerConfig",
     "TrackingConfig", "TrainConfig", "check_milestones", "control_of", "flatten", "load_params", "parse_params",
 ]

@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MODEL_NAMES = ("stage_0", "stage_1", "stage_2", "stage_3", "cfg")
 STAGED_MODELS = MODEL_NAMES[:4]
@@ -48,8 +48,32 @@ def _is_number(annotation: Any) -> bool:
     return False
 
 
+def _merged(default: dict, given: dict) -> dict:
+    out = dict(default)
+    for key, value in given.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unwritten_keys_keep_their_defaults(cls, data: Any) -> Any:
+        # params.yaml writes a sub-section in part (`stage_1: {max_steps: 100}`, or `{}`): the keys it
+        # leaves out mean their defaults, as a section left out does, not the sub-model's own defaults
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, value in data.items():
+            field = cls.model_fields.get(name) if isinstance(name, str) else None
+            if field is None or not isinstance(value, dict) or field.is_required():
+                continue
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                out[name] = _merged(default.model_dump(), value)
+        return out
 
     @field_validator("*", mode="before")
     @classmethod

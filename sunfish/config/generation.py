@@ -3,7 +3,7 @@
 Like a Hugging Face generation config, the file sits beside ``config.json`` and says how the model
 is sampled when no one says otherwise: `sunfish sample` takes every setting its flags leave open
 from it, never from a params.yaml in the current directory. It is written when the checkpoint is
-saved (``save_checkpoint(..., generation_config=...)``), from params.yaml's ``cfg`` sampling keys
+saved (``save_checkpoint(..., generation_config=...)``), from params.yaml's ``sampling`` section
 and ``eval.cfg_seq_len`` (the length the evaluate stage samples at). A checkpoint saved before the
 file existed samples with the schema defaults of the same keys (:class:`GenerationConfig` ``()``).
 
@@ -25,12 +25,10 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from sunfish.config.base import Section
-from sunfish.config.sections import CfgConfig, EvalConfig
+from sunfish.config.sections import EvalConfig, SamplingConfig
 
 GENERATION_CONFIG = "generation_config.json"
 GENERATION_FORMAT = 1
-# cfg.<key> -> the same field here; seq_len comes from eval.cfg_seq_len
-CFG_SAMPLING_KEYS = ("guidance_scale", "guidance", "guidance_candidates", "num_steps", "scheduler", "eta", "top_p")
 
 
 def _same_as(model: type[Section], name: str) -> FieldInfo:
@@ -39,21 +37,22 @@ def _same_as(model: type[Section], name: str) -> FieldInfo:
 
 
 class GenerationConfig(Section):
-    """Sampling settings of a diffusion checkpoint; each field is the params field it is named after."""
+    """Sampling settings of a diffusion checkpoint: params.yaml's sampling section (each field is the
+    params field it is named after) and seq_len, from eval.cfg_seq_len."""
 
-    guidance_scale: float = _same_as(CfgConfig, "guidance_scale")
-    guidance: Literal["sequence", "token"] = _same_as(CfgConfig, "guidance")
-    guidance_candidates: int = _same_as(CfgConfig, "guidance_candidates")
-    num_steps: int = _same_as(CfgConfig, "num_steps")
-    scheduler: Literal["ddim", "ddpm"] = _same_as(CfgConfig, "scheduler")
-    eta: float = _same_as(CfgConfig, "eta")
-    top_p: float = _same_as(CfgConfig, "top_p")
+    guidance_scale: float = _same_as(SamplingConfig, "guidance_scale")
+    guidance: Literal["sequence", "token"] = _same_as(SamplingConfig, "guidance")
+    guidance_candidates: int = _same_as(SamplingConfig, "guidance_candidates")
+    num_steps: int = _same_as(SamplingConfig, "num_steps")
+    scheduler: Literal["ddim", "ddpm"] = _same_as(SamplingConfig, "scheduler")
+    eta: float = _same_as(SamplingConfig, "eta")
+    top_p: float = _same_as(SamplingConfig, "top_p")
     seq_len: int = _same_as(EvalConfig, "cfg_seq_len")
 
     @classmethod
     def from_params(cls, params: Any) -> GenerationConfig:
-        """The settings of a validated :class:`sunfish.config.Params` (its cfg and eval sections)."""
-        return cls(**{k: getattr(params.cfg, k) for k in CFG_SAMPLING_KEYS}, seq_len=params.eval.cfg_seq_len)
+        """The settings of a validated :class:`sunfish.config.Params` (its sampling and eval sections)."""
+        return cls(**params.sampling.model_dump(), seq_len=params.eval.cfg_seq_len)
 
     def to_json(self) -> str:
         return json.dumps({"format_version": GENERATION_FORMAT, **self.model_dump()}, indent=2) + "\n"

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from sunfish.config.base import ParamsError
 from sunfish.config.params import Params
-from sunfish.config.sections import ModelPreset
+from sunfish.config.sections import ModelPreset, SamplingConfig
 
 
 def _describe(err: dict[str, Any], raw: Any) -> str:
@@ -19,6 +19,8 @@ def _describe(err: dict[str, Any], raw: Any) -> str:
     kind = err["type"]
     value = err.get("input")
     if kind == "extra_forbidden":
+        if len(err["loc"]) == 2 and err["loc"][0] == "cfg" and err["loc"][1] in SamplingConfig.model_fields:
+            return f"{loc}: moved to sampling.{err['loc'][1]} (the diffusion sampler's settings have their own section)"
         parent = err["loc"][:-1]
         allowed = _allowed_keys(parent)
         close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)

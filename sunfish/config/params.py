@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any
+
+from pydantic import Field, field_validator
 
 from sunfish.config.base import CONTROL_NAMES, MODEL_NAMES, STAGE_SEED_STRIDE, STAGED_MODELS, Budget, Section
 from sunfish.config.sections import (
@@ -14,6 +16,7 @@ from sunfish.config.sections import (
     ModelPreset,
     ReportConfig,
     ResolvedTraining,
+    SamplingConfig,
     StagedConfig,
     TokenizerConfig,
     TrackingConfig,
@@ -24,16 +27,22 @@ from sunfish.config.sections import (
 class Params(Section):
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
-    presets: dict[str, ModelPreset] = Field(
-        default_factory=lambda: {k: ModelPreset(**v) for k, v in DEFAULT_PRESETS.items()}
-    )
+    # the built-in shapes plus the file's own: a name written in params.yaml adds a preset or replaces
+    # the built-in of that name, so a params file names only the presets it changes
+    presets: dict[str, ModelPreset] = Field(default_factory=lambda: dict(DEFAULT_PRESETS))
     train: TrainConfig = TrainConfig()
     staged: StagedConfig = StagedConfig()
     cfg: CfgConfig = CfgConfig()
+    sampling: SamplingConfig = SamplingConfig()
     eval: EvalConfig = EvalConfig()
     diagnose: DiagnoseConfig = DiagnoseConfig()
     report: ReportConfig = ReportConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("presets", mode="before")
+    @classmethod
+    def _over_the_built_ins(cls, value: Any) -> Any:
+        return {**DEFAULT_PRESETS, **value} if isinstance(value, dict) else value
 
     # -- derived views --------------------------------------------------------------------------
 
@@ -128,9 +137,9 @@ class Params(Section):
             problems.append(
                 f"train.milestones: {self.train.milestones} go beyond train.max_steps={self.train.max_steps}"
             )
-        if self.cfg.num_steps > self.cfg.timesteps:
+        if self.sampling.num_steps > self.cfg.timesteps:
             problems.append(
-                f"cfg.num_steps: {self.cfg.num_steps} exceeds cfg.timesteps={self.cfg.timesteps}; "
+                f"sampling.num_steps: {self.sampling.num_steps} exceeds cfg.timesteps={self.cfg.timesteps}; "
                 "sampling steps must be <= timesteps"
             )
         for key, preset in (("staged.preset", self.preset_for("stage_0")), ("cfg.preset", self.preset_for("cfg"))):
@@ -157,9 +166,10 @@ class Params(Section):
                 f"cfg.preset: {c.preset!r} differs from staged.preset={self.staged.preset!r}; with "
                 "cfg.architecture 'block' and cfg.init_from 'stage_0' the diffusion model is the stage-0 "
                 "network, so use the same preset (or cfg.init_from: none)")
-        for key, value, allowed in (("objective", c.objective, "masked"), ("guidance", c.guidance, "token"),
-                                    ("prompt_encoder", c.prompt_encoder, "own")):
+        for key, value, allowed in (("cfg.objective", c.objective, "masked"),
+                                    ("sampling.guidance", self.sampling.guidance, "token"),
+                                    ("cfg.prompt_encoder", c.prompt_encoder, "own")):
             if value != allowed:
-                problems.append(f"cfg.{key}: {value!r} is not available with cfg.architecture 'block' "
+                problems.append(f"{key}: {value!r} is not available with cfg.architecture 'block' "
                                 f"(use {allowed!r}, or cfg.architecture: cross_attention)")
         return problems

@@ -224,19 +224,10 @@ class CfgConfig(Section):
     timesteps: int = Field(1000, ge=1, le=100000)
     noise_schedule: Literal["sqrt", "cosine"] = "sqrt"
     conditioning_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    guidance_scale: float = Field(1.0, ge=0.0, le=100.0)
-    num_steps: int = Field(64, ge=1, description="denoising steps in all (block: spread over the blocks)")
-    scheduler: Literal["ddim", "ddpm"] = "ddim"
-    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity; 1 = DDPM ancestral")
     self_conditioning: bool = False
     prompt_encoder: str = Field("own", description="own | gpt2 | a local path or hub name of a GPT-2 model")
     prompt_encoder_layers: int = Field(0, ge=0, le=24, description="transformer layers over the prompt embeddings")
     max_prompt_tokens: int = Field(32, ge=1, le=1024)
-    top_p: float = Field(0.8, gt=0.0, le=1.0, description="masked sampler: nucleus mass per revealed token; 1 = exact")
-    guidance: Literal["sequence", "token"] = Field(
-        "token", description="sequence: resample whole conditional samples by their prompt information "
-                                "(block, or the masked objective); token: CFG on every position's prediction")
-    guidance_candidates: int = Field(4, ge=1, le=64, description="sequence guidance: conditional samples per prompt")
     prompt_copy: bool = Field(True, description="copy head: text positions may copy prompt tokens (block; cross_attention with the masked objective and own encoder)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     budget: Budget = Budget(lr=1.0e-3)  # train.* except a lower peak lr
@@ -246,6 +237,23 @@ class CfgConfig(Section):
     def _budget_milestones(cls, v: Budget) -> Budget:
         check_milestones(v.milestones)
         return v
+
+
+class SamplingConfig(Section):
+    """How the diffusion model samples: the evaluation stages and each checkpoint's generation_config.json.
+
+    Its own section, apart from ``cfg`` (what is trained), so that DVC can track the two apart: a new
+    guidance scale reruns the evaluation, never the training."""
+
+    guidance_scale: float = Field(1.0, ge=0.0, le=100.0)
+    num_steps: int = Field(64, ge=1, description="denoising steps in all (block: spread over the blocks)")
+    scheduler: Literal["ddim", "ddpm"] = "ddim"
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity; 1 = DDPM ancestral")
+    top_p: float = Field(0.8, gt=0.0, le=1.0, description="masked sampler: nucleus mass per revealed token; 1 = exact")
+    guidance: Literal["sequence", "token"] = Field(
+        "token", description="sequence: resample whole conditional samples by their prompt information "
+                                "(block, or the masked objective); token: CFG on every position's prediction")
+    guidance_candidates: int = Field(4, ge=1, le=64, description="sequence guidance: conditional samples per prompt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,7 +269,7 @@ class FluencyConfig(Section):
                                     description="guidance scales swept on the dev prompts")
     best_of_k: int = Field(4, ge=1, le=64, description="samples drawn per test prompt for the best-of-k rows (the "
                            "diffusion model and stage 0, each keeping its own most likely sample); 1 = no such rows. "
-                           "Under sequence guidance the rows use cfg.guidance_candidates instead")
+                           "Under sequence guidance the rows use sampling.guidance_candidates instead")
 
     @field_validator("dev_scales")
     @classmethod

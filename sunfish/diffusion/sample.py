@@ -66,7 +66,7 @@ def sample(
         block, left to right, while each drawn token has at least this probability (None: one
         scheduled reveal at a time; see :func:`sunfish.diffusion.block.sample`).
     top_p: masked objective only: nucleus sampling of each revealed token (1 = exact; params
-        cfg.top_p, 0.8 by default, is what evaluate and the CLI use).
+        sampling.top_p, 0.8 by default, is what evaluate and the CLI use).
     guidance: "token" (CFG on every position's prediction, the formula above) or "sequence"
         (block diffusion or the masked objective: ``candidates`` conditional samples per prompt, one resampled by
         exp((w - 1) log p(x|c)/p(x)); see :mod:`sunfish.diffusion.sequence_guidance`). Both are

@@ -39,7 +39,7 @@ def ar_samples(model, tok, ev, seed_offset: int = 0) -> list[dict]:
     return out
 
 
-def guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, scales,
+def guidance_sweep(model_tuple, tok, ev, sampling, records, vocabulary, bigrams, scales,
                     drawn: dict | None = None, checkpoint: str | None = None) -> list[dict]:
     """The guidance rows of ``scales`` for one checkpoint, one sample per prompt record of ``records``.
 
@@ -57,7 +57,7 @@ def guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, scal
     chosen = list(records)
     prompt_set = chosen[0].get("set") if chosen else None
     prompt_ids = [tok.encode_prompt(r["prompt"])[: model.config.max_prompt_tokens] for r in chosen]
-    mode = default_guidance(model, cfg.guidance)
+    mode = default_guidance(model, sampling.guidance)
     # Sequence guidance: one set of conditional candidates serves every scale but 0. Scale 1 takes a
     # uniformly drawn candidate (a plain conditional sample), so every w >= 1 row is drawn from the
     # same pool: the adherence gain of guidance is measured paired, and w = 1 costs no extra sampling.
@@ -72,8 +72,8 @@ def guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, scal
             if shared is None:
                 padded, mask = model.pad_prompt_ids(prompt_ids)
                 shared = draw_candidates(
-                    model, padded, mask, candidates=cfg.guidance_candidates, seq_len=ev.cfg_seq_len,
-                    num_steps=cfg.num_steps, exact_counts=cfg.scheduler == "ddim", top_p=cfg.top_p,
+                    model, padded, mask, candidates=sampling.guidance_candidates, seq_len=ev.cfg_seq_len,
+                    num_steps=sampling.num_steps, exact_counts=sampling.scheduler == "ddim", top_p=sampling.top_p,
                     generator=torch.Generator().manual_seed(ev.seed),
                 )
                 if drawn is not None and checkpoint is not None:
@@ -81,8 +81,8 @@ def guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, scal
             ids = resample(*shared, w, gen)
         else:
             ids = diffusion_sample(
-                model, prompt_ids, num_samples=len(prompt_ids), seq_len=ev.cfg_seq_len, num_steps=cfg.num_steps,
-                guidance_scale=w, scheduler=cfg.scheduler, eta=cfg.eta, generator=gen, top_p=cfg.top_p,
+                model, prompt_ids, num_samples=len(prompt_ids), seq_len=ev.cfg_seq_len, num_steps=sampling.num_steps,
+                guidance_scale=w, scheduler=sampling.scheduler, eta=sampling.eta, generator=gen, top_p=sampling.top_p,
             )
         samples = []
         for rec, row in zip(chosen, ids.tolist()):
@@ -96,7 +96,7 @@ def guidance_sweep(model_tuple, tok, ev, cfg, records, vocabulary, bigrams, scal
             "scale": w, "guidance": mode if w not in (0.0, 1.0) else "none", "adherence": hits / len(samples),
             "n": len(samples), "prompt_set": prompt_set,
             # cost: conditional samples drawn per prompt (best-of-k draws k, shared by the rows w >= 1)
-            "samples_per_prompt": cfg.guidance_candidates if mode == "sequence" and w != 0.0 else 1,
+            "samples_per_prompt": sampling.guidance_candidates if mode == "sequence" and w != 0.0 else 1,
             "seconds": time.perf_counter() - started,
             "ci": list(wilson_interval(hits, len(samples))),
             "quality": quality([s["text"] for s in samples], vocabulary, bigrams), "samples": samples,
@@ -216,8 +216,8 @@ def checkpoint_figures(params, res: EvalResources, name: str, step: int, directo
         chooser = ar_samples(loaded, tok, ev, SELECTION_SEED_OFFSET)
         entry["selection"]["quality"] = quality([s["continuation"] for s in chooser], vocabulary, bigrams)
     else:
-        entry["guidance"] = guidance_sweep(loaded, tok, ev, p.cfg, res.prompts("dev"), vocabulary, bigrams,
-                                            progress_scales(p.cfg.guidance_scale), res.drawn,
+        entry["guidance"] = guidance_sweep(loaded, tok, ev, p.sampling, res.prompts("dev"), vocabulary, bigrams,
+                                            progress_scales(p.sampling.guidance_scale), res.drawn,
                                             f"{directory.resolve()}#dev")
     entry["seconds"] = time.perf_counter() - start
     log.info("%s step %d: val loss %.3f, ppl %.2f, bpb %.3f (%.1fs)", name, step, entry["val_loss"],

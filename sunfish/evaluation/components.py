@@ -188,7 +188,7 @@ def _seed_row(n: int, base: dict, runs: Mapping[str, Mapping]) -> dict | None:
 def component_deltas(models: Mapping[str, Mapping] | None = None, runs: Mapping[str, Mapping] | None = None) -> list[dict]:
     """Rows per component: one per milestone step both stage_N and control_N reached (``models``:
     evaluated summaries, {"milestones": [{"step", "val_bpb"}]}, one seed each, so no verdict), and
-    the headline row (``final``) from the seeds' final figures in ``runs`` (reports/metrics/<model>.json,
+    the headline row (``final``) from the seeds' final figures in ``runs`` (reports/stages/<model>.json,
     :func:`read_runs`: "val_bpb_seeds", "steps", "val_bpb"; "trained": false for a control not trained).
 
     Without seed figures the last milestone row is the headline, "not measured (one seed)". A

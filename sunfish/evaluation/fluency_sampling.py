@@ -47,7 +47,7 @@ def decode(tok, row: list[int]) -> str:
     return tok.decode([t for t in row if t != tok.pad_id])
 
 
-def diffusion_texts(model, tok, prompts: list[str], *, w: float, cfg, seq_len: int, seed: int
+def diffusion_texts(model, tok, prompts: list[str], *, w: float, sampling, seq_len: int, seed: int
                     ) -> tuple[list[str], float, int, int]:
     """(texts, seconds, network rows, tokens) of one sample per prompt, all in one batch."""
     from sunfish.diffusion.sample import sample
@@ -56,10 +56,10 @@ def diffusion_texts(model, tok, prompts: list[str], *, w: float, cfg, seq_len: i
     counter = RowCounter(network(model))
     start = time.perf_counter()
     try:
-        out = sample(model, ids, num_samples=len(ids), seq_len=seq_len, num_steps=cfg.num_steps,
-                     guidance_scale=w, scheduler=cfg.scheduler, eta=cfg.eta, top_p=cfg.top_p,
-                     generator=torch.Generator().manual_seed(seed), guidance=cfg.guidance,
-                     candidates=cfg.guidance_candidates)
+        out = sample(model, ids, num_samples=len(ids), seq_len=seq_len, num_steps=sampling.num_steps,
+                     guidance_scale=w, scheduler=sampling.scheduler, eta=sampling.eta, top_p=sampling.top_p,
+                     generator=torch.Generator().manual_seed(seed), guidance=sampling.guidance,
+                     candidates=sampling.guidance_candidates)
     finally:
         counter.close()
     return ([decode(tok, r) for r in out.tolist()], time.perf_counter() - start, counter.rows,
@@ -78,16 +78,16 @@ def ar_texts(model, tok, n: int, *, seq_len: int, top_p: float, seed: int) -> tu
             out.numel())
 
 
-def selection_k(model, cfg) -> int:
-    """Samples drawn per kept sample at w > 1: cfg.guidance_candidates under sequence guidance (block
+def selection_k(model, sampling) -> int:
+    """Samples drawn per kept sample at w > 1: sampling.guidance_candidates under sequence guidance (block
     diffusion, or the cross-attention model with the masked objective), else 1."""
-    sequence = cfg.guidance == "sequence" and (
+    sequence = sampling.guidance == "sequence" and (
         model.kind == "block_diffusion"
         or (model.kind == "diffusion" and getattr(model.config, "objective", None) == "masked"))
-    return int(cfg.guidance_candidates) if sequence else 1
+    return int(sampling.guidance_candidates) if sequence else 1
 
 
-def best_of_k_rows(model, ar, tok, records: list[dict], *, k: int, cfg, seq_len: int, seed: int, judge, cal
+def best_of_k_rows(model, ar, tok, records: list[dict], *, k: int, sampling, seq_len: int, seed: int, judge, cal
                    ) -> list[dict]:
     """The best-of-k baselines beside sequence guidance's rows (same k, same prompts): the diffusion
     model at w = 1 and stage 0, each keeping the sample it finds most likely."""
@@ -100,8 +100,8 @@ def best_of_k_rows(model, ar, tok, records: list[dict], *, k: int, cfg, seq_len:
     counter = RowCounter(network(model))
     start = time.perf_counter()
     try:
-        out = diffusion_best_of_k(model, ids, k=k, seq_len=seq_len, num_steps=cfg.num_steps,
-                                  exact_counts=cfg.scheduler == "ddim", top_p=cfg.top_p,
+        out = diffusion_best_of_k(model, ids, k=k, seq_len=seq_len, num_steps=sampling.num_steps,
+                                  exact_counts=sampling.scheduler == "ddim", top_p=sampling.top_p,
                                   generator=torch.Generator().manual_seed(seed))
     finally:
         counter.close()
@@ -111,7 +111,7 @@ def best_of_k_rows(model, ar, tok, records: list[dict], *, k: int, cfg, seq_len:
                       forward_rows=counter.rows, tokens=out.numel(), prompts=prompts, samples_per_prompt=k)]
     ar_counter: dict = {}
     start = time.perf_counter()
-    out = ar_best_of_k(ar, [tok.eos_id], n=len(records), k=k, seq_len=seq_len, top_p=cfg.top_p, eos_id=tok.eos_id,
+    out = ar_best_of_k(ar, [tok.eos_id], n=len(records), k=k, seq_len=seq_len, top_p=sampling.top_p, eos_id=tok.eos_id,
                        generator=torch.Generator().manual_seed(seed), counter=ar_counter)
     rows.append(score_row(f"AR stage 0, best of {k} by its own likelihood", [decode(tok, r) for r in out.tolist()],
                           targets, judge, cal, role="reference", prompt_set="test",

@@ -132,7 +132,7 @@ def complete_sweeps(
 
 def show_chosen_scale(entries: list[dict], scale: float) -> None:
     """A diffusion milestone's samples, quality and adherence are those of the guidance row at
-    ``scale`` (cfg.guidance_scale): what choosing the best milestone and the checklist read."""
+    ``scale`` (sampling.guidance_scale): what choosing the best milestone and the checklist read."""
     for e in entries:
         at_w = closest(e.get("guidance") or [], scale)
         if at_w:
@@ -176,17 +176,17 @@ def summarise(evaluated: dict[str, list[dict]], params, judge: dict | None) -> t
     for name, entries in evaluated.items():
         kind = "diffusion" if is_diffusion(entries[0]["kind"]) else "staged"
         if kind == "diffusion":
-            show_chosen_scale(entries, p.cfg.guidance_scale)
+            show_chosen_scale(entries, p.sampling.guidance_scale)
         best = best_entry(entries)
         best_m = next((e for e in entries if e["step"] == best["step"]), entries[-1])
         quality = best_m.get("quality") or {}
         if kind == "diffusion" and best_m.get("guidance_test"):  # report the test prompts' row at w
-            quality = closest(best_m["guidance_test"], p.cfg.guidance_scale).get("quality") or quality
+            quality = closest(best_m["guidance_test"], p.sampling.guidance_scale).get("quality") or quality
             best_m = {**best_m, "quality": quality}
         real = ((judge or {}).get("calibration") or {}).get("real") or {}
         items = checklist_for([best_m if e["step"] == best_m["step"] else e for e in entries], kind,
                               step=best["step"], real_fluent_share=real.get("fluent_share"),
-                              guidance_scale=p.cfg.guidance_scale)
+                              guidance_scale=p.sampling.guidance_scale)
         models[name] = {"kind": kind, "milestones": entries, "best": {**best, "checkpoint": best_m["checkpoint"]},
                         "checklist": items, "is_control": name in CONTROL_NAMES}
         measured = [i for i in items if i["passed"] is not None]
@@ -197,7 +197,7 @@ def summarise(evaluated: dict[str, list[dict]], params, judge: dict | None) -> t
                 "judge_ppl": quality.get("judge_ppl"), "fluent_share": quality.get("fluent_share")}
         if kind == "diffusion":
             reported = best_m.get("guidance_test") or best_m["guidance"]
-            at_w, at_0 = closest(reported, p.cfg.guidance_scale), closest(reported, 0.0)
+            at_w, at_0 = closest(reported, p.sampling.guidance_scale), closest(reported, 0.0)
             flat["adherence"] = at_w.get("adherence")
             flat["adherence_scale"] = at_w.get("scale")
             flat["adherence_w0"] = at_0.get("adherence")

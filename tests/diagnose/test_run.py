@@ -47,7 +47,7 @@ def tiny_setup(tmp_path_factory):
         "train": {"lr": 3e-3, "warmup_steps": 5, "max_steps": 60, "milestones": [30, 60], "batch_size": 8,
                   "grad_accum_steps": 4, "seq_len": 32, "threads": 1},
         "staged": {"preset": "t", "temporal": {"dim": 8}, "graph": {"window": 4, "top_k": 2, "shortcuts": 2},
-                   **{f"stage_{k}": {"max_steps": 10} for k in (1, 2, 3)}},
+                   **{f"stage_{k}": {"max_steps": 10, "milestones": [10]} for k in (1, 2, 3)}},
         "cfg": {"preset": "t", "max_prompt_tokens": 8, "prompt_encoder_layers": 1},
         "eval": {"cfg_seq_len": 32},
         "diagnose": {"memorize_steps": 200},

@@ -25,14 +25,17 @@ from tests.e2e.test_pipeline import copy_repo, env, ran_stages, run, set_dotted,
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 MODELS = ("stage_0", "stage_1", "stage_2", "stage_3", "cfg")
-HEADLINE = [f"{m}.best_val_bpb" for m in MODELS] + ["cfg.adherence", "cfg.checklist_passed"]
+HEADLINE = [f"{m}.best_val_bpb" for m in MODELS] + ["cfg.adherence", "cfg.checklist_passed"]  # MLflow parent runs
+# what `dvc exp show` compares: the metrics files' keys (the per-model files as "<model>.<key>")
+SHOWN = ["fluency.fluent_on_topic", "fluency.fluent_on_topic_w0", "fluency.fluent", "stage_0.val_bpb", "cfg.val_bpb"]
+FLUENCY = [k for k in SHOWN if k.startswith("fluency.")]
 
 
 SWEEP = (2, 3)  # guidance scales of the queued sweep; neither is the baseline's
 
 
 def baseline_guidance(repo: Path) -> float:
-    return float(yaml.safe_load((repo / "params.yaml").read_text())["cfg"]["guidance_scale"])
+    return float(yaml.safe_load((repo / "params.yaml").read_text())["sampling"]["guidance_scale"])
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +64,12 @@ def store(repo: Path):
 def sweep(repo) -> list[str]:
     """Queue a guidance sweep (a list), run it on two workers; the experiments' names.
 
-    Every value differs from the baseline's (params.yaml's cfg.guidance_scale): an experiment equal to
+    Every value differs from the baseline's (params.yaml's sampling.guidance_scale): an experiment equal to
     its baseline reruns no stage, so it logs nothing to MLflow (DVC shows it with the baseline's results).
     """
     start = time.perf_counter()
     assert SWEEP[0] != baseline_guidance(repo) != SWEEP[1]
-    run(["dvc", "exp", "run", "--queue", "-S", f"cfg.guidance_scale={SWEEP[0]},{SWEEP[1]}"], repo)
+    run(["dvc", "exp", "run", "--queue", "-S", f"sampling.guidance_scale={SWEEP[0]},{SWEEP[1]}"], repo)
     run(["dvc", "queue", "start", "-j", "2"], repo)
     status = wait_for_queue(repo)
     print(f"2 queued experiments on 2 workers: {time.perf_counter() - start:.0f}s")
@@ -92,7 +95,7 @@ def test_every_experiment_lands_grouped_in_the_one_store(repo, sweep):
         assert {c.data.tags["sunfish.experiment"] for c in children} == {name}
         assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
         assert stages <= {"validate", "evaluate", "evaluate_fluency", "report"} and "evaluate" in stages, stages
-        guidance[parent.data.params["cfg.guidance_scale"]] = name
+        guidance[parent.data.params["sampling.guidance_scale"]] = name
         assert set(HEADLINE) <= set(parent.data.metrics), sorted(parent.data.metrics)
         evaluate = next(c for c in children if c.data.tags["dvc.stage"] == "evaluate")
         for model in MODELS:  # every per-milestone value arrived, with two experiments writing at once
@@ -111,7 +114,11 @@ def _exp_show(repo: Path) -> dict[str, dict]:
         data = entry.get("data") or {}
         name = data.get("name") or entry.get("name") or data.get("rev") or entry.get("rev")
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-        metrics = ((data.get("metrics") or {}).get("reports/metrics/evaluate.json") or {}).get("data") or {}
+        metrics = {}
+        for path, result in (data.get("metrics") or {}).items():
+            stem = Path(path).stem
+            for key, value in ((result or {}).get("data") or {}).items():
+                metrics[key if stem == "fluency" else f"{stem}.{key}"] = value
         if name:
             out[name] = {"params": params, "metrics": metrics}
         for exp in entry.get("experiments") or []:
@@ -129,28 +136,28 @@ def test_exp_show_has_the_key_metrics_and_swept_params(repo, sweep):
     for name in sweep:
         assert name in shown, list(shown)
         metrics, params = shown[name]["metrics"], shown[name]["params"]
-        for key in HEADLINE:
+        for key in SHOWN:
             assert metrics.get(key) is not None, (name, key, metrics)
-        assert params["cfg"]["guidance_scale"] in SWEEP and params["train"]["lr"]
+        assert params["sampling"]["guidance_scale"] in SWEEP and params["train"]["lr"]
         parent = [p for p in client.search_runs([exp_id], filter_string=f"tags.`sunfish.experiment` = '{name}' "
                                                 "and tags.`sunfish.parent` = 'true'")][0]
-        for key in HEADLINE:  # MLflow and DVC agree, under the same names
+        for key in FLUENCY:  # MLflow and DVC agree, under the same names
             assert parent.data.metrics[key] == pytest.approx(metrics[key]), (name, key)
     table = run(["dvc", "exp", "show", "--no-pager", "--md"], repo).stdout
-    for column in ("cfg.best_val_bpb", "cfg.adherence", "cfg.checklist_passed", "cfg.guidance_scale"):
+    for column in ("fluency.fluent_on_topic", "val_bpb", "sampling.guidance_scale", "train.lr"):
         assert column in table, table[:2000]
 
 
 def test_exp_diff_and_plots_diff_compare_two_experiments(repo, sweep):
     shown = _exp_show(repo)
-    low, high = sorted(sweep, key=lambda n: shown[n]["params"]["cfg"]["guidance_scale"])
+    low, high = sorted(sweep, key=lambda n: shown[n]["params"]["sampling"]["guidance_scale"])
     diff = json.loads(run(["dvc", "exp", "diff", low, high, "--json"], repo).stdout)
     print(json.dumps(diff)[:1500])
     changed = diff["params"]["params.yaml"]
-    assert set(changed) == {"cfg.guidance_scale"} and changed["cfg.guidance_scale"]["new"] == SWEEP[1], changed
+    assert set(changed) == {"sampling.guidance_scale"} and changed["sampling.guidance_scale"]["new"] == SWEEP[1], changed
     # metrics hold numbers only now (no run ids): on the tiny profile both scales can give the same
     # figures, and then DVC reports no metric change; whatever it reports comes from the metrics files
-    assert set(diff.get("metrics") or {}) <= {f"reports/metrics/{n}.json" for n in ("evaluate", "fluency")}, diff
+    assert set(diff.get("metrics") or {}) <= {"reports/metrics/fluency.json"}, diff  # training reran nothing
     out = repo.parent / "plots-diff"
     proc = run(["dvc", "plots", "diff", low, high, "-o", str(out)], repo)
     html = (out / "index.html").read_text()
@@ -167,8 +174,8 @@ def test_compare_lists_the_sweep(repo, sweep):
     rows = {r["experiment"]: r for r in csv.DictReader(io.StringIO(result.stdout))}
     assert set(sweep) <= set(rows)
     header = result.stdout.splitlines()[0].split(",")
-    assert {"cfg.guidance_scale", "cfg.best_val_bpb", "cfg.adherence", "checklist"} <= set(header)
-    assert {rows[n]["cfg.guidance_scale"] for n in sweep} == {f"{float(w)}" for w in SWEEP}
+    assert {"sampling.guidance_scale", "cfg.best_val_bpb", "cfg.adherence", "checklist"} <= set(header)
+    assert {rows[n]["sampling.guidance_scale"] for n in sweep} == {f"{float(w)}" for w in SWEEP}
     table = subprocess.run(["sunfish", "compare", "--last", "2"], cwd=repo, env=env(), capture_output=True,
                            text=True, timeout=120).stdout
     print(table)
