@@ -90,11 +90,13 @@ TRAINING_HEADLINE = ("val_bpb",)
 
 
 def write_stage_record(reports: Path, name: str, record: dict, headline: tuple[str, ...] = ()) -> None:
-    """reports/stages/<name>.json (the whole record) and, for a ``headline``, reports/metrics/<name>.json
-    (its numeric values only)."""
+    """reports/stages/<name>.json (the whole record) and, for a ``headline``, reports/metrics/<name>.json:
+    its numeric values, named ``<name>.<key>`` (``stage_0.val_bpb``) so that each is one short, unique
+    column in `dvc exp show` rather than ``reports/metrics/stage_0.json:val_bpb``."""
     write_json(reports / "stages" / f"{name}.json", record)
     if headline:
-        write_json(reports / "metrics" / f"{name}.json", numeric_subset(record, headline))
+        write_json(reports / "metrics" / f"{name}.json",
+                   {f"{name}.{k}": v for k, v in numeric_subset(record, headline).items()})
 
 
 def numeric_subset(record: dict, keys) -> dict:

@@ -321,6 +321,21 @@ def test_metrics_files_hold_few_numbers_and_the_records_are_reports(stages):
     assert numeric_subset({"a": 1.5, "b": "text", "c": None, "d": True, "e": float("nan")}, "abcde") == {"a": 1.5, "d": 1}
 
 
+def test_a_training_metric_is_named_after_its_model(tmp_path):
+    """Metric keys unique across files are short columns in `dvc exp show` ("stage_0.val_bpb"); a
+    key shared by several files would be shown as "reports/metrics/stage_0.json:val_bpb"."""
+    import json
+
+    from pipeline.common import TRAINING_HEADLINE, write_stage_record
+
+    for name in ("stage_0", "cfg"):
+        write_stage_record(tmp_path, name, {"val_bpb": 1.25, "train_seconds": 3.0, "model": name}, TRAINING_HEADLINE)
+        assert json.loads((tmp_path / "metrics" / f"{name}.json").read_text()) == {f"{name}.val_bpb": 1.25}
+        assert json.loads((tmp_path / "stages" / f"{name}.json").read_text())["train_seconds"] == 3.0
+    write_stage_record(tmp_path, "prepare", {"tokens_train": 10})  # a record without a metrics file
+    assert not (tmp_path / "metrics" / "prepare.json").exists()
+
+
 def test_training_runs_are_named_after_their_dvc_stages(stages):
     """A training stage's MLflow run name and `dvc.stage` tag are its DVC stage's name (family members
     included), so `sunfish compare` and the MLflow UI name what `dvc repro <stage>` reruns."""

@@ -158,7 +158,7 @@ def test_repro_writes_reports_metrics_and_checkpoints(repo):
         figures = json.loads((repo / "reports" / "metrics" / f"{name}.json").read_text())
         assert all(isinstance(v, (int, float)) for v in figures.values()) and len(figures) <= 8, (name, figures)
         if name != "fluency":  # control_2 is not trained in k1.mode log: no figure
-            assert list(figures) == ([] if name == "control_2" else ["val_bpb"]), (name, figures)
+            assert list(figures) == ([] if name == "control_2" else [f"{name}.val_bpb"]), (name, figures)
     for record in ("prepare", "stage_0", "cfg"):
         assert (repo / "reports" / "stages" / f"{record}.json").exists(), record
     for model, steps in {"stage_0": [6, 12], "stage_3": [4], "control_3": [4], "cfg": [6, 12]}.items():
@@ -329,7 +329,7 @@ def test_dvc_exp_show_prints_the_columns_the_layout_predicts(repo):
     keys = {(p.name, k) for p in (repo / "reports" / "metrics").glob("*.json") for k in json.loads(p.read_text())}
     counts = exp_show_columns(repo, len(keys))
     assert len(printed) == counts["total"], (counts, printed)
-    assert {"sampling.guidance_scale", "train.lr", "fluency.fluent_on_topic"} <= set(printed), printed
+    assert {"sampling.guidance_scale", "train.lr", "fluency.fluent_on_topic", "stage_0.val_bpb"} <= set(printed), printed
 
 
 def test_guidance_change_reruns_only_evaluate_and_report(repo):
