@@ -370,7 +370,8 @@ def compare(uri, mlflow_experiment, names, last, params, models, fmt) -> None:
 
     Columns: the params that differ between the experiments listed (named as in params.yaml), the
     best validation bits per byte of each model, the diffusion model's prompt adherence at the
-    configured guidance scale, the checklist items passed, and the parent run's id (its stage runs
+    configured guidance scale, its fluent-and-on-topic share on the test prompts, the checklist
+    items passed, and the parent run's id (its stage runs
     are nested under it in the MLflow UI; --format json lists them).
     """
     from sunfish.compare import CompareError, format_rows, load_experiments

@@ -22,6 +22,7 @@ __all__ = ["ExperimentRow", "changed_params", "format_rows", "load_experiments"]
 
 FORMATS = ("table", "json", "csv")
 BPB = ".best_val_bpb"
+FLUENT_ON_TOPIC = "fluency.fluent_on_topic"
 
 
 class CompareError(ValueError):
@@ -49,6 +50,11 @@ class ExperimentRow:
     @property
     def adherence(self) -> float | None:
         return self.metrics.get("cfg.adherence")
+
+    @property
+    def fluent_on_topic(self) -> float | None:
+        """The diffusion model's headline (evaluate_fluency, test prompts): None where that stage did not run."""
+        return self.metrics.get(FLUENT_ON_TOPIC)
 
     @property
     def checklist(self) -> tuple[int, int] | None:
@@ -136,6 +142,7 @@ def _records(rows: Sequence[ExperimentRow], params: Sequence[str], models: Seque
             **{k: r.params.get(k) for k in params},
             **{f"{m}{BPB}": r.best_bpb(m) for m in models},
             "cfg.adherence": r.adherence,
+            FLUENT_ON_TOPIC: r.fluent_on_topic,
             "checklist": f"{check[0]}/{check[1]}" if check else None,
             "status": r.status,
             "run_id": r.run_id,
@@ -175,7 +182,7 @@ def _table(records: list[dict], params: Sequence[str], models: Sequence[str]) ->
         return "no experiments"
     headers = {"experiment": "experiment", **{k: k for k in params},
                **{f"{m}{BPB}": f"bpb {m}" for m in models},
-               "cfg.adherence": "adherence", "checklist": "checklist", "status": "status", "run_id": "run"}
+               "cfg.adherence": "adherence", FLUENT_ON_TOPIC: "fluent+topic", "checklist": "checklist", "status": "status", "run_id": "run"}
     cells = [[_cell(key, rec[key]) for key in headers] for rec in records]
     titles = list(headers.values())
     widths = [max(len(t), *(len(row[i]) for row in cells)) for i, t in enumerate(titles)]

@@ -44,6 +44,9 @@ def _evaluate(root: Path, name: str, guidance: float, bpb0: float, bpb_cfg: floa
 
                 register_models(run, {"stage_0": {"best": {"step": 3, "checkpoint": str(checkpoint)}},
                                       "control_1": {"is_control": True}}, Path("/"))
+        if name == "exp-w7":  # evaluate_fluency puts its headline on the parent run; exp-w1 has none
+            with stage_run("evaluate_fluency", root=root, flat_params=flat) as fluency:
+                fluency.log_experiment_metrics({"fluency.fluent_on_topic": 0.625})
         return run.run_id
     finally:
         del os.environ["DVC_EXP_NAME"]
@@ -68,7 +71,8 @@ def test_rows_hold_the_swept_params_and_headline_metrics(store):
     w7 = rows[0]
     assert w7.params["train.lr"] == "0.002" and w7.params["sampling.guidance_scale"] == "7.0"
     assert w7.best_bpb("stage_0") == 2.5 and w7.adherence == 0.75 and w7.checklist == (5, 7)
-    assert set(w7.stage_runs) == {"train_stage_0", "evaluate"}
+    assert set(w7.stage_runs) == {"train_stage_0", "evaluate", "evaluate_fluency"}
+    assert w7.fluent_on_topic == 0.625 and rows[1].fluent_on_topic is None
     assert w7.status == "FINISHED" and w7.commit is None  # tmp_path is no git repo
 
 
@@ -77,11 +81,12 @@ def test_table_csv_and_json(store):
     rows = load_experiments(uri)
     table = format_rows(rows, "table").splitlines()
     assert table[0].split() == ["experiment", "sampling.guidance_scale", "bpb", "stage_0", "bpb", "cfg", "adherence",
-                                "checklist", "status", "run"]
-    assert table[2].split()[:7] == ["exp-w7", "7.0", "2.5000", "3.1000", "0.7500", "5/7", "FINISHED"]
-    assert table[3].split()[:7] == ["exp-w1", "1.0", "2.5000", "3.1000", "0.2500", "4/7", "FINISHED"]
+                                "fluent+topic", "checklist", "status", "run"]
+    assert table[2].split()[:8] == ["exp-w7", "7.0", "2.5000", "3.1000", "0.7500", "0.6250", "5/7", "FINISHED"]
+    assert table[3].split()[:8] == ["exp-w1", "1.0", "2.5000", "3.1000", "0.2500", "-", "4/7", "FINISHED"]
     records = list(csv.DictReader(io.StringIO(format_rows(rows, "csv"))))
     assert records[1]["experiment"] == "exp-w1" and records[1]["cfg.adherence"] == "0.25"
+    assert records[0]["fluency.fluent_on_topic"] == "0.625" and records[1]["fluency.fluent_on_topic"] == ""
     assert records[1]["sampling.guidance_scale"] == "1.0" and records[1]["run_id"] == rows[1].run_id
     data = json.loads(format_rows(rows, "json", params=["train.lr"]))
     assert data[0]["changed_params"] == {"train.lr": "0.002"}
