@@ -80,9 +80,10 @@ def test_mlflow_ui_lists_the_experiment_and_its_runs(server, monkeypatch):
     dom = dump_dom(url)
     for text in ("sunfish", *SWEEP):  # the experiment and its parent runs (stage runs nest under them)
         assert text in dom, f"{text!r} not in the MLflow UI page; DOM ends {dom[-1500:]!r}"
-    # 2 parents + their 4 stage runs (train_stage_0, evaluate), as the REST API the page calls says
+    # 2 parents + their 5 stage runs (train_stage_0 and evaluate each, evaluate_fluency in exp-w7), as the
+    # REST API the page calls says
     total = len(_api(server, "runs/search", {"experiment_ids": [exp_id], "max_results": 100})["runs"])
-    assert total == 6
+    assert total == 7
     assert re.search(rf"<strong>{total}</strong>\s*matching runs", dom), dom[-1500:]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = screenshot(url, ARTIFACTS / "mlflow_ui_runs.png", 1400, 900)
