@@ -15,6 +15,7 @@ as their target: off-topic samples follow words the model has rarely or never se
     python benchmarks/bench_block_reveal.py                                # this repo's run, dev prompts
     python benchmarks/bench_block_reveal.py --repo DIR --confidence none 0.9 0.7 --guidance 1 1.5
     python benchmarks/bench_block_reveal.py --confidence none --guidance 1 2 --samples-per-prompt 4
+    python benchmarks/bench_block_reveal.py --confidence none --acceptance   # + the speculative bound
 """
 
 from __future__ import annotations
@@ -67,6 +68,43 @@ def on_topic_by_target_count(words: list[str], on_topic: list[bool],
     return rows
 
 
+@torch.no_grad()
+def draft_acceptance(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, seq_len: int, top_p: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """Acceptance rate ``[n_blocks, rows]`` of exact speculative sampling inside each block of 2.
+
+    What bounds a faster sampler at equal quality: the first step of a block gives the exact
+    distribution of its first token and the *marginal* q of its second; drawing the second from q
+    and checking it against the conditional p (the second step) keeps it with probability
+    sum_v min(p(v), q(v)), both nucleus-restricted as the sampler draws. The text follows the
+    one-token-a-step sampler (the reference recomputation, w = 1). At acceptance a, such a sampler
+    makes at most 2 / (2 - a) tokens a network pass, before counting that its passes are wider.
+    """
+    from sunfish.diffusion.block import _group_log_probs, _rows_prefix
+    from sunfish.diffusion.masked import _sample_from, nucleus
+
+    if model.config.block_size != 2:
+        raise ValueError(f"draft_acceptance measures blocks of 2, the model's are {model.config.block_size}")
+    rows = prompt_ids.shape[0]
+    prefix_ids, prefix_mask = _rows_prefix(model, prompt_ids, prompt_mask, rows, model.device)
+    text = torch.full((rows, seq_len + 1), model.mask_id, dtype=torch.long, device=model.device)
+    text[:, 0] = model.config.eos_id
+    out = []
+    for anchor in range(0, seq_len - 1, 2):
+        first = _group_log_probs(model, prefix_ids, prefix_mask, text, anchor, anchor + 2, False, 1.0, None)
+        draft = nucleus(first[:, 1], top_p).exp()
+        text[:, anchor + 1] = _sample_from(nucleus(first[:, 0], top_p), uniform_draws(rows, generator))
+        second = nucleus(_group_log_probs(model, prefix_ids, prefix_mask, text, anchor, anchor + 2, False, 1.0,
+                                          None)[:, 1], top_p)
+        out.append(torch.minimum(second.exp(), draft).sum(dim=-1))
+        text[:, anchor + 2] = _sample_from(second, uniform_draws(rows, generator))
+    return torch.stack(out)
+
+
+def uniform_draws(n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=generator, dtype=torch.float64)
+
+
 def main(argv: list[str] | None = None) -> dict:
     from sunfish.evaluation.fluency_sampling import RowCounter, ar_texts
     from sunfish.evaluation.fluency_sampling import decode as _decode
@@ -101,6 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rank", choices=["sampler", "elbo"], default="sampler",
                     help="with --best-of: the sampler's own log-probabilities (free) or the conditional ELBO "
                          "per token (evaluate's best-of-k row; costs extra passes)")
+    ap.add_argument("--acceptance", action="store_true",
+                    help="also print the acceptance rate of drafting a block's second token from its first step "
+                         "(what bounds exact speculative sampling; block size 2 only)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if args.samples_per_prompt < 1:
@@ -192,6 +233,14 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['tokens_per_s'] / ar_row['tokens_per_s']:>6.2f} {row['forward_rows_per_sample']:>11.1f}")
         print("    on topic by training pairs about the word: " + ", ".join(
             f"{b['pairs']}: {100 * b['on_topic']:.0f}% of {b['samples']}" for b in row["on_topic_by_target_count"]))
+    if args.acceptance:
+        prompt_ids, prompt_mask = model.pad_prompt_ids(ids)
+        rates = draft_acceptance(model, prompt_ids, prompt_mask, seq_len=ev.cfg_seq_len, top_p=p.sampling.top_p,
+                                 generator=torch.Generator().manual_seed(ev.seed))
+        mean = float(rates.mean())
+        out["draft_acceptance"] = mean
+        print(f"draft acceptance (block's 2nd token from its 1st step, p={p.sampling.top_p:g}): {mean:.3f}; "
+              f"exact speculative sampling makes at most {2 / (2 - mean):.2f} tokens a pass (AR: 1)")
     return out
 
 

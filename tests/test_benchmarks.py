@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.bench_loader import load_benchmark
 
@@ -104,3 +105,29 @@ def test_block_reveal_distinct_2_reads_what_the_judge_reads_and_falls_for_sample
     # only the first max_words words count: the tails differ, the judged openings do not
     tails = ["the dog ran home", "the dog ran away"]
     assert bench.distinct_2(tails, max_words=3) == 0.5 < bench.distinct_2(tails, max_words=4)
+
+
+def test_block_reveal_draft_acceptance_is_the_overlap_of_draft_and_conditional():
+    from tests.test_block_diffusion import ar_model, block_model
+
+    bench = next(load_benchmark("bench_block_reveal"))
+    model = block_model(ar_model(), 2)
+    prompt = torch.randint(2, 40, (4, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompt, dtype=torch.bool)
+
+    def rates(top_p, seed=0):
+        return bench.draft_acceptance(model, prompt, mask, seq_len=12, top_p=top_p,
+                                      generator=torch.Generator().manual_seed(seed))
+
+    got = rates(0.9)
+    assert got.shape == (6, 4) and bool(((got >= 0) & (got <= 1 + 1e-9)).all())
+    torch.testing.assert_close(got, rates(0.9))  # seeded
+    # a nucleus of one token: draft and conditional are one-hot, so a block either agrees or not
+    greedy = rates(1e-9)
+    assert set(greedy.flatten().round(decimals=6).tolist()) <= {0.0, 1.0}
+    # the draft sees a [MASK] where the conditional sees the drawn token: a random network's two
+    # distributions differ, so the overlap is below 1 (a draft equal to the conditional would give 1)
+    assert float(got.mean()) < 0.99
+    with pytest.raises(ValueError, match="blocks of 2"):
+        bench.draft_acceptance(block_model(ar_model(), 4), prompt, mask, seq_len=12, top_p=0.9,
+                               generator=torch.Generator())
